@@ -1,0 +1,5 @@
+"""Triton kernels and their thin launchers (installed as vllm_hsr.kernels).
+
+A leaf of the package: imports torch and triton only, never vllm_hsr or vLLM.
+Each kernel's pure-torch twin lives in vllm_hsr/core (DESIGN.md §4).
+"""

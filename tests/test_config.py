@@ -1,0 +1,61 @@
+"""HSRConfig rejects every bad setting with a ValueError naming it; bad tensors are refused."""
+
+import pytest
+import torch
+
+from vllm_hsr import HSRConfig, dense_attention, sparse_attention
+
+BAD_SETTINGS = [
+    ("mode", "sparse"), ("mode", None),
+    ("eps", -0.1), ("eps", 1.0), ("eps", float("nan")), ("eps", "1e-3"),
+    ("alpha", 0), ("alpha", 1.5), ("alpha", True),
+    ("bias", float("inf")), ("bias", "0"),
+    ("budget_tokens", 8), ("budget_tokens", 100.0),
+    ("cell_size", 12), ("cell_size", 0), ("cell_size", -16),
+    ("fanout", 1), ("fanout", 2.0),
+    ("code_bits", 3), ("code_bits", 16),
+    ("sink_tokens", -1), ("window_tokens", 1.5), ("seed_cells", -2),
+    ("scale", 0.0), ("scale", -1.0), ("scale", float("nan")),
+    ("summary_dtype", "int8"),
+    ("tree_budget_share", 1.0), ("tree_budget_share", -0.5),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_SETTINGS)
+def test_bad_setting_names_the_field(name, value):
+    with pytest.raises(ValueError, match=rf"HSRConfig\.{name}="):
+        HSRConfig(**{name: value})
+
+
+def test_defaults_are_valid_and_documented():
+    cfg = HSRConfig()
+    assert (cfg.mode, cfg.eps, cfg.code_bits, cfg.cell_size) == ("softmax", 1e-3, 4, 16)
+    for name in HSRConfig.field_names():
+        assert name in HSRConfig.__doc__
+
+
+def test_from_mapping_rejects_unknown_keys():
+    assert HSRConfig.from_mapping({"mode": "topk", "budget_tokens": 64}).budget_tokens == 64
+    with pytest.raises(ValueError, match="unknown HSR setting.*epsilon"):
+        HSRConfig.from_mapping({"epsilon": 0.1})
+
+
+@pytest.mark.parametrize("bad", ("nan_q", "inf_k", "nan_v"))
+def test_non_finite_inputs_raise(bad):
+    q, k, v = torch.randn(4, 16), torch.randn(40, 2, 16), torch.randn(40, 2, 16)
+    {"nan_q": q, "inf_k": k, "nan_v": v}[bad].view(-1)[7] = float("nan") if "nan" in bad else float("inf")
+    for fn in (sparse_attention, dense_attention):
+        with pytest.raises(ValueError, match="non-finite"):
+            fn(q, k, v, HSRConfig())
+
+
+@pytest.mark.parametrize("shapes,match", [
+    (((4, 16), (40, 3, 16), (40, 3, 16)), "multiple"),
+    (((4, 16), (40, 2, 8), (40, 2, 8)), "head_dim"),
+    (((4, 16), (0, 2, 16), (0, 2, 16)), "empty"),
+    (((4, 16), (40, 2, 16), (41, 2, 16)), "expected"),
+])
+def test_bad_shapes_raise(shapes, match):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        sparse_attention(q, k, v, HSRConfig())

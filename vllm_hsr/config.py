@@ -1,0 +1,113 @@
+"""HSRConfig: every HSR setting, its default, and its validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+MODES = ("relu", "softmax", "topk")
+CODE_BITS = (0, 1, 2, 4, 8)  # widths that pack whole codes into a byte
+SUMMARY_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _invalid(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"HSRConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HSRConfig:
+    """Settings of HSR sparse attention (DESIGN.md §2).
+
+    mode: "relu" (exact ReLU^alpha attention), "softmax" (certified: the dropped
+        relative mass is at most eps) or "topk" (sink + window + budget_tokens
+        best tokens by their tightest upper bound).
+    eps: softmax error budget in [0, 1); 0 reads every key through the same path.
+    alpha, bias: relu mode computes ReLU(s*<q,k> - bias)^alpha.
+    budget_tokens: topk mode's number of selected tokens beyond sink and window.
+    cell_size: tokens per cell (a power of two); cells never straddle KV blocks.
+    fanout: children per node in the levels above cells.
+    code_bits: bits per channel of the per-token key codes (0 turns them off).
+    sink_tokens, window_tokens: first / last tokens always read exactly
+        (softmax and topk modes).
+    seed_cells: cells with the highest upper bound read first in softmax mode,
+        per KV head, so the heaviest key usually lands in the lower bound of Z.
+    scale: score scale s; None means 1/sqrt(head_dim).
+    summary_dtype: storage of cell boxes; "auto" follows the key dtype. Narrower
+        dtypes are rounded outward, so a box never gets tighter than its keys.
+    tree_budget_share: part of the softmax budget spent pruning above the finest
+        level (split evenly among those levels); the finest level gets the rest.
+    """
+
+    mode: str = "softmax"
+    eps: float = 1e-3
+    alpha: int = 2
+    bias: float = 0.0
+    budget_tokens: int = 1024
+    cell_size: int = 16
+    fanout: int = 16
+    code_bits: int = 4
+    sink_tokens: int = 16
+    window_tokens: int = 64
+    seed_cells: int = 4
+    scale: float | None = None
+    summary_dtype: str = "auto"
+    tree_budget_share: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise _invalid("mode", self.mode, f"allowed values are {', '.join(MODES)}")
+        if not _is_number(self.eps) or not 0.0 <= self.eps < 1.0:
+            raise _invalid("eps", self.eps, "must be a number in [0, 1)")
+        if not _is_int(self.alpha) or self.alpha < 1:
+            raise _invalid("alpha", self.alpha, "must be a positive integer")
+        if not _is_number(self.bias) or not math.isfinite(self.bias):
+            raise _invalid("bias", self.bias, "must be a finite number")
+        if not _is_int(self.cell_size) or self.cell_size < 1 or self.cell_size & (self.cell_size - 1):
+            raise _invalid("cell_size", self.cell_size, "must be a power of two (1, 2, 4, ..., 16, ...)")
+        if not _is_int(self.budget_tokens) or self.budget_tokens < self.cell_size:
+            raise _invalid(
+                "budget_tokens", self.budget_tokens,
+                f"must be an integer of at least one cell (cell_size={self.cell_size})")
+        if not _is_int(self.fanout) or self.fanout < 2:
+            raise _invalid("fanout", self.fanout, "must be an integer >= 2")
+        if not _is_int(self.code_bits) or self.code_bits not in CODE_BITS:
+            raise _invalid("code_bits", self.code_bits, f"allowed values are {CODE_BITS}")
+        for name in ("sink_tokens", "window_tokens", "seed_cells"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise _invalid(name, value, "must be a non-negative integer")
+        if self.scale is not None and (
+                not _is_number(self.scale) or not math.isfinite(self.scale) or self.scale <= 0):
+            raise _invalid("scale", self.scale, "must be None or a finite number > 0")
+        if self.summary_dtype not in SUMMARY_DTYPES:
+            raise _invalid("summary_dtype", self.summary_dtype,
+                           f"allowed values are {', '.join(SUMMARY_DTYPES)}")
+        if not _is_number(self.tree_budget_share) or not 0.0 <= self.tree_budget_share < 1.0:
+            raise _invalid("tree_budget_share", self.tree_budget_share, "must be a number in [0, 1)")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> HSRConfig:
+        """Build from a mapping (e.g. vLLM's additional_config["hsr"]); unknown keys raise."""
+        unknown = sorted(set(settings) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown HSR setting(s) {', '.join(unknown)}; "
+                f"known settings are {', '.join(cls.field_names())}")
+        return cls(**settings)
+
+    def resolved_scale(self, head_dim: int) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,288 @@
+"""Dense-interface HSR attention for one sequence: the reference every kernel is checked against.
+
+`sparse_attention` walks the cell tree of each KV head top-down, selects by the
+mode's rule (DESIGN.md §2), reads full keys and values only for the reported
+tokens, and returns the certificate. `dense_attention` is the same math over
+every key. The paged decode path (ops.hsr_decode) reuses `attend_kv_head` with
+a paged token reader and a tree gathered from per-block summaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Protocol
+
+import torch
+
+from vllm_hsr.config import HSRConfig
+from vllm_hsr.core.selection import greedy_skip, remaining_log_budget, topk_floor
+from vllm_hsr.core.summaries import box_bounds, code_bounds, unpack_codes
+from vllm_hsr.core.tree import CellTree, build_cell_tree
+
+
+@dataclasses.dataclass
+class HSRStats:
+    """What one sparse call read. Counts are summed over KV heads."""
+
+    keys_read: int = 0            # tokens whose full key and value were loaded
+    cells_read: int = 0           # cells with at least one such token
+    summary_nodes_read: int = 0   # box summaries evaluated (cells and above)
+    code_cells_read: int = 0      # cells whose token codes were loaded
+    bytes_read: int = 0           # keys + values + summaries + codes
+    dense_bytes: int = 0          # keys + values of a dense read
+    error_bound: torch.Tensor | None = None  # [num_q_heads] relative dropped mass (0 in relu mode)
+    tokens_read: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per KV head, sorted
+
+
+    @property
+    def bytes_read_fraction(self) -> float:
+        return self.bytes_read / self.dense_bytes if self.dense_bytes else 0.0
+
+    def add(self, other: HSRStats) -> None:
+        for f in dataclasses.fields(self):
+            if f.type == "int":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        self.tokens_read += other.tokens_read
+
+
+class TokenReader(Protocol):
+    """Loads full keys and values of one KV head at sequence positions."""
+
+    def __call__(self, kv_head: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: [n] int64 -> keys, values: [n, head_dim]"""
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 2 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(
+            "expected q [num_q_heads, head_dim] and k, v [num_tokens, num_kv_heads, head_dim]; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] == 0:
+        raise ValueError("attention over an empty sequence (k and v have 0 tokens)")
+    if q.shape[1] != k.shape[2]:
+        raise ValueError(f"head_dim differs: q has {q.shape[1]}, k has {k.shape[2]}")
+    if q.shape[0] % k.shape[1]:
+        raise ValueError(f"num_q_heads={q.shape[0]} is not a multiple of num_kv_heads={k.shape[1]}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def attend(scores: torch.Tensor, values: torch.Tensor,
+           cfg: HSRConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted sum of values by the mode's weights.
+
+    scores: [n, G] fp32 (n may be 0); values: [n, D]
+    returns out [G, D] fp32, running max m [G], normaliser z [G] (sum of exp(x - m))
+    """
+    values = values.float()
+    if cfg.mode == "relu":
+        weights = torch.relu(scores - cfg.bias) ** cfg.alpha
+        norm = weights.sum(0)
+        out = (weights.T @ values) / torch.where(norm > 0, norm, torch.ones_like(norm)).unsqueeze(1)
+        return out, torch.zeros_like(norm), norm
+    if scores.shape[0] == 0:
+        empty = torch.zeros(scores.shape[1], device=scores.device)
+        return torch.zeros(scores.shape[1], values.shape[1], device=scores.device), empty - math.inf, empty
+    m = scores.amax(0)
+    p = torch.exp(scores - m)
+    z = p.sum(0)
+    return (p.T @ values) / z.unsqueeze(1), m, z
+
+
+def _scores(q_group: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    return (keys.float() @ q_group.T) * scale                           # [n, G]
+
+
+class _HeadWalk:
+    """Selection state of one (sequence, KV head): bounds, budget, skipped masses, counters."""
+
+    def __init__(self, tree: CellTree, kv_head: int, q_group: torch.Tensor, scale: float,
+                 cfg: HSRConfig, read: TokenReader):
+        self.tree, self.kv_head, self.q, self.scale, self.cfg, self.read = (
+            tree, kv_head, q_group, scale, cfg, read)
+        self.stats = HSRStats()
+        self.skipped_log_mass: list[torch.Tensor] = []   # [*, G] fp64, absolute ln(n) + ub
+
+    def node_bounds(self, level: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.tree.levels[level]
+        self.stats.summary_nodes_read += nodes.numel()
+        return box_bounds(self.q, lo[nodes, self.kv_head], hi[nodes, self.kv_head], self.scale)
+
+    def token_bounds(self, cells: torch.Tensor, cell_ub: torch.Tensor,
+                     cell_lb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tightest bounds of every valid token of `cells`: codes when present, else the cell box.
+
+        cell_ub, cell_lb: [c, G]; returns tokens [t], ub [t, G], lb [t, G]
+        """
+        tree, size = self.tree, self.tree.cell_size
+        tokens = cells.unsqueeze(1) * size + torch.arange(size, device=cells.device)   # [c, T]
+        ub, lb = cell_ub.unsqueeze(1), cell_lb.unsqueeze(1)                           # [c, 1, G]
+        if tree.codes is not None and cells.numel():
+            self.stats.code_cells_read += cells.numel()
+            lo, hi = tree.levels[0]
+            codes = unpack_codes(tree.codes[cells, :, self.kv_head], tree.code_bits, tree.head_dim)
+            code_ub, code_lb = code_bounds(self.q, lo[cells, self.kv_head], hi[cells, self.kv_head],
+                                           codes, tree.code_bits, self.scale)
+            ub, lb = torch.minimum(code_ub, ub), torch.maximum(code_lb, lb)
+        ub, lb = ub.expand(-1, size, -1), lb.expand(-1, size, -1)
+        valid = tokens < tree.num_tokens
+        return tokens[valid], ub[valid], lb[valid]
+
+    def skip(self, keep: torch.Tensor, ub: torch.Tensor, counts: torch.Tensor) -> None:
+        """Record the nodes not kept for the certificate."""
+        dropped = ~keep
+        if dropped.any():
+            self.skipped_log_mass.append(
+                counts[dropped].double().log().unsqueeze(1) + ub[dropped].double())
+
+    def seed_cells(self) -> torch.Tensor:
+        """Cells with the highest upper bound (max over the group), by a beam down the tree."""
+        width = self.cfg.seed_cells
+        top = len(self.tree.levels) - 1
+        nodes = torch.arange(self.tree.levels[top][0].shape[0])
+        for level in range(top, -1, -1):
+            ub = self.node_bounds(level, nodes)[0].amax(1)
+            nodes = nodes[ub.topk(min(width, nodes.numel())).indices]
+            if level:
+                nodes = self.tree.children(level, nodes)
+        return nodes
+
+    def seeds(self) -> torch.Tensor:
+        """Tokens read before selecting: sink, window and (softmax) the seed cells."""
+        n, cfg = self.tree.num_tokens, self.cfg
+        parts = [torch.arange(min(cfg.sink_tokens, n)), torch.arange(max(0, n - cfg.window_tokens), n)]
+        if cfg.mode == "softmax" and cfg.seed_cells:
+            cells = self.seed_cells()
+            tokens = (cells.unsqueeze(1) * self.tree.cell_size + torch.arange(self.tree.cell_size)).flatten()
+            parts.append(tokens[tokens < n])
+        return torch.cat(parts).unique()
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """returns out [G, D] fp32 and error_bound [G] fp32"""
+        cfg, tree = self.cfg, self.tree
+        seeded = self.seeds() if cfg.mode != "relu" else torch.empty(0, dtype=torch.long)
+        seed_k, seed_v = self.read(self.kv_head, seeded)
+        seed_scores = _scores(self.q, seed_k, self.scale)
+        is_seed = torch.zeros(tree.num_tokens, dtype=torch.long)
+        is_seed[seeded] = 1
+        seeds_before = torch.cat([is_seed.new_zeros(1), is_seed.cumsum(0)])   # [N + 1]
+
+        log_budget = torch.full((self.q.shape[0],), -math.inf, dtype=torch.float64)
+        if cfg.mode == "softmax" and seeded.numel() and cfg.eps > 0:
+            _, m_lb, z_lb = attend(seed_scores, seed_v, cfg)
+            log_budget = math.log(cfg.eps) + m_lb.double() + z_lb.double().log()
+        spent = torch.zeros_like(log_budget)
+        level_share = math.log(cfg.tree_budget_share / len(tree.levels)) if cfg.tree_budget_share else -math.inf
+
+        nodes = torch.arange(tree.levels[-1][0].shape[0])
+        for level in range(len(tree.levels) - 1, -1, -1):
+            start, end = tree.node_token_ranges(level, nodes)
+            counts = (end - start) - (seeds_before[end] - seeds_before[start])
+            nodes, counts = nodes[counts > 0], counts[counts > 0]
+            ub, lb = self.node_bounds(level, nodes)
+            if cfg.mode == "relu":
+                keep = (ub > cfg.bias).any(1)
+            elif cfg.mode == "softmax":
+                log_mass = counts.double().log().unsqueeze(1) + ub.double()
+                skip, level_spent = greedy_skip(log_mass, log_budget + level_share)
+                spent += level_spent * math.exp(level_share)
+                keep = ~skip
+            else:
+                keep = ub.amax(1) >= topk_floor(lb.amax(1), counts, cfg.budget_tokens)
+            self.skip(keep, ub, counts)
+            if level:
+                nodes = tree.children(level, nodes[keep])
+            else:
+                cells, cell_ub, cell_lb = nodes[keep], ub[keep], lb[keep]
+
+        tokens, ub, lb = self.token_bounds(cells, cell_ub, cell_lb)
+        unseeded = is_seed[tokens] == 0
+        tokens, ub, lb = tokens[unseeded], ub[unseeded], lb[unseeded]
+        if cfg.mode == "relu":
+            keep = (ub > cfg.bias).any(1)
+        elif cfg.mode == "softmax":
+            keep = ~greedy_skip(ub.double(), remaining_log_budget(log_budget, spent))[0]
+        else:
+            keep = torch.zeros_like(tokens, dtype=torch.bool)
+            best = ub.amax(1).topk(min(cfg.budget_tokens, tokens.numel())).indices
+            keep[best] = True
+        self.skip(keep, ub, torch.ones_like(tokens))
+
+        new_k, new_v = self.read(self.kv_head, tokens[keep])
+        scores = torch.cat([seed_scores, _scores(self.q, new_k, self.scale)])
+        out, m, z = attend(scores, torch.cat([seed_v, new_v]), cfg)
+        read = torch.cat([seeded, tokens[keep]]).sort().values
+        self.stats.tokens_read.append(read)
+        self.stats.keys_read += read.numel()
+        self.stats.cells_read += (read // tree.cell_size).unique().numel()
+        return out, self.certificate(m, z)
+
+    def certificate(self, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """sum over skipped nodes of n * exp(ub - m), divided by the kept mass z."""
+        if self.cfg.mode == "relu" or not self.skipped_log_mass:
+            return torch.zeros_like(m)
+        skipped = torch.logsumexp(torch.cat(self.skipped_log_mass), dim=0)
+        bound = torch.exp(skipped - m.double() - z.double().log())
+        # Round up: the bound must not fall below the true dropped mass through rounding.
+        return (bound * (1 + 1e-5)).float()
+
+
+def attend_kv_head(tree: CellTree, kv_head: int, q_group: torch.Tensor, scale: float, cfg: HSRConfig,
+                   read: TokenReader) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
+    """HSR attention of the query heads of one KV head.
+
+    q_group: [G, D] fp32 -> out [G, D] fp32, error_bound [G], stats
+    """
+    walk = _HeadWalk(tree, kv_head, q_group, scale, cfg, read)
+    out, bound = walk.run()
+    return out, bound, walk.stats
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cfg: HSRConfig) -> tuple[torch.Tensor, HSRStats]:
+    """HSR attention of one decode query over one sequence.
+
+    q: [num_q_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+    returns out [num_q_heads, head_dim] in q's dtype, and HSRStats
+    """
+    check_inputs(q, k, v)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    group = q.shape[0] // num_kv_heads
+    scale = cfg.resolved_scale(head_dim)
+    tree = build_cell_tree(k, cfg)
+
+    def read(kv_head: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k[tokens, kv_head], v[tokens, kv_head]
+
+    q32 = q.float().view(num_kv_heads, group, head_dim)
+    outs, bounds, stats = [], [], HSRStats()
+    for kv_head in range(num_kv_heads):
+        out, bound, head_stats = attend_kv_head(tree, kv_head, q32[kv_head], scale, cfg, read)
+        outs.append(out)
+        bounds.append(bound)
+        stats.add(head_stats)
+    summary_bytes = 2 * head_dim * tree.levels[0][0].element_size()
+    code_bytes = tree.cell_size * (tree.codes.shape[-1] if tree.codes is not None else 0)
+    token_bytes = head_dim * (k.element_size() + v.element_size())
+    stats.bytes_read = (stats.keys_read * token_bytes + stats.summary_nodes_read * summary_bytes
+                        + stats.code_cells_read * code_bytes)
+    stats.dense_bytes = num_tokens * num_kv_heads * token_bytes
+    stats.error_bound = torch.cat(bounds)
+    return torch.cat(outs).to(q.dtype), stats
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: HSRConfig) -> torch.Tensor:
+    """Dense ReLU^alpha (relu mode) or softmax attention (other modes) over every key.
+
+    q: [num_q_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] -> [num_q_heads, head_dim]
+    """
+    check_inputs(q, k, v)
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    scale = cfg.resolved_scale(head_dim)
+    q32 = q.float().view(num_kv_heads, -1, head_dim)
+    outs = [attend(_scores(q32[h], k[:, h], scale), v[:, h], cfg)[0] for h in range(num_kv_heads)]
+    return torch.cat(outs).to(q.dtype)

@@ -1,0 +1,141 @@
+"""Cell boxes, per-token key codes, and the upper/lower score bounds they give.
+
+Every bound here is valid in floating point: computed in fp32 from exactly
+upcast inputs, then widened by a margin larger than the rounding error of the
+bound itself plus that of an fp32 dense score (DESIGN.md §2, "Bounds must stay
+valid in floating point").
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Unit roundoff of fp32 and slack terms of the bounds (see box_bounds/code_bounds).
+_U32 = 2.0 ** -24
+_CODE_STEP_SLACK = 2.0 ** -12   # quantisation ties decided in fp32
+_CODE_MAG_SLACK = 2.0 ** -18    # rounding of k - lo and of the reconstruction
+_ABS_SLACK = 2.0 ** -120        # subnormal underflow, far below any score that matters
+
+
+def round_outward(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store fp32 box corners in `dtype`, rounding lo down and hi up."""
+    lo_n, hi_n = lo.to(dtype), hi.to(dtype)
+    if dtype == torch.float32:
+        return lo_n, hi_n
+    lo_n = torch.where(lo_n.float() > lo, torch.nextafter(lo_n, torch.full_like(lo_n, -torch.inf)), lo_n)
+    hi_n = torch.where(hi_n.float() < hi, torch.nextafter(hi_n, torch.full_like(hi_n, torch.inf)), hi_n)
+    return lo_n, hi_n
+
+
+def cell_boxes(keys: torch.Tensor, num_valid: int, cell_size: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of consecutive cells over the first `num_valid` tokens.
+
+    keys: [num_tokens, num_kv_heads, head_dim] (any float dtype)
+    returns lo, hi: [num_cells, num_kv_heads, head_dim] in `dtype`
+    """
+    num_cells = -(-num_valid // cell_size)
+    keys = keys[:num_valid].float()
+    pad = num_cells * cell_size - num_valid
+    lo = torch.nn.functional.pad(keys, (0, 0, 0, 0, 0, pad), value=torch.inf)
+    hi = torch.nn.functional.pad(keys, (0, 0, 0, 0, 0, pad), value=-torch.inf)
+    shape = (num_cells, cell_size) + tuple(keys.shape[1:])
+    return round_outward(lo.view(shape).amin(1), hi.view(shape).amax(1), dtype)
+
+
+def union_boxes(lo: torch.Tensor, hi: torch.Tensor, fanout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parent boxes of `fanout` consecutive nodes; min/max keep the stored dtype exact.
+
+    lo, hi: [num_nodes, ...] -> [ceil(num_nodes / fanout), ...]
+    """
+    num_parents = -(-lo.shape[0] // fanout)
+    pad = num_parents * fanout - lo.shape[0]
+    rest = tuple(lo.shape[1:])
+    lo_p = torch.cat([lo, lo.new_full((pad,) + rest, torch.inf)]).view((num_parents, fanout) + rest)
+    hi_p = torch.cat([hi, hi.new_full((pad,) + rest, -torch.inf)]).view((num_parents, fanout) + rest)
+    return lo_p.amin(1), hi_p.amax(1)
+
+
+def code_step(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantisation step per channel of a cell box (fp32; inf when the box overflows)."""
+    return (hi.float() - lo.float()) / float((1 << bits) - 1)
+
+
+def quantize_keys(keys: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest code of each key channel on its cell's grid lo + code * step.
+
+    keys: [num_cells, cell_size, ..., head_dim]; lo, hi: [num_cells, ..., head_dim]
+    returns uint8 codes shaped like keys (unpacked)
+    """
+    lo32 = lo.float().unsqueeze(1)
+    step = code_step(lo, hi, bits).unsqueeze(1)
+    scaled = (keys.float() - lo32) / step
+    # A flat channel (step 0) or an overflowed box (step inf) has nothing to encode.
+    scaled = torch.where(torch.isfinite(scaled), scaled, torch.zeros_like(scaled))
+    return scaled.round().clamp(0, (1 << bits) - 1).to(torch.uint8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack `8 // bits` codes per byte along the last dim (zero padded). [..., D] -> [..., ceil(D*bits/8)]"""
+    per_byte = 8 // bits
+    pad = -codes.shape[-1] % per_byte
+    codes = torch.nn.functional.pad(codes, (0, pad)).view(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.uint8, device=codes.device) * bits
+    return (codes << shifts).sum(-1, dtype=torch.uint8) if per_byte > 1 else codes[..., 0]
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """Inverse of pack_codes. [..., ceil(D*bits/8)] uint8 -> [..., D] uint8"""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.uint8, device=packed.device) * bits
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.flatten(-2)[..., :head_dim]
+
+
+def _margin(q_abs: torch.Tensor, magnitude: torch.Tensor, scale: float) -> torch.Tensor:
+    """Rounding allowance: bound's own fp32 error plus an fp32 dense score's. [n, G]"""
+    head_dim = q_abs.shape[-1]
+    return scale * (4 * head_dim + 16) * _U32 * (magnitude @ q_abs.T) + head_dim * _ABS_SLACK
+
+
+def _finite_or(bound: torch.Tensor, value: float) -> torch.Tensor:
+    # inf - inf inside a bound means the box overflowed: the bound is unbounded.
+    return torch.where(torch.isnan(bound), torch.full_like(bound, value), bound)
+
+
+def box_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and min of s*<q,k> over each box.
+
+    q: [G, D] fp32; lo, hi: [n, D] any float dtype
+    returns ub, lb: [n, G] fp32
+    """
+    lo32, hi32 = lo.float(), hi.float()
+    q_pos, q_neg = q.clamp(min=0), q.clamp(max=0)
+    upper = hi32 @ q_pos.T + lo32 @ q_neg.T
+    lower = lo32 @ q_pos.T + hi32 @ q_neg.T
+    margin = _margin(q.abs(), torch.maximum(lo32.abs(), hi32.abs()), scale)
+    return (_finite_or(scale * upper + margin, torch.inf),
+            _finite_or(scale * lower - margin, -torch.inf))
+
+
+def code_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, codes: torch.Tensor,
+                bits: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and min of s*<q,k> over each token's code box [k~ - half, k~ + half].
+
+    q: [G, D] fp32; lo, hi: [c, D] (the cells' boxes); codes: [c, T, D] unpacked
+    returns ub, lb: [c, T, G] fp32
+    """
+    lo32, hi32 = lo.float(), hi.float()
+    step = code_step(lo, hi, bits)                                      # [c, D]
+    magnitude = torch.maximum(lo32.abs(), hi32.abs())                   # [c, D]
+    half = step * (0.5 + _CODE_STEP_SLACK) + magnitude * _CODE_MAG_SLACK + _ABS_SLACK
+    step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+    # <q, lo + code*step> = <q, lo> + <code, q*step>
+    q_step = q.unsqueeze(0) * step.unsqueeze(1)                         # [c, G, D]
+    center = torch.einsum("ctd,cgd->ctg", codes.float(), q_step) + (lo32 @ q.T).unsqueeze(1)
+    q_abs = q.abs()
+    width = (half @ q_abs.T).unsqueeze(1)                               # [c, 1, G]
+    margin = _margin(q_abs, magnitude + half, scale).unsqueeze(1)
+    return (_finite_or(scale * (center + width) + margin, torch.inf),
+            _finite_or(scale * (center - width) - margin, -torch.inf))

@@ -1,0 +1,28 @@
+"""The `vllm.platform_plugins` entry point: a CPU platform that honours the HSR selection.
+
+vLLM's CpuPlatform returns CPU_ATTN whatever backend was selected. This platform
+returns ours when HSR (or CUSTOM) is selected and defers to CpuPlatform otherwise.
+It activates exactly where vLLM's own CPU platform would (never on CUDA).
+"""
+
+from __future__ import annotations
+
+from vllm_hsr import _vllm
+from vllm_hsr.plugin import BACKEND_NAME, BACKEND_PATH, register
+
+
+def cpu_platform_plugin() -> str | None:
+    if _vllm.builtin_cpu_platform_plugin() is None:
+        return None
+    register()  # early, so the enum member exists before any config is unpickled
+    return "vllm_hsr.platform.HSRCpuPlatform"
+
+
+class HSRCpuPlatform(_vllm.CpuPlatform):
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        enum = _vllm.AttentionBackendEnum
+        ours = (enum.CUSTOM, enum.__members__.get(BACKEND_NAME, enum.CUSTOM))
+        if selected_backend is not None and selected_backend in ours and not attn_selector_config.use_mla:
+            return BACKEND_PATH
+        return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)

@@ -12,7 +12,7 @@ BAD_SETTINGS = [
     ("bias", float("inf")), ("bias", "0"),
     ("budget_tokens", 8), ("budget_tokens", 100.0),
     ("cell_size", 12), ("cell_size", 0), ("cell_size", -16),
-    ("fanout", 1), ("fanout", 2.0),
+    ("fanout", 1), ("fanout", 2.0), ("tree_levels", -1), ("tree_levels", 9),
     ("code_bits", 3), ("code_bits", 16),
     ("sink_tokens", -1), ("window_tokens", 1.5), ("seed_cells", -2),
     ("scale", 0.0), ("scale", -1.0), ("scale", float("nan")),

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from vllm_hsr import HSRConfig
 from vllm_hsr.core.summaries import box_bounds, code_bounds, pack_codes, unpack_codes
-from vllm_hsr.core.tree import build_cell_tree
+from vllm_hsr.core.tree import DenseCellTree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest decimal exponent whose keys still fit the dtype with room for the scores.
@@ -30,6 +30,7 @@ def trees(draw):
     cfg = HSRConfig(
         cell_size=draw(st.sampled_from((1, 2, 16, 32))),
         fanout=draw(st.sampled_from((2, 3, 16))),
+        tree_levels=draw(st.integers(0, 4)),
         code_bits=draw(st.sampled_from((1, 2, 4, 8))),
         summary_dtype=draw(st.sampled_from(("auto",) + tuple(DTYPES))),
     )
@@ -47,7 +48,7 @@ def _true_scores(q, keys, scale):
 @given(trees())
 def test_bounds_never_below_true_scores(case):
     keys, q, cfg = case
-    tree = build_cell_tree(keys, cfg)
+    tree = DenseCellTree(keys, cfg)
     scale = cfg.resolved_scale(keys.shape[-1])
     num_tokens, num_cells = keys.shape[0], tree.levels[0][0].shape[0]
     for head in range(keys.shape[1]):
@@ -61,19 +62,22 @@ def test_bounds_never_below_true_scores(case):
             finite = torch.isfinite(true)
             assert torch.all((ub.double()[cell_of] >= true) | ~finite)
             assert torch.all((lb.double()[cell_of] <= true) | ~finite)
-        # token codes
-        codes = unpack_codes(tree.codes[:, :, head], cfg.code_bits, keys.shape[-1])
-        tub, tlb = code_bounds(q, lo[:, head], hi[:, head], codes, cfg.code_bits, scale)
-        tub, tlb = tub.flatten(0, 1)[:num_tokens], tlb.flatten(0, 1)[:num_tokens]
-        assert pad >= 0
-        for true in (exact, fp32.double()):
+        # token codes (complete cells only)
+        coded = tree.num_coded_cells()
+        codes = tree.codes(torch.arange(coded), head)
+        tub, tlb = code_bounds(q, lo[:coded, head], hi[:coded, head], codes, cfg.code_bits, scale)
+        tub, tlb = tub.flatten(0, 1), tlb.flatten(0, 1)
+        assert pad >= 0 and tub.shape[0] == coded * cfg.cell_size
+        for true in (exact[:tub.shape[0]], fp32[:tub.shape[0]].double()):
             finite = torch.isfinite(true)
             assert torch.all((tub.double() >= true) | ~finite)
             assert torch.all((tlb.double() <= true) | ~finite)
         # every level contains the level below it
-        for level in range(1, len(tree.levels)):
+        for level in range(1, tree.num_levels):
             p_lo, p_hi = tree.levels[level]
+            assert p_lo.shape[0] == num_tokens // tree.span(level)
             c_lo, c_hi = tree.levels[level - 1]
+            c_lo, c_hi = c_lo[:p_lo.shape[0] * cfg.fanout], c_hi[:p_lo.shape[0] * cfg.fanout]
             parent = torch.arange(c_lo.shape[0]) // cfg.fanout
             assert torch.all(p_lo[parent].float() <= c_lo.float())
             assert torch.all(p_hi[parent].float() >= c_hi.float())
@@ -82,7 +86,7 @@ def test_bounds_never_below_true_scores(case):
 def test_boxes_are_rounded_outward_in_narrow_dtypes():
     keys = torch.tensor([[1.0 + 2**-20], [-(1.0 + 2**-20)], [0.3]]).view(3, 1, 1)
     for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-        tree = build_cell_tree(keys, HSRConfig(cell_size=4, summary_dtype=name, code_bits=0))
+        tree = DenseCellTree(keys, HSRConfig(cell_size=4, summary_dtype=name, code_bits=0))
         lo, hi = tree.levels[0]
         assert lo.dtype == dtype and hi.dtype == dtype
         assert lo.float().item() <= -(1.0 + 2**-20) and hi.float().item() >= 1.0 + 2**-20

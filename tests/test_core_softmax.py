@@ -52,6 +52,7 @@ def cases(draw):
         cell_size=cell_size,
         budget_tokens=max(cell_size, 16),
         fanout=draw(st.sampled_from((2, 4, 16))),
+        tree_levels=draw(st.integers(0, 4)),
         code_bits=draw(st.sampled_from((0, 1, 2, 4, 8))),
         sink_tokens=draw(st.integers(0, 20)),
         window_tokens=draw(st.integers(0, 40)),

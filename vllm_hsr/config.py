@@ -36,6 +36,8 @@ class HSRConfig:
     budget_tokens: topk mode's number of selected tokens beyond sink and window.
     cell_size: tokens per cell (a power of two); cells never straddle KV blocks.
     fanout: children per node in the levels above cells.
+    tree_levels: levels of union boxes above the cells (node spans
+        cell_size * fanout**level tokens).
     code_bits: bits per channel of the per-token key codes (0 turns them off).
     sink_tokens, window_tokens: first / last tokens always read exactly
         (softmax and topk modes).
@@ -55,6 +57,7 @@ class HSRConfig:
     budget_tokens: int = 1024
     cell_size: int = 16
     fanout: int = 16
+    tree_levels: int = 3
     code_bits: int = 4
     sink_tokens: int = 16
     window_tokens: int = 64
@@ -80,6 +83,8 @@ class HSRConfig:
                 f"must be an integer of at least one cell (cell_size={self.cell_size})")
         if not _is_int(self.fanout) or self.fanout < 2:
             raise _invalid("fanout", self.fanout, "must be an integer >= 2")
+        if not _is_int(self.tree_levels) or not 0 <= self.tree_levels <= 8:
+            raise _invalid("tree_levels", self.tree_levels, "must be an integer in [0, 8]")
         if not _is_int(self.code_bits) or self.code_bits not in CODE_BITS:
             raise _invalid("code_bits", self.code_bits, f"allowed values are {CODE_BITS}")
         for name in ("sink_tokens", "window_tokens", "seed_cells"):

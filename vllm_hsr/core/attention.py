@@ -17,8 +17,8 @@ import torch
 
 from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.selection import greedy_skip, remaining_log_budget, topk_floor
-from vllm_hsr.core.summaries import box_bounds, code_bounds, unpack_codes
-from vllm_hsr.core.tree import CellTree, build_cell_tree
+from vllm_hsr.core.summaries import box_bounds, code_bounds
+from vllm_hsr.core.tree import CellTree, DenseCellTree
 
 
 @dataclasses.dataclass
@@ -38,6 +38,15 @@ class HSRStats:
     @property
     def bytes_read_fraction(self) -> float:
         return self.bytes_read / self.dense_bytes if self.dense_bytes else 0.0
+
+    def set_bytes(self, summary_bytes: int, cfg: HSRConfig, head_dim: int, kv_itemsize: int,
+                  dense_tokens: int) -> None:
+        """Fill bytes_read / dense_bytes from the counters. summary_bytes: one box (lo and hi)."""
+        code_bytes = cfg.cell_size * -(-head_dim * cfg.code_bits // 8)
+        token_bytes = head_dim * kv_itemsize
+        self.bytes_read = (self.keys_read * token_bytes + self.summary_nodes_read * summary_bytes
+                           + self.code_cells_read * code_bytes)
+        self.dense_bytes = dense_tokens * token_bytes
 
     def add(self, other: HSRStats) -> None:
         for f in dataclasses.fields(self):
@@ -108,27 +117,34 @@ class _HeadWalk:
         self.skipped_log_mass: list[torch.Tensor] = []   # [*, G] fp64, absolute ln(n) + ub
 
     def node_bounds(self, level: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = self.tree.levels[level]
         self.stats.summary_nodes_read += nodes.numel()
-        return box_bounds(self.q, lo[nodes, self.kv_head], hi[nodes, self.kv_head], self.scale)
+        lo, hi = self.tree.boxes(level, nodes, self.kv_head)
+        return box_bounds(self.q, lo, hi, self.scale)
+
+    def frontier(self, level: int, kept_parents: torch.Tensor) -> torch.Tensor:
+        """Nodes of `level` to look at: children of the kept parents, then the level's tail."""
+        tree = self.tree
+        kids = tree.children(level + 1, kept_parents) if level + 1 < tree.num_levels else kept_parents
+        return torch.cat([kids, tree.tail(level)])
 
     def token_bounds(self, cells: torch.Tensor, cell_ub: torch.Tensor,
                      cell_lb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tightest bounds of every valid token of `cells`: codes when present, else the cell box.
+        """Tightest bounds of every valid token of `cells`: codes where present, else the cell box.
 
         cell_ub, cell_lb: [c, G]; returns tokens [t], ub [t, G], lb [t, G]
         """
         tree, size = self.tree, self.tree.cell_size
         tokens = cells.unsqueeze(1) * size + torch.arange(size, device=cells.device)   # [c, T]
-        ub, lb = cell_ub.unsqueeze(1), cell_lb.unsqueeze(1)                           # [c, 1, G]
-        if tree.codes is not None and cells.numel():
-            self.stats.code_cells_read += cells.numel()
-            lo, hi = tree.levels[0]
-            codes = unpack_codes(tree.codes[cells, :, self.kv_head], tree.code_bits, tree.head_dim)
-            code_ub, code_lb = code_bounds(self.q, lo[cells, self.kv_head], hi[cells, self.kv_head],
-                                           codes, tree.code_bits, self.scale)
-            ub, lb = torch.minimum(code_ub, ub), torch.maximum(code_lb, lb)
-        ub, lb = ub.expand(-1, size, -1), lb.expand(-1, size, -1)
+        ub = cell_ub.unsqueeze(1).expand(-1, size, -1).clone()                        # [c, T, G]
+        lb = cell_lb.unsqueeze(1).expand(-1, size, -1).clone()
+        coded = cells < tree.num_coded_cells()
+        if coded.any():
+            self.stats.code_cells_read += int(coded.sum())
+            lo, hi = tree.boxes(0, cells[coded], self.kv_head)
+            code_ub, code_lb = code_bounds(self.q, lo, hi, tree.codes(cells[coded], self.kv_head),
+                                           tree.code_bits, self.scale)
+            ub[coded] = torch.minimum(code_ub, ub[coded])
+            lb[coded] = torch.maximum(code_lb, lb[coded])
         valid = tokens < tree.num_tokens
         return tokens[valid], ub[valid], lb[valid]
 
@@ -141,15 +157,12 @@ class _HeadWalk:
 
     def seed_cells(self) -> torch.Tensor:
         """Cells with the highest upper bound (max over the group), by a beam down the tree."""
-        width = self.cfg.seed_cells
-        top = len(self.tree.levels) - 1
-        nodes = torch.arange(self.tree.levels[top][0].shape[0])
-        for level in range(top, -1, -1):
+        beam = torch.empty(0, dtype=torch.long)
+        for level in range(self.tree.num_levels - 1, -1, -1):
+            nodes = self.frontier(level, beam)
             ub = self.node_bounds(level, nodes)[0].amax(1)
-            nodes = nodes[ub.topk(min(width, nodes.numel())).indices]
-            if level:
-                nodes = self.tree.children(level, nodes)
-        return nodes
+            beam = nodes[ub.topk(min(self.cfg.seed_cells, nodes.numel())).indices]
+        return beam
 
     def seeds(self) -> torch.Tensor:
         """Tokens read before selecting: sink, window and (softmax) the seed cells."""
@@ -176,10 +189,12 @@ class _HeadWalk:
             _, m_lb, z_lb = attend(seed_scores, seed_v, cfg)
             log_budget = math.log(cfg.eps) + m_lb.double() + z_lb.double().log()
         spent = torch.zeros_like(log_budget)
-        level_share = math.log(cfg.tree_budget_share / len(tree.levels)) if cfg.tree_budget_share else -math.inf
+        share = cfg.tree_budget_share / tree.num_levels
+        level_share = math.log(share) if share else -math.inf
 
-        nodes = torch.arange(tree.levels[-1][0].shape[0])
-        for level in range(len(tree.levels) - 1, -1, -1):
+        kept = torch.empty(0, dtype=torch.long)
+        for level in range(tree.num_levels - 1, -1, -1):
+            nodes = self.frontier(level, kept)
             start, end = tree.node_token_ranges(level, nodes)
             counts = (end - start) - (seeds_before[end] - seeds_before[start])
             nodes, counts = nodes[counts > 0], counts[counts > 0]
@@ -189,17 +204,14 @@ class _HeadWalk:
             elif cfg.mode == "softmax":
                 log_mass = counts.double().log().unsqueeze(1) + ub.double()
                 skip, level_spent = greedy_skip(log_mass, log_budget + level_share)
-                spent += level_spent * math.exp(level_share)
+                spent += level_spent * share
                 keep = ~skip
             else:
                 keep = ub.amax(1) >= topk_floor(lb.amax(1), counts, cfg.budget_tokens)
             self.skip(keep, ub, counts)
-            if level:
-                nodes = tree.children(level, nodes[keep])
-            else:
-                cells, cell_ub, cell_lb = nodes[keep], ub[keep], lb[keep]
+            kept = nodes[keep]
+        tokens, ub, lb = self.token_bounds(kept, ub[keep], lb[keep])
 
-        tokens, ub, lb = self.token_bounds(cells, cell_ub, cell_lb)
         unseeded = is_seed[tokens] == 0
         tokens, ub, lb = tokens[unseeded], ub[unseeded], lb[unseeded]
         if cfg.mode == "relu":
@@ -208,8 +220,7 @@ class _HeadWalk:
             keep = ~greedy_skip(ub.double(), remaining_log_budget(log_budget, spent))[0]
         else:
             keep = torch.zeros_like(tokens, dtype=torch.bool)
-            best = ub.amax(1).topk(min(cfg.budget_tokens, tokens.numel())).indices
-            keep[best] = True
+            keep[ub.amax(1).topk(min(cfg.budget_tokens, tokens.numel())).indices] = True
         self.skip(keep, ub, torch.ones_like(tokens))
 
         new_k, new_v = self.read(self.kv_head, tokens[keep])
@@ -253,7 +264,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     num_tokens, num_kv_heads, head_dim = k.shape
     group = q.shape[0] // num_kv_heads
     scale = cfg.resolved_scale(head_dim)
-    tree = build_cell_tree(k, cfg)
+    tree = DenseCellTree(k, cfg)
 
     def read(kv_head: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return k[tokens, kv_head], v[tokens, kv_head]
@@ -266,11 +277,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         bounds.append(bound)
         stats.add(head_stats)
     summary_bytes = 2 * head_dim * tree.levels[0][0].element_size()
-    code_bytes = tree.cell_size * (tree.codes.shape[-1] if tree.codes is not None else 0)
-    token_bytes = head_dim * (k.element_size() + v.element_size())
-    stats.bytes_read = (stats.keys_read * token_bytes + stats.summary_nodes_read * summary_bytes
-                        + stats.code_cells_read * code_bytes)
-    stats.dense_bytes = num_tokens * num_kv_heads * token_bytes
+    stats.set_bytes(summary_bytes, cfg, head_dim, k.element_size() + v.element_size(), num_tokens * num_kv_heads)
     stats.error_bound = torch.cat(bounds)
     return torch.cat(outs).to(q.dtype), stats
 

@@ -79,7 +79,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack `8 // bits` codes per byte along the last dim (zero padded). [..., D] -> [..., ceil(D*bits/8)]"""
     per_byte = 8 // bits
     pad = -codes.shape[-1] % per_byte
-    codes = torch.nn.functional.pad(codes, (0, pad)).view(*codes.shape[:-1], -1, per_byte)
+    codes = torch.nn.functional.pad(codes, (0, pad))
+    codes = codes.view(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
     shifts = torch.arange(per_byte, dtype=torch.uint8, device=codes.device) * bits
     return (codes << shifts).sum(-1, dtype=torch.uint8) if per_byte > 1 else codes[..., 0]
 

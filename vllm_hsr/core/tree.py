@@ -1,13 +1,19 @@
-"""The cell tree of one sequence: token codes, cell boxes and union boxes above them."""
+"""The cell tree of one sequence: token codes, cell boxes and the union boxes above them.
+
+Node i of level l covers the tokens [i * span(l), (i + 1) * span(l)), span(l) =
+cell_size * fanout**l, whatever the KV block size, so the dense and the paged trees
+of a sequence are the same tree. Level 0 (cells) includes the partial last cell;
+levels above hold complete nodes only, and the tokens past the last complete node
+of a level are covered by the levels below ("tail" nodes). Only complete cells
+have token codes: the partial cell's codes would go stale as it grows.
+"""
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.summaries import cell_boxes, pack_codes, quantize_keys, union_boxes
+from vllm_hsr.core.summaries import cell_boxes, pack_codes, quantize_keys, union_boxes, unpack_codes
 
 _SUMMARY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -18,50 +24,70 @@ def summary_dtype(cfg: HSRConfig, key_dtype: torch.dtype) -> torch.dtype:
     return key_dtype if key_dtype in _SUMMARY_DTYPES.values() else torch.float32
 
 
-@dataclasses.dataclass
 class CellTree:
-    """Summaries of one sequence, all KV heads.
+    """Read access to the summaries of one sequence; subclasses say where they are stored."""
 
-    levels[0] holds the cells (level 1 of DESIGN.md), levels[i] the union boxes of
-    `fanout` consecutive nodes of levels[i - 1]; each entry is (lo, hi), both
-    [num_nodes, num_kv_heads, head_dim]. codes: [num_cells, cell_size,
-    num_kv_heads, ceil(head_dim * code_bits / 8)] uint8, or None when code_bits is 0.
-    """
+    def __init__(self, num_tokens: int, cfg: HSRConfig, head_dim: int):
+        self.num_tokens, self.head_dim = num_tokens, head_dim
+        self.cell_size, self.fanout = cfg.cell_size, cfg.fanout
+        self.num_levels, self.code_bits = cfg.tree_levels + 1, cfg.code_bits
 
-    levels: list[tuple[torch.Tensor, torch.Tensor]]
-    codes: torch.Tensor | None
-    num_tokens: int
-    cell_size: int
-    fanout: int
-    code_bits: int
-    head_dim: int
-
-    def node_span(self, level: int) -> int:
-        """Tokens covered by one node of `level` (0 = cells)."""
+    def span(self, level: int) -> int:
         return self.cell_size * self.fanout ** level
 
+    def num_nodes(self, level: int) -> int:
+        if level == 0:
+            return -(-self.num_tokens // self.cell_size)
+        return self.num_tokens // self.span(level)
+
+    def num_coded_cells(self) -> int:
+        return self.num_tokens // self.cell_size if self.code_bits else 0
+
     def node_token_ranges(self, level: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        span = self.node_span(level)
+        span = self.span(level)
         return nodes * span, torch.clamp((nodes + 1) * span, max=self.num_tokens)
 
     def children(self, level: int, nodes: torch.Tensor) -> torch.Tensor:
-        """Child ids on level - 1 of `nodes` on `level`, in order, out-of-range ones dropped."""
-        kids = (nodes.unsqueeze(1) * self.fanout + torch.arange(self.fanout, device=nodes.device)).flatten()
-        return kids[kids < self.levels[level - 1][0].shape[0]]
+        """Level - 1 nodes under `nodes` (complete parents: every child exists)."""
+        return (nodes.unsqueeze(1) * self.fanout + torch.arange(self.fanout, device=nodes.device)).flatten()
+
+    def tail(self, level: int) -> torch.Tensor:
+        """Nodes of `level` not under a complete node of level + 1."""
+        first = self.num_nodes(level + 1) * self.fanout if level + 1 < self.num_levels else 0
+        return torch.arange(first, self.num_nodes(level))
+
+    def boxes(self, level: int, nodes: torch.Tensor, kv_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """lo, hi: [n, head_dim] in the summary dtype."""
+        raise NotImplementedError
+
+    def codes(self, cells: torch.Tensor, kv_head: int) -> torch.Tensor:
+        """Unpacked codes of complete cells: [c, cell_size, head_dim] uint8."""
+        raise NotImplementedError
 
 
-def build_cell_tree(keys: torch.Tensor, cfg: HSRConfig) -> CellTree:
-    """Summarise a whole sequence. keys: [num_tokens, num_kv_heads, head_dim]."""
-    num_tokens, _, head_dim = keys.shape
-    levels = [cell_boxes(keys, num_tokens, cfg.cell_size, summary_dtype(cfg, keys.dtype))]
-    while levels[-1][0].shape[0] > cfg.fanout:
-        levels.append(union_boxes(*levels[-1], cfg.fanout))
-    codes = None
-    if cfg.code_bits:
-        lo, hi = levels[0]
-        pad = lo.shape[0] * cfg.cell_size - num_tokens
-        # Padding slots copy lo, so they get code 0 and are never read as tokens.
-        padded = torch.cat([keys.float(), lo[-1:].float().expand(pad, -1, -1)])
-        per_cell = padded.view(lo.shape[0], cfg.cell_size, *keys.shape[1:])
-        codes = pack_codes(quantize_keys(per_cell, lo, hi, cfg.code_bits), cfg.code_bits)
-    return CellTree(levels, codes, num_tokens, cfg.cell_size, cfg.fanout, cfg.code_bits, head_dim)
+class DenseCellTree(CellTree):
+    """The tree of a whole sequence held as contiguous keys, summarised at once."""
+
+    def __init__(self, keys: torch.Tensor, cfg: HSRConfig):
+        """keys: [num_tokens, num_kv_heads, head_dim]"""
+        num_tokens, _, head_dim = keys.shape
+        super().__init__(num_tokens, cfg, head_dim)
+        cells = cell_boxes(keys, num_tokens, cfg.cell_size, summary_dtype(cfg, keys.dtype))
+        self.levels = [cells]
+        for level in range(1, self.num_levels):
+            lo, hi = self.levels[-1]
+            complete = self.num_nodes(level) * self.fanout
+            self.levels.append(union_boxes(lo[:complete], hi[:complete], self.fanout))
+        self.packed_codes = None
+        if self.code_bits:
+            coded = self.num_coded_cells()
+            lo, hi = cells[0][:coded], cells[1][:coded]
+            per_cell = keys[:coded * self.cell_size].view(coded, self.cell_size, *keys.shape[1:])
+            self.packed_codes = pack_codes(quantize_keys(per_cell, lo, hi, self.code_bits), self.code_bits)
+
+    def boxes(self, level, nodes, kv_head):
+        lo, hi = self.levels[level]
+        return lo[nodes, kv_head], hi[nodes, kv_head]
+
+    def codes(self, cells, kv_head):
+        return unpack_codes(self.packed_codes[cells, :, kv_head], self.code_bits, self.head_dim)

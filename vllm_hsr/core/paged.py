@@ -1,0 +1,219 @@
+"""HSR over a paged KV cache: the summaries kept beside each physical block, and decode over them.
+
+Node i of tree level l (span S = cell_size * fanout**l tokens) is stored with the
+physical block that holds its last token, in slot (last % block_size) // S of
+that level, so a summary is a pure function of block contents: prefix caching
+shares it, and a recycled block is re-summarised by its first write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vllm_hsr.config import HSRConfig
+from vllm_hsr.core.attention import HSRStats, attend_kv_head
+from vllm_hsr.core.summaries import pack_codes, quantize_keys, round_outward, unpack_codes
+from vllm_hsr.core.tree import CellTree
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedKVLayout:
+    """Where element (block, kv_head, token, channel) of K and of V lives in a flat cache.
+
+    offset = block * block_stride + kv_head * head_stride + key_offsets[token, channel]
+    (value_offsets for V), in elements of the cache tensor, from its first element.
+    Covers plain strided layouts and packed ones (e.g. CPU_ATTN's VNNI tiles) alike.
+    """
+
+    block_stride: int
+    head_stride: int
+    key_offsets: torch.Tensor     # [block_size, head_dim] int64
+    value_offsets: torch.Tensor   # [block_size, head_dim] int64
+
+    @property
+    def block_size(self) -> int:
+        return self.key_offsets.shape[0]
+
+    @classmethod
+    def from_views(cls, cache: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> PagedKVLayout:
+        """From strided views [num_blocks, num_kv_heads, block_size, head_dim] into `cache`."""
+        for view in (keys, values):
+            if view.untyped_storage().data_ptr() != cache.untyped_storage().data_ptr():
+                raise ValueError("key/value views must share the cache's storage")
+        if keys.stride()[:2] != values.stride()[:2]:
+            raise ValueError("keys and values must have the same block and head strides")
+
+        def offsets(view: torch.Tensor) -> torch.Tensor:
+            tokens = torch.arange(view.shape[2]).unsqueeze(1) * view.stride(2)
+            channels = torch.arange(view.shape[3]).unsqueeze(0) * view.stride(3)
+            return view.storage_offset() - cache.storage_offset() + tokens + channels
+
+        return cls(keys.stride(0), keys.stride(1), offsets(keys), offsets(values))
+
+    def gather(self, flat_cache: torch.Tensor, blocks: torch.Tensor, tokens_in_block: torch.Tensor,
+               kv_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows at (blocks[i], tokens_in_block[i]). -> [n, head_dim] each"""
+        base = (blocks * self.block_stride + kv_head * self.head_stride).unsqueeze(1)
+        return flat_cache[base + self.key_offsets[tokens_in_block]], flat_cache[base + self.value_offsets[tokens_in_block]]
+
+
+def flat_view(cache: torch.Tensor) -> torch.Tensor:
+    """1-D view of a cache tensor from its first element to its last (padding included)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(cache.shape, cache.stride()))
+    return cache.as_strided((extent,), (1,))
+
+
+def level_slots(cfg: HSRConfig, block_size: int) -> list[tuple[int, int]]:
+    """(first slot, slots per block) of each tree level in a block's box storage."""
+    if block_size % cfg.cell_size:
+        raise ValueError(f"HSR cell_size={cfg.cell_size} must divide the KV block size {block_size}")
+    slots, first = [], 0
+    for level in range(cfg.tree_levels + 1):
+        count = -(-block_size // (cfg.cell_size * cfg.fanout ** level))
+        slots.append((first, count))
+        first += count
+    return slots
+
+
+class PagedSummaries:
+    """Boxes and token codes of every physical KV block of one attention layer.
+
+    boxes: [num_blocks, num_slots, 2, num_kv_heads, head_dim] (lo, hi) in the summary dtype
+    codes: [num_blocks, block_size, num_kv_heads, ceil(head_dim * code_bits / 8)] uint8, or None
+    """
+
+    def __init__(self, boxes: torch.Tensor, codes: torch.Tensor | None, cfg: HSRConfig, block_size: int):
+        self.boxes, self.codes, self.cfg, self.block_size = boxes, codes, cfg, block_size
+        self.slots = level_slots(cfg, block_size)
+
+    @classmethod
+    def allocate(cls, num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int, cfg: HSRConfig,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> PagedSummaries:
+        num_slots = sum(count for _, count in level_slots(cfg, block_size))
+        boxes = torch.empty(num_blocks, num_slots, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
+        codes = None
+        if cfg.code_bits:
+            width = -(-head_dim * cfg.code_bits // 8)
+            codes = torch.zeros(num_blocks, block_size, num_kv_heads, width, dtype=torch.uint8, device=device)
+        return cls(boxes, codes, cfg, block_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.boxes.shape[-1]
+
+    def span(self, level: int) -> int:
+        return self.cfg.cell_size * self.cfg.fanout ** level
+
+    def locate(self, level: int, nodes: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(physical block, slot) of level-`level` nodes.
+
+        rows: one block-table row [max_blocks] shared by all nodes, or one per node [..., max_blocks]
+        """
+        last = (nodes + 1) * self.span(level) - 1
+        logical = last // self.block_size
+        blocks = rows[logical] if rows.dim() == 1 else rows.gather(-1, logical.unsqueeze(-1)).squeeze(-1)
+        first_slot, _ = self.slots[level]
+        return blocks, first_slot + (last % self.block_size) // self.span(level)
+
+    def update(self, keys: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
+               block_rows: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout) -> None:
+        """Bring the summaries of every node touched by this step's KV write up to date.
+
+        keys: [n, num_kv_heads, head_dim] (already written to the cache at slot_mapping);
+        positions: [n] sequence positions; block_rows: [n, max_blocks] each token's block-table row.
+        Tokens of a sequence arrive in order, so a cell whose first token is written now is reset
+        first (a recycled block carries an old box) and then grown by min/max.
+        """
+        bs, size = self.block_size, self.cfg.cell_size
+        blocks, offsets = slot_mapping // bs, slot_mapping % bs
+        cell_slots = blocks * self.boxes.shape[1] + offsets // size
+        flat = self.boxes.view(-1, 2, *self.boxes.shape[3:])                  # [blocks * slots, 2, H, D]
+        starts = cell_slots[offsets % size == 0]
+        flat[starts, 0] = torch.inf
+        flat[starts, 1] = -torch.inf
+        lo, hi = round_outward(keys.float(), keys.float(), self.boxes.dtype)
+        index = cell_slots.view(-1, 1, 1).expand_as(lo)
+        flat[:, 0].scatter_reduce_(0, index, lo, "amin")
+        flat[:, 1].scatter_reduce_(0, index, hi, "amax")
+
+        filled = offsets % size == size - 1
+        if self.codes is not None and filled.any():
+            self._quantize_cells(blocks[filled], offsets[filled] - (size - 1), flat_cache, layout)
+        for level in range(1, self.cfg.tree_levels + 1):
+            done = (positions + 1) % self.span(level) == 0
+            if done.any():
+                self._union_children(level, positions[done], block_rows[done])
+
+    def _quantize_cells(self, blocks: torch.Tensor, first_offsets: torch.Tensor, flat_cache: torch.Tensor,
+                        layout: PagedKVLayout) -> None:
+        size, bits = self.cfg.cell_size, self.cfg.code_bits
+        tokens = first_offsets.unsqueeze(1) + torch.arange(size, device=blocks.device)     # [c, T]
+        cell_blocks = blocks.unsqueeze(1).expand_as(tokens)
+        box = self.boxes[blocks, first_offsets // size]                                     # [c, 2, H, D]
+        for kv_head in range(self.boxes.shape[3]):
+            keys, _ = layout.gather(flat_cache, cell_blocks.flatten(), tokens.flatten(), kv_head)
+            codes = quantize_keys(keys.view(*tokens.shape, -1), box[:, 0, kv_head], box[:, 1, kv_head], bits)
+            self.codes[cell_blocks, tokens, kv_head] = pack_codes(codes, bits)
+
+    def _union_children(self, level: int, positions: torch.Tensor, block_rows: torch.Tensor) -> None:
+        fanout = self.cfg.fanout
+        nodes = (positions + 1) // self.span(level) - 1
+        children = nodes.unsqueeze(1) * fanout + torch.arange(fanout, device=nodes.device)  # [n, f]
+        rows = block_rows.unsqueeze(1).expand(-1, fanout, -1)
+        child = self.boxes[self.locate(level - 1, children, rows)]                           # [n, f, 2, H, D]
+        blocks, slots = self.locate(level, nodes, block_rows)
+        self.boxes[blocks, slots, 0] = child[:, :, 0].amin(1)
+        self.boxes[blocks, slots, 1] = child[:, :, 1].amax(1)
+
+
+class PagedCellTree(CellTree):
+    """The cell tree of one sequence, read from per-block summaries through its block-table row."""
+
+    def __init__(self, summaries: PagedSummaries, block_row: torch.Tensor, num_tokens: int):
+        super().__init__(num_tokens, summaries.cfg, summaries.head_dim)
+        self.summaries, self.block_row = summaries, block_row
+
+    def boxes(self, level, nodes, kv_head):
+        blocks, slots = self.summaries.locate(level, nodes, self.block_row)
+        box = self.summaries.boxes[blocks, slots, :, kv_head]                               # [n, 2, D]
+        return box[:, 0], box[:, 1]
+
+    def codes(self, cells, kv_head):
+        size, bs = self.cell_size, self.summaries.block_size
+        tokens = cells.unsqueeze(1) * size + torch.arange(size, device=cells.device)      # [c, T]
+        packed = self.summaries.codes[self.block_row[tokens // bs], tokens % bs, kv_head]
+        return unpack_codes(packed, self.code_bits, self.head_dim)
+
+
+def paged_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
+                 block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
+    """HSR decode of one query token per sequence over a paged cache (pure torch).
+
+    q: [batch, num_q_heads, head_dim]; block_table: [batch, max_blocks]; seq_lens: [batch]
+    returns out [batch, num_q_heads, head_dim] (q's dtype), error_bound [batch, num_q_heads], stats
+    """
+    flat_cache = flat_view(cache)
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = summaries.boxes.shape[3]
+    q32 = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    out = torch.empty(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    bounds = torch.empty(batch, num_kv_heads, num_q_heads // num_kv_heads)
+    stats = HSRStats()
+    bs = layout.block_size
+    for seq, (row, num_tokens) in enumerate(zip(block_table.long(), seq_lens.tolist())):
+        tree = PagedCellTree(summaries, row, num_tokens)
+
+        def read(kv_head: int, tokens: torch.Tensor, row=row) -> tuple[torch.Tensor, torch.Tensor]:
+            return layout.gather(flat_cache, row[tokens // bs], tokens % bs, kv_head)
+
+        for kv_head in range(num_kv_heads):
+            out[seq, kv_head], bounds[seq, kv_head], head_stats = attend_kv_head(
+                tree, kv_head, q32[seq, kv_head], scale, cfg, read)
+            stats.add(head_stats)
+    stats.set_bytes(2 * head_dim * summaries.boxes.element_size(), cfg, head_dim, 2 * cache.element_size(),
+                    int(seq_lens.sum()) * num_kv_heads)
+    stats.error_bound = bounds.view(batch, num_q_heads)
+    return out.view(batch, num_q_heads, head_dim).to(q.dtype), stats.error_bound, stats

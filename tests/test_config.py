@@ -59,3 +59,15 @@ def test_bad_shapes_raise(shapes, match):
     q, k, v = (torch.randn(s) for s in shapes)
     with pytest.raises(ValueError, match=match):
         sparse_attention(q, k, v, HSRConfig())
+
+
+def test_vllm_settings_with_environment_overrides():
+    extra = {"hsr": {"mode": "topk", "budget_tokens": 256}, "other": 1}
+    cfg = HSRConfig.from_vllm(extra, {"VLLM_HSR_BUDGET_TOKENS": "512", "VLLM_HSR_SUMMARY_DTYPE": "bfloat16",
+                                      "VLLM_HSR_SCALE": "null"})
+    assert (cfg.mode, cfg.budget_tokens, cfg.summary_dtype, cfg.scale) == ("topk", 512, "bfloat16", None)
+    assert HSRConfig.from_vllm(None, {}) == HSRConfig()
+    with pytest.raises(ValueError, match=r"HSRConfig\.eps="):
+        HSRConfig.from_vllm({}, {"VLLM_HSR_EPS": "2"})
+    with pytest.raises(ValueError, match="unknown HSR setting"):
+        HSRConfig.from_vllm({"hsr": {"epsilon": 0.1}}, {})

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
 MODES = ("relu", "softmax", "topk")
 CODE_BITS = (0, 1, 2, 4, 8)  # widths that pack whole codes into a byte
 SUMMARY_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ENV_PREFIX = "VLLM_HSR_"
 
 
 def _is_int(value: Any) -> bool:
@@ -18,6 +21,14 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_env(name: str, raw: str) -> Any:
+    """An environment value as JSON when it parses (numbers, null), else as a plain string."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
 
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
@@ -48,6 +59,8 @@ class HSRConfig:
         dtypes are rounded outward, so a box never gets tighter than its keys.
     tree_budget_share: part of the softmax budget spent pruning above the finest
         level (split evenly among those levels); the finest level gets the rest.
+    dense_below_tokens: vLLM backend only: decode rows with fewer cached tokens
+        use the dense kernel (HSR cannot pay off on short contexts).
     """
 
     mode: str = "softmax"
@@ -65,6 +78,7 @@ class HSRConfig:
     scale: float | None = None
     summary_dtype: str = "auto"
     tree_budget_share: float = 0.25
+    dense_below_tokens: int = 1024
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -87,7 +101,7 @@ class HSRConfig:
             raise _invalid("tree_levels", self.tree_levels, "must be an integer in [0, 8]")
         if not _is_int(self.code_bits) or self.code_bits not in CODE_BITS:
             raise _invalid("code_bits", self.code_bits, f"allowed values are {CODE_BITS}")
-        for name in ("sink_tokens", "window_tokens", "seed_cells"):
+        for name in ("sink_tokens", "window_tokens", "seed_cells", "dense_below_tokens"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise _invalid(name, value, "must be a non-negative integer")
@@ -113,6 +127,17 @@ class HSRConfig:
                 f"unknown HSR setting(s) {', '.join(unknown)}; "
                 f"known settings are {', '.join(cls.field_names())}")
         return cls(**settings)
+
+    @classmethod
+    def from_vllm(cls, additional_config: Mapping[str, Any] | None,
+                  environ: Mapping[str, str] = os.environ) -> HSRConfig:
+        """vLLM's additional_config["hsr"], overridden by VLLM_HSR_<FIELD> environment variables."""
+        settings = dict((additional_config or {}).get("hsr") or {})
+        for name in cls.field_names():
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                settings[name] = _parse_env(ENV_PREFIX + name.upper(), raw)
+        return cls.from_mapping(settings)
 
     def resolved_scale(self, head_dim: int) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)

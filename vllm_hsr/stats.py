@@ -1,0 +1,50 @@
+"""Per-step HSR decode statistics, logged by each worker at a rate-limited interval."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from vllm_hsr.core.attention import HSRStats
+
+logger = logging.getLogger("vllm_hsr")
+
+
+class DecodeStatsLog:
+    """Accumulates HSR decode stats of one worker process and logs them every `interval_s`."""
+
+    _shared: DecodeStatsLog | None = None
+
+    def __init__(self, interval_s: float = 10.0):
+        self.interval_s = interval_s
+        self.last_log = time.monotonic()
+        self.reset()
+
+    @classmethod
+    def shared(cls) -> DecodeStatsLog:
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    def reset(self) -> None:
+        self.bytes_read = self.dense_bytes = self.sparse_rows = self.dense_rows = 0
+        self.max_error_bound = 0.0
+        self.summary_nodes = self.keys_read = 0
+
+    def record(self, stats: HSRStats, num_dense_rows: int) -> None:
+        self.bytes_read += stats.bytes_read
+        self.dense_bytes += stats.dense_bytes
+        self.keys_read += stats.keys_read
+        self.sparse_rows += stats.error_bound.shape[0]
+        self.dense_rows += num_dense_rows
+        self.max_error_bound = max(self.max_error_bound, float(stats.error_bound.max()))
+        now = time.monotonic()
+        if now - self.last_log >= self.interval_s:
+            logger.info(self.summary())
+            self.last_log = now
+            self.reset()
+
+    def summary(self) -> str:
+        fraction = self.bytes_read / self.dense_bytes if self.dense_bytes else 0.0
+        return (f"HSR decode: {fraction:.2%} of dense KV bytes read, {self.sparse_rows} HSR rows, "
+                f"{self.dense_rows} dense rows, largest certificate {self.max_error_bound:.2e}")

@@ -204,10 +204,12 @@ class HSRAttentionImpl(_vllm.CPUAttentionBackendImpl):
             dense_out = torch.empty_like(output[rows])
             super().forward(layer, query[rows], key[rows], value[rows], kv_cache, m.dense_decode, dense_out)
             output[rows] = dense_out
+        stats = None
         if m.sparse_rows.numel():
             rows = m.sparse_rows
             out, _, stats = hsr_decode(query[rows], kv_cache, self.layout, self.summaries, m.block_table[rows],
                                        m.seq_lens[rows], self.hsr, self.scale)
             output[rows] = out.view_as(output[rows])
+        if num_decode:
             self.stats_log.record(stats, num_dense_rows=m.dense_rows.numel())
         return output

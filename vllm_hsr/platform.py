@@ -8,6 +8,7 @@ It activates exactly where vLLM's own CPU platform would (never on CUDA).
 from __future__ import annotations
 
 from vllm_hsr import _vllm
+from vllm_hsr.config import HSRConfig
 from vllm_hsr.plugin import BACKEND_NAME, BACKEND_PATH, register
 
 
@@ -18,11 +19,22 @@ def cpu_platform_plugin() -> str | None:
     return "vllm_hsr.platform.HSRCpuPlatform"
 
 
+def selects_hsr(selected_backend) -> bool:
+    enum = _vllm.AttentionBackendEnum
+    return selected_backend is not None and selected_backend in (
+        enum.CUSTOM, enum.__members__.get(BACKEND_NAME, enum.CUSTOM))
+
+
 class HSRCpuPlatform(_vllm.CpuPlatform):
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
-        enum = _vllm.AttentionBackendEnum
-        ours = (enum.CUSTOM, enum.__members__.get(BACKEND_NAME, enum.CUSTOM))
-        if selected_backend is not None and selected_backend in ours and not attn_selector_config.use_mla:
+        if selects_hsr(selected_backend) and not attn_selector_config.use_mla:
             return BACKEND_PATH
         return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        super().check_and_update_config(vllm_config)
+        if selects_hsr(vllm_config.attention_config.backend):
+            # Fail at engine start, in the caller's process, naming the bad setting.
+            HSRConfig.from_vllm(vllm_config.additional_config)

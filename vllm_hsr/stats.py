@@ -19,6 +19,7 @@ class DecodeStatsLog:
         self.interval_s = interval_s
         self.last_log = time.monotonic()
         self.reset()
+        self.totals: dict[str, float] = dict.fromkeys(self._COUNTERS, 0)
 
     @classmethod
     def shared(cls) -> DecodeStatsLog:
@@ -26,18 +27,25 @@ class DecodeStatsLog:
             cls._shared = cls()
         return cls._shared
 
-    def reset(self) -> None:
-        self.bytes_read = self.dense_bytes = self.sparse_rows = self.dense_rows = 0
-        self.max_error_bound = 0.0
-        self.summary_nodes = self.keys_read = 0
+    _COUNTERS = ("bytes_read", "dense_bytes", "keys_read", "dense_keys", "sparse_rows", "dense_rows")
 
-    def record(self, stats: HSRStats, num_dense_rows: int) -> None:
-        self.bytes_read += stats.bytes_read
-        self.dense_bytes += stats.dense_bytes
-        self.keys_read += stats.keys_read
-        self.sparse_rows += stats.error_bound.shape[0]
-        self.dense_rows += num_dense_rows
-        self.max_error_bound = max(self.max_error_bound, float(stats.error_bound.max()))
+    def reset(self) -> None:
+        for name in self._COUNTERS:
+            setattr(self, name, 0)
+        self.max_error_bound = 0.0
+
+    def record(self, stats: HSRStats | None, num_dense_rows: int) -> None:
+        """stats: the step's hsr_decode call (None if none); num_dense_rows: decode rows served densely."""
+        step = dict.fromkeys(self._COUNTERS, 0)
+        step["dense_rows"] = num_dense_rows
+        if stats is not None:
+            step.update(bytes_read=stats.bytes_read, dense_bytes=stats.dense_bytes, keys_read=stats.keys_read,
+                        dense_keys=stats.dense_keys, sparse_rows=stats.error_bound.shape[0])
+            self.max_error_bound = max(self.max_error_bound, float(stats.error_bound.max()))
+        for name, value in step.items():
+            setattr(self, name, getattr(self, name) + value)
+            self.totals[name] += value
+        self.totals["max_error_bound"] = max(self.totals.get("max_error_bound", 0.0), self.max_error_bound)
         now = time.monotonic()
         if now - self.last_log >= self.interval_s:
             logger.info(self.summary())

@@ -31,6 +31,7 @@ class HSRStats:
     code_cells_read: int = 0      # cells whose token codes were loaded
     bytes_read: int = 0           # keys + values + summaries + codes
     dense_bytes: int = 0          # keys + values of a dense read
+    dense_keys: int = 0           # keys a dense read loads
     error_bound: torch.Tensor | None = None  # [num_q_heads] relative dropped mass (0 in relu mode)
     tokens_read: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per KV head, sorted
 
@@ -47,6 +48,7 @@ class HSRStats:
         self.bytes_read = (self.keys_read * token_bytes + self.summary_nodes_read * summary_bytes
                            + self.code_cells_read * code_bytes)
         self.dense_bytes = dense_tokens * token_bytes
+        self.dense_keys = dense_tokens
 
     def add(self, other: HSRStats) -> None:
         for f in dataclasses.fields(self):

@@ -1,0 +1,87 @@
+"""The HSR backend inside a real vLLM engine (float32 tiny model, engines in subprocesses).
+
+eps=0 reads every key through the HSR path, so greedy tokens must equal CPU_ATTN's:
+mixed prompt lengths over several blocks, chunked prefill, shared prefixes (prefix
+caching) and, under a tiny KV cache, preemption and block recycling.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKLOAD = Path(__file__).with_name("run_workload.py")
+EXACT = {"eps": 0, "dense_below_tokens": 0}
+PREEMPT = ("--num-blocks", "9", "--max-model-len", "1024", "--max-tokens", "300",
+           "--prompt-lens", "100,100,100,100,100,100")
+
+
+def _run(model: Path, backend: str, hsr: dict, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(WORKLOAD), str(model), "--attention-backend", backend, "--hsr", json.dumps(hsr),
+           *extra]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=WORKLOAD.parent)
+
+
+@functools.cache
+def _result(model: Path, backend: str, hsr_json: str, extra: tuple[str, ...] = ()) -> dict:
+    run = _run(model, backend, json.loads(hsr_json), *extra)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def result(model, backend, hsr=None, extra=()):
+    return _result(model, backend, json.dumps(hsr or {}, sort_keys=True), tuple(extra))
+
+
+def test_eps_zero_tokens_equal_cpu_attn(tiny_model):
+    dense, hsr = result(tiny_model, "CPU_ATTN"), result(tiny_model, "HSR", EXACT)
+    assert hsr["tokens"] == dense["tokens"]
+    stats = hsr["hsr"]
+    assert stats["sparse_rows"] > 0 and stats["dense_rows"] == 0
+    assert stats["keys_read"] == stats["dense_keys"] and stats["max_error_bound"] == 0
+
+
+def test_eps_zero_tokens_equal_under_preemption(tiny_model):
+    dense, hsr = result(tiny_model, "CPU_ATTN", extra=PREEMPT), result(tiny_model, "HSR", EXACT, PREEMPT)
+    assert dense["preemptions"] > 0 and hsr["preemptions"] > 0
+    assert hsr["tokens"] == dense["tokens"]
+
+
+def test_sparse_settings_skip_keys_and_stay_close(tiny_model):
+    """Random weights give near-uniform attention, so little can be skipped; what is skipped is certified."""
+    dense = result(tiny_model, "CPU_ATTN")
+    sparse = result(tiny_model, "HSR", {"eps": 0.2, "dense_below_tokens": 0})
+    stats = sparse["hsr"]
+    assert stats["keys_read"] < stats["dense_keys"]
+    assert 0 < stats["max_error_bound"] <= 0.2
+    compared = 0
+    for got_tokens, want_tokens, got, want in zip(sparse["tokens"], dense["tokens"], sparse["logprobs"],
+                                                  dense["logprobs"]):
+        for got_token, want_token, got_lp, want_lp in zip(got_tokens, want_tokens, got, want):
+            assert abs(got_lp - want_lp) < 0.05
+            compared += 1
+            if got_token != want_token:  # contexts differ from here on
+                break
+    assert compared > 50
+
+
+def test_default_settings_keep_short_contexts_dense(tiny_model):
+    """dense_below_tokens=1024: the 1100-token prompt decodes through HSR, the shorter ones densely."""
+    dense, hsr = result(tiny_model, "CPU_ATTN"), result(tiny_model, "HSR")
+    stats = hsr["hsr"]
+    # counted per layer: 23 decode steps (the first token comes from prefill) x 2 layers
+    assert stats["sparse_rows"] == 23 * 2 and stats["dense_rows"] > 0
+    assert hsr["tokens"][:4] == dense["tokens"][:4]
+
+
+@pytest.mark.parametrize("hsr,name", [({"eps": 2}, "HSRConfig.eps"), ({"epsilon": 0.1}, "epsilon")])
+def test_bad_setting_stops_the_engine_naming_it(tiny_model, hsr, name):
+    run = _run(tiny_model, "HSR", hsr)
+    assert run.returncode != 0
+    assert name in run.stderr + run.stdout

@@ -1,0 +1,268 @@
+"""HSR paged decode vs dense paged decode over context lengths, batch sizes and workloads.
+
+    python benchmarks/bench_decode.py [--contexts 4096,32768,131072] [--batches 1,8]
+        [--workloads random,structured,rotary] [--modes softmax:1e-3,topk:1024,relu:2.0]
+        [--json PATH] [--plot PATH] [--repeat 3]
+
+Per point: one decode query per sequence over a paged KV cache (FLASH_ATTN layout,
+bf16, block size 16; Llama-3-8B attention shape: 32 query heads, 8 KV heads, d=128).
+The rows of a batch share one physical cache through their block tables (as prefix
+caching would) and each row has its own query. Summaries are built before timing,
+as the engine keeps them up to date at every KV write.
+
+Columns: bytes_read_fraction (keys + values + summaries + codes read by HSR / dense
+K+V bytes), tokens_read_fraction, oracle_read_fraction (tokens a selector knowing every
+exact score must read for the same certificate: softmax mode; see `oracle_tokens`),
+max_rel_error (vs fp64 dense), hsr_ms and dense_ms (medians; dense = the faster of
+torch SDPA and our dense paged path, both reading through the block table), speedup,
+gbps (HSR bytes read / hsr time). Times are same-run ratios on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import WORKLOADS, make_workload  # noqa: E402
+
+from vllm_hsr import HSRConfig  # noqa: E402
+from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries  # noqa: E402
+from vllm_hsr.ops import hsr_decode  # noqa: E402
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
+                 platform.processor())
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+class PagedSequence:
+    """One sequence's keys and values in a FLASH-layout paged cache, with HSR summaries."""
+
+    def __init__(self, keys, values, cfg: HSRConfig, dtype=torch.bfloat16, chunk=8192):
+        num_tokens = keys.shape[0]
+        num_blocks = 1 + -(-num_tokens // BLOCK_SIZE)
+        self.cache = torch.zeros(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=dtype)
+        self.layout = PagedKVLayout.from_views(self.cache, self.cache[0].permute(0, 2, 1, 3),
+                                               self.cache[1].permute(0, 2, 1, 3))
+        gen = torch.Generator().manual_seed(num_tokens)
+        self.row = torch.randperm(num_blocks - 1, generator=gen) + 1       # block 0 stays the null block
+        self.num_tokens = num_tokens
+        positions = torch.arange(num_tokens)
+        slots = self.row[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+        flat = self.cache.view(2, -1, NUM_KV_HEADS, HEAD_DIM)
+        flat[0, slots], flat[1, slots] = keys.to(dtype), values.to(dtype)
+        self.summaries = PagedSummaries.allocate(num_blocks, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, cfg, dtype)
+        rows = self.row.unsqueeze(0)
+        for start in range(0, num_tokens, chunk):
+            end = min(num_tokens, start + chunk)
+            self.summaries.update(keys[start:end].to(dtype), slots[start:end], positions[start:end],
+                                  rows.expand(end - start, -1), self.cache.view(-1), self.layout)
+
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense read through the block table: K, V [N, Hkv, D]."""
+        blocks = self.cache[:, self.row]                                   # [2, nb, bs, H, D]
+        kv = blocks.reshape(2, -1, NUM_KV_HEADS, HEAD_DIM)[:, :self.num_tokens]
+        return kv[0], kv[1]
+
+
+def dense_paged(q, seq: PagedSequence, scale: float) -> torch.Tensor:
+    """Our dense paged path: gather through the block table, fp32 scores, softmax. q [Hq, D]"""
+    k, v = seq.gather()
+    group = NUM_Q_HEADS // NUM_KV_HEADS
+    scores = torch.einsum("hgd,nhd->hgn", q.float().view(NUM_KV_HEADS, group, -1), k.float()) * scale
+    return torch.einsum("hgn,nhd->hgd", scores.softmax(-1), v.float()).reshape(NUM_Q_HEADS, -1)
+
+
+def sdpa(q, seq: PagedSequence, scale: float) -> torch.Tensor:
+    k, v = seq.gather()
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1), scale=scale, enable_gqa=True)
+    return out.squeeze(1)
+
+
+def reference(q, keys, values, cfg: HSRConfig, scale: float) -> torch.Tensor:
+    group = NUM_Q_HEADS // NUM_KV_HEADS
+    k = keys.to(torch.bfloat16).double().repeat_interleave(group, 1)
+    v = values.to(torch.bfloat16).double().repeat_interleave(group, 1)
+    x = torch.einsum("hd,nhd->hn", q.double(), k) * scale
+    if cfg.mode == "relu":
+        w = torch.relu(x - cfg.bias) ** cfg.alpha
+        w = w / w.sum(1, keepdim=True).clamp(min=1e-300)
+    else:
+        w = x.softmax(1)
+    return torch.einsum("hn,nhd->hd", w, v)
+
+
+def oracle_tokens(q, keys, cfg: HSRConfig, scale: float) -> float:
+    """Fraction of tokens an exact-score selector must read (averaged over KV heads).
+
+    softmax: seeds = sink + window + the seed_cells cells with the best exact scores; then skip
+    the lowest-scoring tokens while every head of the group keeps its dropped mass <= eps * Z_seeds.
+    relu: the tokens with a positive weight. topk: the same count HSR reads.
+    """
+    group = NUM_Q_HEADS // NUM_KV_HEADS
+    n = keys.shape[0]
+    k = keys.to(torch.bfloat16).double()
+    fractions = []
+    for h in range(NUM_KV_HEADS):
+        x = (k[:, h] @ q.double().view(NUM_KV_HEADS, group, -1)[h].T) * scale   # [N, G]
+        if cfg.mode == "relu":
+            fractions.append(float((x > cfg.bias).any(1).double().mean()))
+            continue
+        seeded = torch.zeros(n, dtype=torch.bool)
+        seeded[:cfg.sink_tokens] = True
+        seeded[max(0, n - cfg.window_tokens):] = True
+        cells = -(-n // cfg.cell_size)
+        cell_best = torch.full((cells * cfg.cell_size,), -math.inf, dtype=torch.float64)
+        cell_best[:n] = x.amax(1)
+        best_cells = cell_best.view(cells, -1).amax(1).topk(min(cfg.seed_cells, cells)).indices
+        for c in best_cells.tolist():
+            seeded[c * cfg.cell_size:(c + 1) * cfg.cell_size] = True
+        m = x[seeded].amax(0)
+        log_budget = math.log(cfg.eps) + m + torch.logsumexp(x[seeded] - m, 0)            # [G]
+        rest = x[~seeded]
+        order = (rest - log_budget).amax(1).argsort()
+        spent = torch.exp(rest[order] - log_budget).cumsum(0)                             # [N', G]
+        skipped = int((spent <= 1.0).all(1).long().cumprod(0).sum())
+        fractions.append((n - skipped) / n)
+    return statistics.mean(fractions)
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def parse_mode(spec: str) -> HSRConfig:
+    mode, _, value = spec.partition(":")
+    if mode == "softmax":
+        return HSRConfig(mode="softmax", eps=float(value or 1e-3))
+    if mode == "topk":
+        return HSRConfig(mode="topk", budget_tokens=int(value or 1024))
+    if mode == "relu":
+        return HSRConfig(mode="relu", alpha=2, bias=float(value or 2.0))
+    raise SystemExit(f"unknown mode {spec!r}: use softmax:EPS, topk:BUDGET or relu:BIAS")
+
+
+def run_point(workload: str, context: int, batch: int, cfg: HSRConfig, repeat: int) -> dict:
+    keys, values, query = make_workload(workload, context, NUM_KV_HEADS, NUM_Q_HEADS, HEAD_DIM, seed=context)
+    seq = PagedSequence(keys, values, cfg)
+    # Row 0 takes the workload's query, the other rows small perturbations of it.
+    gen = torch.Generator().manual_seed(context)
+    queries = torch.stack([query] + [query + 0.1 * torch.randn(query.shape, generator=gen)
+                                     for _ in range(batch - 1)])
+    scale = 1 / math.sqrt(HEAD_DIM)
+    table = seq.row.unsqueeze(0).expand(batch, -1)
+    seq_lens = torch.full((batch,), context)
+    q = queries.to(torch.bfloat16)
+
+    def hsr():
+        return hsr_decode(q, seq.cache, seq.layout, seq.summaries, table, seq_lens, cfg, scale)
+
+    out, bound, stats = hsr()
+    hsr_ms = timed(hsr, repeat)
+    sdpa_ms = timed(lambda: [sdpa(q[b], seq, scale) for b in range(batch)], repeat)
+    paged_ms = timed(lambda: [dense_paged(q[b], seq, scale) for b in range(batch)], repeat)
+    errors, oracle = [], []
+    for b in range(batch):
+        ref = reference(q[b].float(), keys, values, cfg, scale)
+        errors.append(float(((out[b].double() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-30)).max()))
+        if cfg.mode != "topk":
+            oracle.append(oracle_tokens(q[b].float(), keys, cfg, scale))
+    dense_ms = min(sdpa_ms, paged_ms)
+    return {
+        "context": context, "batch": batch, "workload": workload, "mode": cfg.mode,
+        "eps": cfg.eps if cfg.mode == "softmax" else None,
+        "budget_tokens": cfg.budget_tokens if cfg.mode == "topk" else None,
+        "bias": cfg.bias if cfg.mode == "relu" else None,
+        "bytes_read_fraction": stats.bytes_read_fraction,
+        "tokens_read_fraction": stats.keys_read / stats.dense_keys,
+        "oracle_read_fraction": statistics.mean(oracle) if oracle else stats.keys_read / stats.dense_keys,
+        "max_rel_error": max(errors), "max_error_bound": float(bound.max()),
+        "hsr_ms": hsr_ms, "sdpa_ms": sdpa_ms, "dense_paged_ms": paged_ms, "dense_ms": dense_ms,
+        "speedup": dense_ms / hsr_ms, "gbps": stats.bytes_read / hsr_ms / 1e6, "device": machine(),
+    }
+
+
+HEADER = (f"{'workload':<11}{'ctx':>8}{'bs':>4} {'mode':<14}{'bytes':>8}{'tokens':>8}{'oracle':>8}"
+          f"{'rel.err':>9}{'cert':>9}{'hsr ms':>9}{'dense ms':>9}{'speedup':>8}{'GB/s':>7}")
+
+
+def format_row(r: dict) -> str:
+    setting = {"softmax": "eps={eps:g}", "topk": "k={budget_tokens}", "relu": "b={bias:g}"}[r["mode"]].format(**r)
+    return (f"{r['workload']:<11}{r['context']:>8}{r['batch']:>4} {r['mode'] + ' ' + setting:<14}"
+            f"{r['bytes_read_fraction']:>8.2%}{r['tokens_read_fraction']:>8.2%}{r['oracle_read_fraction']:>8.2%}"
+            f"{r['max_rel_error']:>9.1e}{r['max_error_bound']:>9.1e}{r['hsr_ms']:>9.1f}{r['dense_ms']:>9.1f}"
+            f"{r['speedup']:>7.2f}x{r['gbps']:>7.2f}")
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = sorted({(r["workload"], r["mode"], r["batch"]) for r in records})
+    for workload, mode, batch in series:
+        pts = sorted((r for r in records if (r["workload"], r["mode"], r["batch"]) == (workload, mode, batch)),
+                     key=lambda r: r["context"])
+        label = f"{workload} {mode} b={batch}"
+        axes[0].plot([p["context"] for p in pts], [100 * p["bytes_read_fraction"] for p in pts], "o-", label=label)
+        axes[1].plot([p["context"] for p in pts], [p["speedup"] for p in pts], "o-", label=label)
+    axes[0].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV bytes read, % of dense",
+                title="HSR bytes read (keys+values+summaries+codes)")
+    axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="dense time / HSR time",
+                title=f"speedup, same run ({records[0]['device']})")
+    axes[1].axhline(1.0, color="gray", lw=0.8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="4096,16384,32768,131072")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--modes", default="softmax:1e-3,topk:1024")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=RESULTS / "bench_decode.json")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "bench_decode.png")
+    args = parser.parse_args(argv)
+    modes = [parse_mode(m) for m in args.modes.split(",")]
+    points = [(w, c, b, m) for w in args.workloads.split(",") for c in map(int, args.contexts.split(","))
+              for b in map(int, args.batches.split(",")) for m in modes]
+    print(f"# {machine()}, torch {torch.__version__}; {len(points)} points")
+    print(HEADER, flush=True)
+    records = []
+    for i, (workload, context, batch, cfg) in enumerate(points, 1):
+        record = run_point(workload, context, batch, cfg, args.repeat)
+        records.append(record)
+        print(format_row(record), f"  [{i}/{len(points)}]", flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(records, indent=1))
+    plot(records, args.plot)
+    print(f"wrote {args.json} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

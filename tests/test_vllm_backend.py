@@ -23,7 +23,7 @@ PREEMPT = ("--num-blocks", "9", "--max-model-len", "1024", "--max-tokens", "300"
 def _run(model: Path, backend: str, hsr: dict, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(WORKLOAD), str(model), "--attention-backend", backend, "--hsr", json.dumps(hsr),
            *extra]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"VLLM_CPU_KVCACHE_SPACE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=WORKLOAD.parent)
 
 

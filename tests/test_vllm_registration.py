@@ -19,7 +19,7 @@ PROBE = Path(__file__).with_name("probe_engine.py")
 
 def _probe(model: Path, backend: str | None) -> dict:
     cmd = [sys.executable, str(PROBE), str(model)] + (["--attention-backend", backend] if backend else [])
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"VLLM_CPU_KVCACHE_SPACE": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     lines = [line for line in run.stdout.splitlines() if line.startswith('{"backends"')]
     assert run.returncode == 0 and lines, run.stderr[-4000:]

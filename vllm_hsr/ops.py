@@ -1,16 +1,67 @@
 """hsr_decode: the one entry point of HSR paged decode.
 
-Today every device runs the pure-torch path (vllm_hsr.core.paged); the Triton
-kernels take over on CUDA as they land (kernels issue).
+Two stages: selection (the cell-tree walk of vllm_hsr.core, pure torch for now) writes
+each (sequence, KV head)'s reported tokens and skipped mass; then attention over those
+candidate lists runs as the Triton split-K kernel (kernels/sparse_decode.py) or its torch
+twin (vllm_hsr.core.decode). Which one: VLLM_HSR_KERNELS=auto (default: Triton on CUDA,
+torch elsewhere), torch, or triton (on CPU this needs TRITON_INTERPRET=1: tests only).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.attention import HSRStats
-from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, paged_decode
+from vllm_hsr.core.attention import HSRStats, _HeadWalk
+from vllm_hsr.core.decode import decode_candidates
+from vllm_hsr.core.paged import PagedCellTree, PagedKVLayout, PagedSummaries, flat_view
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def use_triton(device: torch.device) -> bool:
+    choice = os.environ.get("VLLM_HSR_KERNELS", "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"VLLM_HSR_KERNELS={choice!r} is invalid: allowed values are {', '.join(KERNEL_CHOICES)}")
+    if choice == "auto":
+        return device.type == "cuda"
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("VLLM_HSR_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1")
+    return choice == "triton"
+
+
+def select_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout,
+                      summaries: PagedSummaries, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                      cfg: HSRConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HSRStats]:
+    """The tree walk of every (sequence, KV head).
+
+    returns tokens [B, Hkv, cap] (padded), counts [B, Hkv], skipped [B, Hq] fp32, stats
+    """
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = summaries.boxes.shape[3]
+    group = num_q_heads // num_kv_heads
+    q32 = q.float().view(batch, num_kv_heads, group, head_dim)
+    bs = layout.block_size
+    lists, skipped, stats = [], torch.empty(batch, num_kv_heads, group, dtype=torch.float64), HSRStats()
+    for seq, (row, num_tokens) in enumerate(zip(block_table.long(), seq_lens.tolist())):
+        tree = PagedCellTree(summaries, row, num_tokens)
+
+        def read(kv_head: int, tokens: torch.Tensor, row=row) -> tuple[torch.Tensor, torch.Tensor]:
+            return layout.gather(flat_cache, row[tokens // bs], tokens % bs, kv_head)
+
+        for kv_head in range(num_kv_heads):
+            walk = _HeadWalk(tree, kv_head, q32[seq, kv_head], scale, cfg, read)
+            tokens, skipped[seq, kv_head] = walk.select()
+            lists.append(tokens)
+            stats.add(walk.stats)
+    counts = torch.tensor([t.numel() for t in lists]).view(batch, num_kv_heads)
+    cap = max(1, int(counts.max()))
+    padded = torch.zeros(batch * num_kv_heads, cap, dtype=torch.long)
+    for i, tokens in enumerate(lists):
+        padded[i, :tokens.numel()] = tokens
+    return padded.view(batch, num_kv_heads, cap), counts, skipped.view(batch, num_q_heads).float(), stats
 
 
 def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
@@ -20,6 +71,20 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
 
     q: [batch, num_q_heads, head_dim]; cache: the layer's KV cache (indexed through `layout`);
     block_table: [batch, max_blocks]; seq_lens: [batch] cached tokens, this step's included.
-    returns out [batch, num_q_heads, head_dim], error_bound [batch, num_q_heads], stats
+    returns out [batch, num_q_heads, head_dim] (q's dtype), error_bound [batch, num_q_heads], stats
     """
-    return paged_decode(q, cache, layout, summaries, block_table, seq_lens, cfg, scale)
+    flat_cache = flat_view(cache)
+    tokens, counts, skipped, stats = select_candidates(q, flat_cache, layout, summaries, block_table, seq_lens,
+                                                       cfg, scale)
+    if use_triton(q.device):
+        from vllm_hsr.kernels.sparse_decode import sparse_decode
+        out, bound = sparse_decode(q, flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets,
+                                   layout.value_offsets, block_table, tokens, counts, skipped,
+                                   relu=cfg.mode == "relu", alpha=cfg.alpha, bias=cfg.bias, scale=scale)
+    else:
+        out, bound = decode_candidates(q, flat_cache, layout, block_table, tokens, counts, skipped, cfg, scale)
+    head_dim = q.shape[-1]
+    stats.set_bytes(2 * head_dim * summaries.boxes.element_size(), cfg, head_dim, 2 * cache.element_size(),
+                    int(seq_lens.sum()) * summaries.boxes.shape[3])
+    stats.error_bound = bound.flatten()
+    return out.to(q.dtype), bound, stats

@@ -32,6 +32,7 @@ class HSRStats:
     bytes_read: int = 0           # keys + values + summaries + codes
     dense_bytes: int = 0          # keys + values of a dense read
     dense_keys: int = 0           # keys a dense read loads
+    seed_keys_read: int = 0       # keys read (without values) to seed the softmax budget
     error_bound: torch.Tensor | None = None  # [num_q_heads] relative dropped mass (0 in relu mode)
     tokens_read: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per KV head, sorted
 
@@ -46,7 +47,7 @@ class HSRStats:
         code_bytes = cfg.cell_size * -(-head_dim * cfg.code_bits // 8)
         token_bytes = head_dim * kv_itemsize
         self.bytes_read = (self.keys_read * token_bytes + self.summary_nodes_read * summary_bytes
-                           + self.code_cells_read * code_bytes)
+                           + self.code_cells_read * code_bytes + self.seed_keys_read * token_bytes // 2)
         self.dense_bytes = dense_tokens * token_bytes
         self.dense_keys = dense_tokens
 
@@ -176,20 +177,23 @@ class _HeadWalk:
             parts.append(tokens[tokens < n])
         return torch.cat(parts).unique()
 
-    def run(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """returns out [G, D] fp32 and error_bound [G] fp32"""
+    def select(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Walk the tree; returns the tokens to read (sorted) and the skipped mass.
+
+        skipped: [G] fp64, ln of the sum over skipped nodes of n * exp(ub) (-inf if none)
+        """
         cfg, tree = self.cfg, self.tree
         seeded = self.seeds() if cfg.mode != "relu" else torch.empty(0, dtype=torch.long)
-        seed_k, seed_v = self.read(self.kv_head, seeded)
-        seed_scores = _scores(self.q, seed_k, self.scale)
         is_seed = torch.zeros(tree.num_tokens, dtype=torch.long)
         is_seed[seeded] = 1
         seeds_before = torch.cat([is_seed.new_zeros(1), is_seed.cumsum(0)])   # [N + 1]
 
         log_budget = torch.full((self.q.shape[0],), -math.inf, dtype=torch.float64)
         if cfg.mode == "softmax" and seeded.numel() and cfg.eps > 0:
-            _, m_lb, z_lb = attend(seed_scores, seed_v, cfg)
-            log_budget = math.log(cfg.eps) + m_lb.double() + z_lb.double().log()
+            seed_k, _ = self.read(self.kv_head, seeded)
+            self.stats.seed_keys_read += seeded.numel()
+            seed_scores = _scores(self.q, seed_k, self.scale).double()
+            log_budget = math.log(cfg.eps) + torch.logsumexp(seed_scores, dim=0)
         spent = torch.zeros_like(log_budget)
         share = cfg.tree_budget_share / tree.num_levels
         level_share = math.log(share) if share else -math.inf
@@ -224,24 +228,24 @@ class _HeadWalk:
             keep = torch.zeros_like(tokens, dtype=torch.bool)
             keep[ub.amax(1).topk(min(cfg.budget_tokens, tokens.numel())).indices] = True
         self.skip(keep, ub, torch.ones_like(tokens))
-
-        new_k, new_v = self.read(self.kv_head, tokens[keep])
-        scores = torch.cat([seed_scores, _scores(self.q, new_k, self.scale)])
-        out, m, z = attend(scores, torch.cat([seed_v, new_v]), cfg)
         read = torch.cat([seeded, tokens[keep]]).sort().values
         self.stats.tokens_read.append(read)
         self.stats.keys_read += read.numel()
         self.stats.cells_read += (read // tree.cell_size).unique().numel()
-        return out, self.certificate(m, z)
+        if cfg.mode == "relu" or not self.skipped_log_mass:
+            return read, log_budget.new_full(log_budget.shape, -math.inf)
+        return read, torch.logsumexp(torch.cat(self.skipped_log_mass), dim=0)
 
-    def certificate(self, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """sum over skipped nodes of n * exp(ub - m), divided by the kept mass z."""
-        if self.cfg.mode == "relu" or not self.skipped_log_mass:
-            return torch.zeros_like(m)
-        skipped = torch.logsumexp(torch.cat(self.skipped_log_mass), dim=0)
-        bound = torch.exp(skipped - m.double() - z.double().log())
-        # Round up: the bound must not fall below the true dropped mass through rounding.
-        return (bound * (1 + 1e-5)).float()
+
+def certificate(skipped: torch.Tensor, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """error_bound = sum over skipped nodes of n * exp(ub - m) / z (0 where nothing was skipped).
+
+    skipped: [...] fp64 ln of the skipped mass bound; m, z: the kept scores' max and normaliser
+    """
+    bound = torch.exp(skipped - m.double() - z.double().log())
+    bound = torch.where(torch.isneginf(skipped), torch.zeros_like(bound), bound)
+    # Round up: the bound must not fall below the true dropped mass through rounding.
+    return (bound * (1 + 1e-5)).float()
 
 
 def attend_kv_head(tree: CellTree, kv_head: int, q_group: torch.Tensor, scale: float, cfg: HSRConfig,
@@ -251,7 +255,10 @@ def attend_kv_head(tree: CellTree, kv_head: int, q_group: torch.Tensor, scale: f
     q_group: [G, D] fp32 -> out [G, D] fp32, error_bound [G], stats
     """
     walk = _HeadWalk(tree, kv_head, q_group, scale, cfg, read)
-    out, bound = walk.run()
+    tokens, skipped = walk.select()
+    keys, values = read(kv_head, tokens)
+    out, m, z = attend(_scores(q_group, keys, scale), values, cfg)
+    bound = torch.zeros_like(m) if cfg.mode == "relu" else certificate(skipped, m, z)
     return out, bound, walk.stats
 
 

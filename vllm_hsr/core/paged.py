@@ -13,7 +13,6 @@ import dataclasses
 import torch
 
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.attention import HSRStats, attend_kv_head
 from vllm_hsr.core.summaries import pack_codes, quantize_keys, round_outward, unpack_codes
 from vllm_hsr.core.tree import CellTree
 
@@ -185,35 +184,3 @@ class PagedCellTree(CellTree):
         tokens = cells.unsqueeze(1) * size + torch.arange(size, device=cells.device)      # [c, T]
         packed = self.summaries.codes[self.block_row[tokens // bs], tokens % bs, kv_head]
         return unpack_codes(packed, self.code_bits, self.head_dim)
-
-
-def paged_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
-                 block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
-    """HSR decode of one query token per sequence over a paged cache (pure torch).
-
-    q: [batch, num_q_heads, head_dim]; block_table: [batch, max_blocks]; seq_lens: [batch]
-    returns out [batch, num_q_heads, head_dim] (q's dtype), error_bound [batch, num_q_heads], stats
-    """
-    flat_cache = flat_view(cache)
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = summaries.boxes.shape[3]
-    q32 = q.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-    out = torch.empty(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-    bounds = torch.empty(batch, num_kv_heads, num_q_heads // num_kv_heads)
-    stats = HSRStats()
-    bs = layout.block_size
-    for seq, (row, num_tokens) in enumerate(zip(block_table.long(), seq_lens.tolist())):
-        tree = PagedCellTree(summaries, row, num_tokens)
-
-        def read(kv_head: int, tokens: torch.Tensor, row=row) -> tuple[torch.Tensor, torch.Tensor]:
-            return layout.gather(flat_cache, row[tokens // bs], tokens % bs, kv_head)
-
-        for kv_head in range(num_kv_heads):
-            out[seq, kv_head], bounds[seq, kv_head], head_stats = attend_kv_head(
-                tree, kv_head, q32[seq, kv_head], scale, cfg, read)
-            stats.add(head_stats)
-    stats.set_bytes(2 * head_dim * summaries.boxes.element_size(), cfg, head_dim, 2 * cache.element_size(),
-                    int(seq_lens.sum()) * num_kv_heads)
-    stats.error_bound = bounds.view(batch, num_q_heads)
-    return out.view(batch, num_q_heads, head_dim).to(q.dtype), stats.error_bound, stats

@@ -36,7 +36,7 @@ from workloads import WORKLOADS, make_workload  # noqa: E402
 
 from vllm_hsr import HSRConfig  # noqa: E402
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries  # noqa: E402
-from vllm_hsr.ops import hsr_decode  # noqa: E402
+from vllm_hsr.ops import hsr_decode, update_summaries  # noqa: E402
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,11 +67,11 @@ class PagedSequence:
         flat = self.cache.view(2, -1, NUM_KV_HEADS, HEAD_DIM)
         flat[0, slots], flat[1, slots] = keys.to(dtype), values.to(dtype)
         self.summaries = PagedSummaries.allocate(num_blocks, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, cfg, dtype)
-        rows = self.row.unsqueeze(0)
         for start in range(0, num_tokens, chunk):
             end = min(num_tokens, start + chunk)
-            self.summaries.update(keys[start:end].to(dtype), slots[start:end], positions[start:end],
-                                  rows.expand(end - start, -1), self.cache.view(-1), self.layout)
+            update_summaries(self.summaries, keys[start:end].to(dtype), slots[start:end], positions[start:end],
+                             torch.zeros(end - start, dtype=torch.long), self.row.unsqueeze(0),
+                             self.cache.view(-1), self.layout)
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense read through the block table: K, V [N, Hkv, D]."""

@@ -6,6 +6,7 @@ import torch
 
 from vllm_hsr import HSRConfig
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view
+from vllm_hsr.ops import update_summaries
 
 
 def make_cache(layout: str, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -59,8 +60,8 @@ class PagedBatch:
         for h in range(self.key_view.shape[1]):
             self.key_view[blocks, h, offsets] = self.keys[seq][start:end, h]
             self.value_view[blocks, h, offsets] = self.values[seq][start:end, h]
-        self.summaries.update(self.keys[seq][start:end], slots, positions,
-                              row.unsqueeze(0).expand(end - start, -1), flat_view(self.cache), self.layout)
+        update_summaries(self.summaries, self.keys[seq][start:end], slots, positions,
+                         torch.full((end - start,), seq), self.block_table, flat_view(self.cache), self.layout)
 
     def fill(self, chunks=(0.5,)) -> None:
         """Prefill each sequence in chunks (fractions of its length), then decode the rest token by token."""

@@ -19,7 +19,7 @@ import torch
 from vllm_hsr import _vllm
 from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view
-from vllm_hsr.ops import hsr_decode
+from vllm_hsr.ops import hsr_decode, update_summaries
 from vllm_hsr.plugin import BACKEND_NAME
 from vllm_hsr.stats import DecodeStatsLog
 
@@ -194,8 +194,8 @@ class HSRAttentionImpl(_vllm.CPUAttentionBackendImpl):
         n, num_decode = m.num_actual_tokens, m.num_decode_tokens
         if self.hsr_supported:
             summaries = self._index(layer, kv_cache)
-            summaries.update(key[:n], m.slot_mapping.long(), m.positions, m.block_table.long()[m.token_rows],
-                             flat_view(kv_cache), self.layout)
+            update_summaries(summaries, key[:n], m.slot_mapping.long(), m.positions, m.token_rows,
+                             m.block_table, flat_view(kv_cache), self.layout)
         if m.prefill is not None:
             super().forward(layer, query[num_decode:n], key[num_decode:n], value[num_decode:n], kv_cache,
                             m.prefill, output[num_decode:n])

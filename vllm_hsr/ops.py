@@ -32,6 +32,38 @@ def use_triton(device: torch.device) -> bool:
     return choice == "triton"
 
 
+def update_summaries(summaries: PagedSummaries, keys: torch.Tensor, slot_mapping: torch.Tensor,
+                     positions: torch.Tensor, token_rows: torch.Tensor, block_table: torch.Tensor,
+                     flat_cache: torch.Tensor, layout: PagedKVLayout) -> None:
+    """After a KV write: bring cell boxes, token codes and union boxes up to date.
+
+    keys: [n, num_kv_heads, head_dim]; slot_mapping, positions, token_rows: [n] (token_rows: each
+    token's row of block_table, tokens of a row contiguous and in order).
+    The kernels keep boxes in the key dtype; a different summary dtype uses the torch path.
+    """
+    if not (use_triton(keys.device) and keys.dtype == summaries.boxes.dtype):
+        summaries.update(keys, slot_mapping, positions, token_rows, block_table, flat_cache, layout)
+        return
+    from vllm_hsr.kernels.summary_update import update_cells, update_union
+    n = keys.shape[0]
+    index = torch.arange(n, device=keys.device)
+    new_row = torch.ones(n, dtype=torch.bool, device=keys.device)
+    new_row[1:] = token_rows[1:] != token_rows[:-1]
+    starts = index[new_row]
+    seq_start = starts[torch.cumsum(new_row.long(), 0) - 1]
+    ends = torch.cat([starts[1:], starts.new_tensor([n])])
+    seq_end = ends[torch.cumsum(new_row.long(), 0) - 1]
+    cfg = summaries.cfg
+    update_cells(keys.contiguous(), slot_mapping, positions, seq_start, seq_end, summaries.boxes, summaries.codes,
+                 flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets, cfg.cell_size,
+                 cfg.code_bits)
+    for level in range(1, cfg.tree_levels + 1):
+        done = (positions + 1) % summaries.span(level) == 0
+        update_union(summaries.boxes, (positions[done] + 1) // summaries.span(level) - 1, token_rows[done],
+                     block_table, summaries.span(level - 1), summaries.slots[level - 1][0], summaries.span(level),
+                     summaries.slots[level][0], cfg.fanout, summaries.block_size)
+
+
 def select_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout,
                       summaries: PagedSummaries, block_table: torch.Tensor, seq_lens: torch.Tensor,
                       cfg: HSRConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HSRStats]:

@@ -117,11 +117,12 @@ class PagedSummaries:
         return blocks, first_slot + (last % self.block_size) // self.span(level)
 
     def update(self, keys: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
-               block_rows: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout) -> None:
+               token_rows: torch.Tensor, block_table: torch.Tensor, flat_cache: torch.Tensor,
+               layout: PagedKVLayout) -> None:
         """Bring the summaries of every node touched by this step's KV write up to date.
 
         keys: [n, num_kv_heads, head_dim] (already written to the cache at slot_mapping);
-        positions: [n] sequence positions; block_rows: [n, max_blocks] each token's block-table row.
+        positions: [n] sequence positions; token_rows: [n] each token's row of block_table.
         Tokens of a sequence arrive in order, so a cell whose first token is written now is reset
         first (a recycled block carries an old box) and then grown by min/max.
         """
@@ -140,6 +141,7 @@ class PagedSummaries:
         filled = offsets % size == size - 1
         if self.codes is not None and filled.any():
             self._quantize_cells(blocks[filled], offsets[filled] - (size - 1), flat_cache, layout)
+        block_rows = block_table.long()[token_rows]
         for level in range(1, self.cfg.tree_levels + 1):
             done = (positions + 1) % self.span(level) == 0
             if done.any():

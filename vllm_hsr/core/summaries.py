@@ -72,7 +72,8 @@ def quantize_keys(keys: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: 
     scaled = (keys.float() - lo32) / step
     # A flat channel (step 0) or an overflowed box (step inf) has nothing to encode.
     scaled = torch.where(torch.isfinite(scaled), scaled, torch.zeros_like(scaled))
-    return scaled.round().clamp(0, (1 << bits) - 1).to(torch.uint8)
+    # round half up (floor(x + 0.5)), as the Triton kernel does
+    return torch.floor(scaled + 0.5).clamp(0, (1 << bits) - 1).to(torch.uint8)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_decode.py [--contexts 4096,32768,131072] [--batches 1,8]
         [--workloads random,structured,rotary] [--modes softmax:1e-3,topk:1024,relu:2.0]
-        [--json PATH] [--plot PATH] [--repeat 3]
+        [--json PATH] [--plot PATH] [--repeat 3] [--merge] [--render-only]
 
 Per point: one decode query per sequence over a paged KV cache (FLASH_ATTN layout,
 bf16, block size 16; Llama-3-8B attention shape: 32 query heads, 8 KV heads, d=128).
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine  # noqa: E402
 from workloads import WORKLOADS, make_workload  # noqa: E402
 
 from vllm_hsr import HSRConfig  # noqa: E402
@@ -39,15 +39,6 @@ from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries  # noqa: E402
 from vllm_hsr.ops import hsr_decode, update_summaries  # noqa: E402
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-                 platform.processor())
-    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 class PagedSequence:
@@ -89,7 +80,11 @@ def dense_paged(q, seq: PagedSequence, scale: float) -> torch.Tensor:
 
 
 def sdpa(q, seq: PagedSequence, scale: float) -> torch.Tensor:
+    """torch SDPA over the gathered cache (FlashAttention on CUDA; fp32 math on CPU, where
+    bf16 SDPA runs a slow reference path)."""
     k, v = seq.gather()
+    if not q.is_cuda:
+        q, k, v = q.float(), k.float(), v.float()
     out = torch.nn.functional.scaled_dot_product_attention(
         q.unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1), scale=scale, enable_gqa=True)
     return out.squeeze(1)
@@ -216,24 +211,48 @@ def format_row(r: dict) -> str:
             f"{r['speedup']:>7.2f}x{r['gbps']:>7.2f}")
 
 
+def markdown(records: list[dict]) -> str:
+    """The table as Markdown, with the machine it ran on."""
+    head = ("| workload | context | batch | mode | bytes read | tokens read | oracle | max rel. error | "
+            "certificate | HSR ms | dense ms | speedup |")
+    rows = [f"Machine: {records[0]['device']}.", "", head, "|" + "---|" * 12]
+    for r in records:
+        setting = {"softmax": "eps={eps:g}", "topk": "k={budget_tokens}", "relu": "b={bias:g}"}[r["mode"]]
+        rows.append(f"| {r['workload']} | {r['context']} | {r['batch']} | {r['mode']} {setting.format(**r)} | "
+                    f"{r['bytes_read_fraction']:.1%} | {r['tokens_read_fraction']:.2%} | "
+                    f"{r['oracle_read_fraction']:.2%} | {r['max_rel_error']:.1e} | {r['max_error_bound']:.1e} | "
+                    f"{r['hsr_ms']:.1f} | {r['dense_ms']:.1f} | {r['speedup']:.2f}x |")
+    return "\n".join(rows) + "\n"
+
+
+def write_outputs(records: list[dict], json_path: Path, plot_path: Path) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(records, indent=1))
+    json_path.with_suffix(".md").write_text(markdown(records))
+    plot(records, plot_path)
+    print(f"wrote {json_path}, {json_path.with_suffix('.md')} and {plot_path}")
+
+
 def plot(records: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = sorted({(r["workload"], r["mode"], r["batch"]) for r in records})
-    for workload, mode, batch in series:
+    kinds = sorted({(r["workload"], r["mode"]) for r in records})
+    colors = {kind: f"C{i}" for i, kind in enumerate(kinds)}
+    for (workload, mode), batch in sorted({((r["workload"], r["mode"]), r["batch"]) for r in records}):
         pts = sorted((r for r in records if (r["workload"], r["mode"], r["batch"]) == (workload, mode, batch)),
                      key=lambda r: r["context"])
+        style = dict(color=colors[(workload, mode)], linestyle="-" if batch == 1 else "--", marker="o")
         label = f"{workload} {mode} b={batch}"
-        axes[0].plot([p["context"] for p in pts], [100 * p["bytes_read_fraction"] for p in pts], "o-", label=label)
-        axes[1].plot([p["context"] for p in pts], [p["speedup"] for p in pts], "o-", label=label)
+        axes[0].plot([p["context"] for p in pts], [100 * p["bytes_read_fraction"] for p in pts], label=label, **style)
+        axes[1].plot([p["context"] for p in pts], [p["speedup"] for p in pts], label=label, **style)
     axes[0].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV bytes read, % of dense",
                 title="HSR bytes read (keys+values+summaries+codes)")
-    axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="dense time / HSR time",
-                title=f"speedup, same run ({records[0]['device']})")
+    axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="dense time / HSR time", title="speedup, same run")
     axes[1].axhline(1.0, color="gray", lw=0.8)
     axes[0].legend(fontsize=7)
+    fig.suptitle(records[0]["device"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -247,21 +266,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_decode.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "bench_decode.png")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the records already in --json, replacing those of the points run now")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: rewrite the table (.md) and plot from the records in --json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        write_outputs(json.loads(args.json.read_text()), args.json, args.plot)
+        return
     modes = [parse_mode(m) for m in args.modes.split(",")]
     points = [(w, c, b, m) for w in args.workloads.split(",") for c in map(int, args.contexts.split(","))
               for b in map(int, args.batches.split(",")) for m in modes]
-    print(f"# {machine()}, torch {torch.__version__}; {len(points)} points")
+    print(f"# {machine()}; {len(points)} points")
     print(HEADER, flush=True)
     records = []
     for i, (workload, context, batch, cfg) in enumerate(points, 1):
         record = run_point(workload, context, batch, cfg, args.repeat)
         records.append(record)
         print(format_row(record), f"  [{i}/{len(points)}]", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(records, indent=1))
-    plot(records, args.plot)
-    print(f"wrote {args.json} and {args.plot}")
+    if args.merge and args.json.exists():
+        key = ("workload", "context", "batch", "mode", "eps", "budget_tokens", "bias")
+        fresh = {tuple(r[k] for k in key) for r in records}
+        records = [r for r in json.loads(args.json.read_text()) if tuple(r[k] for k in key) not in fresh] + records
+    write_outputs(records, args.json, args.plot)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,13 @@ structure is written down instead, after what is reported of real LLM attention:
 - outlier channels: a few key channels carry large, nearly constant magnitudes (KIVI,
   Liu et al. 2024; "massive activations", Sun et al. 2024): OUTLIER_CHANNELS channels
   offset by OUTLIER_SCALE;
-- rotary positions (RoFormer; Llama-3 uses base 500000): `rotary` applies RoPE to the
-  same content, which spreads each cell's keys in the high-frequency channel pairs, the
-  case where boxes prune little and the token codes must carry the selection.
+- rotary positions (RoFormer; Llama-3 uses base 500000): `rotary` applies RoPE to keys
+  and query. Trained models keep semantic matching in the low-frequency channel pairs,
+  whose rotation is slow over the context, and use high frequencies for positional
+  patterns (Barbero et al. 2024, "Round and round we go"): here the topic content sits in
+  the lowest SEMANTIC_PAIRS fraction of frequencies, the rest holds noise. RoPE spreads
+  each cell's keys in the high-frequency pairs, the case where boxes prune little and
+  the token codes must carry the selection.
 
 `random` (isotropic Gaussian keys and query) is the worst case for any bounding box.
 """
@@ -27,17 +31,18 @@ from __future__ import annotations
 import torch
 
 SINK_TOKENS = 4
-SINK_SCORE_BOOST = 1.5      # sink keys: this many units along the query direction (x ~ +1.5*|q|^2*s)
+SINK_SCORE_BOOST = 0.7      # sink keys: this far along the query direction (score ~ 16 vs ~13 on topic)
 NUM_TOPICS = 256
 SEGMENT_TOKENS = 64
 TOPIC_SPREAD = 1.0          # std of topic centres per channel
 TOKEN_NOISE = 0.35          # std of a key around its topic centre
 QUERY_TOPICS = 3
-QUERY_GAIN = 1.2            # the query's length along its topics (sharpness of attention)
+QUERY_GAIN = 2.0            # the query's length along its topics (sharpness of attention)
 REPEAT_FRACTION = 0.1
 OUTLIER_CHANNELS = 4
 OUTLIER_SCALE = 6.0
 ROPE_BASE = 500000.0
+SEMANTIC_PAIRS = 0.25       # rotary: fraction of (lowest-frequency) channel pairs carrying the topic content
 
 WORKLOADS = ("random", "structured", "rotary")
 
@@ -92,6 +97,16 @@ def make_workload(name: str, num_tokens: int, num_kv_heads: int, num_q_heads: in
         return keys, values, torch.randn(num_q_heads, head_dim, generator=gen)
     keys, query, _ = _structured(num_tokens, num_kv_heads, group, head_dim, gen)
     if name == "rotary":
+        # pair i rotates at base^(-2i/D): the high pairs (i near D/2) are the slow, semantic ones
+        half = head_dim // 2
+        fast = torch.arange(half) < int(half * (1 - SEMANTIC_PAIRS))
+        fast = torch.cat([fast, fast])
+        # the semantic pairs carry the whole score: 1/sqrt(fraction) on both sides keeps its scale
+        gain = SEMANTIC_PAIRS ** -0.5
+        keys[..., ~fast] *= gain
+        query[..., ~fast] *= gain
+        keys[..., fast] = TOKEN_NOISE * torch.randn(num_tokens, num_kv_heads, int(fast.sum()), generator=gen)
+        query[..., fast] = 0.3 * torch.randn(query.shape[0], int(fast.sum()), generator=gen)
         keys = _rope(keys, torch.arange(num_tokens))
         query = _rope(query.unsqueeze(0), torch.tensor([num_tokens])).squeeze(0)
     elif name != "structured":

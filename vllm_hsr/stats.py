@@ -1,33 +1,54 @@
-"""Per-step HSR decode statistics, logged by each worker at a rate-limited interval."""
+"""Per-step HSR decode statistics of a worker: a rate-limited log line and Prometheus metrics.
+
+The metrics reach the server's /metrics when PROMETHEUS_MULTIPROC_DIR is set before
+launch (vLLM then collects every process's metrics); `vllm-hsr serve` sets it.
+"""
 
 from __future__ import annotations
 
-import logging
+import os
 import time
 
+from vllm_hsr import _vllm
 from vllm_hsr.core.attention import HSRStats
 
-logger = logging.getLogger("vllm_hsr")
+logger = _vllm.init_logger("vllm.hsr")
+
+
+class _Metrics:
+    """Prometheus series (multiprocess mode), or nothing where no collector is set up."""
+
+    def __init__(self):
+        self.enabled = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        if not self.enabled:
+            return
+        from prometheus_client import Counter, Gauge
+        self.bytes_read = Counter("vllm_hsr_kv_bytes_read", "KV bytes read by HSR decode (keys, values, "
+                                  "summaries, codes)")
+        self.dense_bytes = Counter("vllm_hsr_dense_kv_bytes", "KV bytes a dense decode of the same rows reads")
+        self.rows = Counter("vllm_hsr_decode_rows", "decode rows per layer, by path", ["path"])
+        self.max_error_bound = Gauge("vllm_hsr_max_error_bound", "largest softmax certificate of the last "
+                                     "log interval", multiprocess_mode="max")
 
 
 class DecodeStatsLog:
     """Accumulates HSR decode stats of one worker process and logs them every `interval_s`."""
 
     _shared: DecodeStatsLog | None = None
+    _COUNTERS = ("bytes_read", "dense_bytes", "keys_read", "dense_keys", "sparse_rows", "dense_rows")
 
     def __init__(self, interval_s: float = 10.0):
         self.interval_s = interval_s
         self.last_log = time.monotonic()
         self.reset()
         self.totals: dict[str, float] = dict.fromkeys(self._COUNTERS, 0)
+        self.metrics = _Metrics()
 
     @classmethod
     def shared(cls) -> DecodeStatsLog:
         if cls._shared is None:
             cls._shared = cls()
         return cls._shared
-
-    _COUNTERS = ("bytes_read", "dense_bytes", "keys_read", "dense_keys", "sparse_rows", "dense_rows")
 
     def reset(self) -> None:
         for name in self._COUNTERS:
@@ -46,6 +67,12 @@ class DecodeStatsLog:
             setattr(self, name, getattr(self, name) + value)
             self.totals[name] += value
         self.totals["max_error_bound"] = max(self.totals.get("max_error_bound", 0.0), self.max_error_bound)
+        if self.metrics.enabled:
+            self.metrics.bytes_read.inc(step["bytes_read"])
+            self.metrics.dense_bytes.inc(step["dense_bytes"])
+            self.metrics.rows.labels(path="hsr").inc(step["sparse_rows"])
+            self.metrics.rows.labels(path="dense").inc(step["dense_rows"])
+            self.metrics.max_error_bound.set(self.max_error_bound)
         now = time.monotonic()
         if now - self.last_log >= self.interval_s:
             logger.info(self.summary())

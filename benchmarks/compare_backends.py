@@ -1,0 +1,138 @@
+"""vLLM's throughput (and latency) benchmark: HSR against the dense backend, over input lengths.
+
+    python benchmarks/compare_backends.py [--model DIR] [--input-lens 512,2048,8192,16384]
+        [--output-len 128] [--num-prompts 4] [--hsr '{"mode": "topk", "budget_tokens": 1024}']
+        [--latency] [--json PATH] [--plot PATH]
+
+Every point runs `vllm bench throughput` (random dataset, exact lengths) once per backend
+through the `vllm-hsr` command line, in its own process; with --latency also `vllm bench
+latency` at batch size 1 for output_len and for 1 token, giving the time per output token
+tpot = (latency(output_len) - latency(1)) / (output_len - 1). The dense baseline is
+FLASH_ATTN on CUDA and CPU_ATTN on CPU. Without --model the tiny local model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, machine
+
+
+
+def dense_backend() -> str:
+    import torch
+    return "FLASH_ATTN" if torch.cuda.is_available() else "CPU_ATTN"
+
+
+def _vllm(args: list[str], log: Path) -> dict:
+    """Run one `vllm-hsr bench ...` command; returns its --output-json record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        with open(log, "a") as log_file:
+            log_file.write(f"\n$ vllm-hsr {' '.join(args)}\n")
+            log_file.flush()
+            run = subprocess.run([sys.executable, "-m", "vllm_hsr.cli", *args, "--output-json", str(out)],
+                                 stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        if run.returncode != 0 or not out.exists():
+            raise RuntimeError(f"vllm-hsr {' '.join(args[:2])} failed (exit {run.returncode}); see {log}")
+        return json.loads(out.read_text())
+
+
+def run_point(model: str, backend: str, input_len: int, args, log: Path) -> dict:
+    engine = ["--model", model, "--attention-backend", backend, "--dtype", args.dtype, "--enforce-eager",
+              "--max-model-len", str(input_len + args.output_len + 16), "--seed", "0"]
+    if backend == "HSR":
+        engine += ["--additional-config", json.dumps({"hsr": json.loads(args.hsr)})]
+    throughput = _vllm(["bench", "throughput", *engine, "--dataset-name", "random",
+                        "--random-input-len", str(input_len), "--random-output-len", str(args.output_len),
+                        "--num-prompts", str(args.num_prompts)], log)
+    record = {
+        "backend": backend, "input_len": input_len, "output_len": args.output_len,
+        "num_prompts": args.num_prompts, "requests_per_s": throughput["requests_per_second"],
+        "output_tokens_per_s": throughput["num_requests"] * args.output_len / throughput["elapsed_time"],
+        "tpot_ms": None, "hsr_mode": json.loads(args.hsr).get("mode", "softmax") if backend == "HSR" else None,
+        "hsr_settings": json.loads(args.hsr) if backend == "HSR" else None, "device": machine(),
+    }
+    if args.latency:
+        def latency(output_len: int) -> float:
+            return _vllm(["bench", "latency", *engine, "--input-len", str(input_len), "--output-len",
+                          str(output_len), "--batch-size", "1", "--num-iters-warmup", "1",
+                          "--num-iters", "3"], log)["avg_latency"]
+        record["tpot_ms"] = 1000 * (latency(args.output_len) - latency(1)) / (args.output_len - 1)
+    return record
+
+
+def table(records: list[dict]) -> str:
+    rows = [f"{'backend':<10}{'input':>7}{'output':>7}{'req/s':>9}{'out tok/s':>11}{'tpot ms':>9}{'vs dense':>10}"]
+    dense = {r["input_len"]: r for r in records if r["backend"] != "HSR"}
+    for r in records:
+        base = dense.get(r["input_len"])
+        ratio = r["output_tokens_per_s"] / base["output_tokens_per_s"] if base else float("nan")
+        tpot = f"{r['tpot_ms']:.2f}" if r["tpot_ms"] is not None else "-"
+        rows.append(f"{r['backend']:<10}{r['input_len']:>7}{r['output_len']:>7}{r['requests_per_s']:>9.3f}"
+                    f"{r['output_tokens_per_s']:>11.1f}{tpot:>9}{ratio:>9.2f}x")
+    return "\n".join(rows)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for backend in sorted({r["backend"] for r in records}):
+        pts = sorted((r for r in records if r["backend"] == backend), key=lambda r: r["input_len"])
+        ax.plot([p["input_len"] for p in pts], [p["output_tokens_per_s"] for p in pts], "o-", label=backend)
+    ax.set(xscale="log", xlabel="input tokens per request", ylabel="output tokens / s",
+           title=f"vllm bench throughput ({records[0]['device']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model directory (default: the tiny local model)")
+    parser.add_argument("--input-lens", default="512,2048,8192,16384")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-prompts", type=int, default=4)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--hsr", default='{"mode": "topk", "budget_tokens": 1024}', help="HSR settings (JSON)")
+    parser.add_argument("--latency", action="store_true", help="also measure the time per output token")
+    parser.add_argument("--json", type=Path, default=RESULTS / "compare_backends.json")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "compare_backends.png")
+    parser.add_argument("--log", type=Path, default=RESULTS / "compare_backends.log")
+    args = parser.parse_args(argv)
+    model = args.model
+    if model is None:
+        from vllm_hsr.tiny_model import build_tiny_model
+        model = str(build_tiny_model(Path(".tiny-model/bench"), max_position=32768))
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    args.log.write_text("")
+    input_lens = [int(x) for x in args.input_lens.split(",")]
+    points = [(n, b) for n in input_lens for b in ("HSR", dense_backend())]
+    records = []
+    for i, (input_len, backend) in enumerate(points, 1):
+        start = time.monotonic()
+        print(f"[{i}/{len(points)}] {backend} input {input_len} output {args.output_len} ...", end=" ", flush=True)
+        record = run_point(model, backend, input_len, args, args.log)
+        records.append(record)
+        print(f"{record['output_tokens_per_s']:.1f} out tok/s ({time.monotonic() - start:.0f}s)", flush=True)
+    print(f"\n# {machine()}; HSR settings {args.hsr}\n" + table(records))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(records, indent=1))
+    plot(records, args.plot)
+    print(f"wrote {args.json}, {args.plot} (log: {args.log})")
+    return records
+
+
+if __name__ == "__main__":
+    main()

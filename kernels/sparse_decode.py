@@ -108,6 +108,7 @@ def _merge_splits_kernel(
     else:
         skipped = tl.load(skipped_ptr + row)
         bound = tl.exp(skipped - big_m - tl.log(total)) * (1 + 1e-5)
+        bound = tl.maximum(bound, 1.1754943508222875e-38)   # FLT_MIN: underflow never certifies 0
         tl.store(bound_ptr + row, tl.where(skipped == float("-inf"), 0.0, bound))
 
 

@@ -19,6 +19,7 @@ import torch
 from vllm_hsr import _vllm
 from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view
+from vllm_hsr.core.tree import summary_dtype
 from vllm_hsr.ops import hsr_decode, update_summaries
 from vllm_hsr.plugin import BACKEND_NAME
 from vllm_hsr.stats import DecodeStatsLog
@@ -176,10 +177,8 @@ class HSRAttentionImpl(_vllm.CPUAttentionBackendImpl):
             self.layout = learn_layout(
                 lambda k, v, cache, slots: self.do_kv_cache_update(layer, k, v, cache, slots),
                 num_kv_heads, block_size, head_dim, kv_cache.dtype)
-            summary_dtype = kv_cache.dtype if self.hsr.summary_dtype == "auto" else getattr(
-                torch, self.hsr.summary_dtype)
-            self.summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size,
-                                                     self.hsr, summary_dtype, kv_cache.device)
+            self.summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size, self.hsr,
+                                                     summary_dtype(self.hsr, kv_cache.dtype), kv_cache.device)
         return self.summaries
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -211,5 +210,5 @@ class HSRAttentionImpl(_vllm.CPUAttentionBackendImpl):
                                        m.seq_lens[rows], self.hsr, self.scale)
             output[rows] = out.view_as(output[rows])
         if num_decode:
-            self.stats_log.record(stats, num_dense_rows=m.dense_rows.numel())
+            self.stats_log.record(stats, num_sparse_rows=m.sparse_rows.numel(), num_dense_rows=m.dense_rows.numel())
         return output

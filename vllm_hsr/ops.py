@@ -14,7 +14,7 @@ import os
 import torch
 
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.attention import HSRStats, _HeadWalk
+from vllm_hsr.core.attention import HSRStats, HeadWalk
 from vllm_hsr.core.decode import decode_candidates
 from vllm_hsr.core.paged import PagedCellTree, PagedKVLayout, PagedSummaries, flat_view
 
@@ -84,7 +84,7 @@ def select_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKV
             return layout.gather(flat_cache, row[tokens // bs], tokens % bs, kv_head)
 
         for kv_head in range(num_kv_heads):
-            walk = _HeadWalk(tree, kv_head, q32[seq, kv_head], scale, cfg, read)
+            walk = HeadWalk(tree, kv_head, q32[seq, kv_head], scale, cfg, read)
             tokens, skipped[seq, kv_head] = walk.select()
             lists.append(tokens)
             stats.add(walk.stats)
@@ -118,5 +118,5 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
     head_dim = q.shape[-1]
     stats.set_bytes(2 * head_dim * summaries.boxes.element_size(), cfg, head_dim, 2 * cache.element_size(),
                     int(seq_lens.sum()) * summaries.boxes.shape[3])
-    stats.error_bound = bound.flatten()
+    stats.error_bound = bound
     return out.to(q.dtype), bound, stats

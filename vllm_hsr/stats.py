@@ -55,13 +55,14 @@ class DecodeStatsLog:
             setattr(self, name, 0)
         self.max_error_bound = 0.0
 
-    def record(self, stats: HSRStats | None, num_dense_rows: int) -> None:
-        """stats: the step's hsr_decode call (None if none); num_dense_rows: decode rows served densely."""
+    def record(self, stats: HSRStats | None, num_sparse_rows: int, num_dense_rows: int) -> None:
+        """stats: the step's hsr_decode call (None if none) over num_sparse_rows decode rows;
+        num_dense_rows: decode rows of the step served by the dense kernel."""
         step = dict.fromkeys(self._COUNTERS, 0)
-        step["dense_rows"] = num_dense_rows
+        step.update(sparse_rows=num_sparse_rows, dense_rows=num_dense_rows)
         if stats is not None:
             step.update(bytes_read=stats.bytes_read, dense_bytes=stats.dense_bytes, keys_read=stats.keys_read,
-                        dense_keys=stats.dense_keys, sparse_rows=stats.error_bound.shape[0])
+                        dense_keys=stats.dense_keys)
             self.max_error_bound = max(self.max_error_bound, float(stats.error_bound.max()))
         for name, value in step.items():
             setattr(self, name, getattr(self, name) + value)

@@ -21,6 +21,9 @@ from vllm_hsr.core.summaries import box_bounds, code_bounds
 from vllm_hsr.core.tree import CellTree, DenseCellTree
 
 
+CERTIFICATE_FLOOR = 2.0 ** -126   # the smallest normal fp32: GPUs may flush subnormals to zero
+
+
 @dataclasses.dataclass
 class HSRStats:
     """What one sparse call read. Counts are summed over KV heads."""
@@ -33,7 +36,8 @@ class HSRStats:
     dense_bytes: int = 0          # keys + values of a dense read
     dense_keys: int = 0           # keys a dense read loads
     seed_keys_read: int = 0       # keys read (without values) to seed the softmax budget
-    error_bound: torch.Tensor | None = None  # [num_q_heads] relative dropped mass (0 in relu mode)
+    error_bound: torch.Tensor | None = None  # [num_q_heads] ([batch, num_q_heads] from hsr_decode): relative
+                                             # dropped mass, 0 in relu mode
     tokens_read: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per KV head, sorted
 
 
@@ -109,7 +113,7 @@ def _scores(q_group: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Te
     return (keys.float() @ q_group.T) * scale                           # [n, G]
 
 
-class _HeadWalk:
+class HeadWalk:
     """Selection state of one (sequence, KV head): bounds, budget, skipped masses, counters."""
 
     def __init__(self, tree: CellTree, kv_head: int, q_group: torch.Tensor, scale: float,
@@ -242,10 +246,15 @@ def certificate(skipped: torch.Tensor, m: torch.Tensor, z: torch.Tensor) -> torc
 
     skipped: [...] fp64 ln of the skipped mass bound; m, z: the kept scores' max and normaliser
     """
-    bound = torch.exp(skipped - m.double() - z.double().log())
-    bound = torch.where(torch.isneginf(skipped), torch.zeros_like(bound), bound)
-    # Round up: the bound must not fall below the true dropped mass through rounding.
-    return (bound * (1 + 1e-5)).float()
+    bound = torch.exp(skipped - m.double() - z.double().log()) * (1 + 1e-5)
+    return round_up_certificate(bound.float(), skipped)
+
+
+def round_up_certificate(bound: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
+    """0 where nothing was skipped; elsewhere at least FLT_MIN, so fp32 underflow never
+    turns a positive dropped mass into a certificate of 0."""
+    floor = torch.full_like(bound, CERTIFICATE_FLOOR)
+    return torch.where(torch.isneginf(skipped), torch.zeros_like(bound), torch.maximum(bound, floor))
 
 
 def attend_kv_head(tree: CellTree, kv_head: int, q_group: torch.Tensor, scale: float, cfg: HSRConfig,
@@ -254,7 +263,7 @@ def attend_kv_head(tree: CellTree, kv_head: int, q_group: torch.Tensor, scale: f
 
     q_group: [G, D] fp32 -> out [G, D] fp32, error_bound [G], stats
     """
-    walk = _HeadWalk(tree, kv_head, q_group, scale, cfg, read)
+    walk = HeadWalk(tree, kv_head, q_group, scale, cfg, read)
     tokens, skipped = walk.select()
     keys, values = read(kv_head, tokens)
     out, m, z = attend(_scores(q_group, keys, scale), values, cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from vllm_hsr.config import HSRConfig
+from vllm_hsr.core.attention import round_up_certificate
 from vllm_hsr.core.paged import PagedKVLayout
 
 MODE_IDS = {"relu": 0, "softmax": 1, "topk": 1}   # topk attends like softmax
@@ -47,6 +48,5 @@ def decode_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKV
     z = p.sum(-1)
     out = torch.einsum("bhgn,bhnd->bhgd", p, values) / torch.where(z > 0, z, 1.0).unsqueeze(-1)
     skipped = skipped.view(batch, num_kv_heads, group)
-    bound = torch.exp(skipped - m_safe - torch.log(z)) * (1 + 1e-5)
-    bound = torch.where(torch.isneginf(skipped), torch.zeros_like(bound), bound)
+    bound = round_up_certificate(torch.exp(skipped - m_safe - torch.log(z)) * (1 + 1e-5), skipped)
     return out.view(batch, num_q_heads, head_dim), bound.view(batch, num_q_heads)

@@ -95,7 +95,8 @@ class PagedSummaries:
         codes = None
         if cfg.code_bits:
             width = -(-head_dim * cfg.code_bits // 8)
-            codes = torch.zeros(num_blocks, block_size, num_kv_heads, width, dtype=torch.uint8, device=device)
+            # only complete cells' codes are ever read, and each is written when its cell fills
+            codes = torch.empty(num_blocks, block_size, num_kv_heads, width, dtype=torch.uint8, device=device)
         return cls(boxes, codes, cfg, block_size)
 
     @property

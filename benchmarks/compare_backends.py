@@ -2,7 +2,7 @@
 
     python benchmarks/compare_backends.py [--model DIR] [--input-lens 512,2048,8192,16384]
         [--output-len 128] [--num-prompts 4] [--hsr '{"mode": "topk", "budget_tokens": 1024}']
-        [--latency] [--json PATH] [--plot PATH]
+        [--latency] [--json PATH] [--plot PATH] [--render-only]
 
 Every point runs `vllm bench throughput` (random dataset, exact lengths) once per backend
 through the `vllm-hsr` command line, in its own process; with --latency also `vllm bench
@@ -91,8 +91,8 @@ def plot(records: list[dict], path: Path) -> None:
     for backend in sorted({r["backend"] for r in records}):
         pts = sorted((r for r in records if r["backend"] == backend), key=lambda r: r["input_len"])
         ax.plot([p["input_len"] for p in pts], [p["output_tokens_per_s"] for p in pts], "o-", label=backend)
-    ax.set(xscale="log", xlabel="input tokens per request", ylabel="output tokens / s",
-           title=f"vllm bench throughput ({records[0]['device']})")
+    ax.set(xscale="log", xlabel="input tokens per request", ylabel="output tokens / s")
+    ax.set_title(f"vllm bench throughput\n{records[0]['device']}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -110,7 +110,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", type=Path, default=RESULTS / "compare_backends.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "compare_backends.png")
     parser.add_argument("--log", type=Path, default=RESULTS / "compare_backends.log")
+    parser.add_argument("--render-only", action="store_true", help="run nothing: redraw --plot from --json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        records = json.loads(args.json.read_text())
+        print(table(records))
+        plot(records, args.plot)
+        return records
     model = args.model
     if model is None:
         from vllm_hsr.tiny_model import build_tiny_model

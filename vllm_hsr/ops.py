@@ -45,14 +45,14 @@ def update_summaries(summaries: PagedSummaries, keys: torch.Tensor, slot_mapping
         summaries.update(keys, slot_mapping, positions, token_rows, block_table, flat_cache, layout)
         return
     from vllm_hsr.kernels.summary_update import update_cells, update_union
+    # each token's sequence as the index range [seq_start, seq_end) of this step's tokens
     n = keys.shape[0]
-    index = torch.arange(n, device=keys.device)
     new_row = torch.ones(n, dtype=torch.bool, device=keys.device)
     new_row[1:] = token_rows[1:] != token_rows[:-1]
-    starts = index[new_row]
-    seq_start = starts[torch.cumsum(new_row.long(), 0) - 1]
+    starts = torch.arange(n, device=keys.device)[new_row]
     ends = torch.cat([starts[1:], starts.new_tensor([n])])
-    seq_end = ends[torch.cumsum(new_row.long(), 0) - 1]
+    sequence = torch.cumsum(new_row.long(), 0) - 1
+    seq_start, seq_end = starts[sequence], ends[sequence]
     cfg = summaries.cfg
     update_cells(keys.contiguous(), slot_mapping, positions, seq_start, seq_end, summaries.boxes, summaries.codes,
                  flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets, cfg.cell_size,

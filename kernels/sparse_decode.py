@@ -17,7 +17,8 @@ import triton.language as tl
 
 @triton.jit
 def _sparse_decode_split_kernel(
-    q_ptr, cache_ptr, block_table_ptr, tokens_ptr, counts_ptr, key_offsets_ptr, value_offsets_ptr,
+    q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, tokens_ptr, counts_ptr, dense_ptr,
+    key_offsets_ptr, value_offsets_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
     scale, bias,
     block_stride, head_stride,
@@ -26,7 +27,8 @@ def _sparse_decode_split_kernel(
     stride_tok_b, stride_tok_h,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, RELU: tl.constexpr, ALPHA: tl.constexpr,
+    CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, RELU: tl.constexpr,
+    ALPHA: tl.constexpr,
 ):
     row = tl.program_id(0)                       # batch * NUM_KV_HEADS + kv_head
     split = tl.program_id(1)
@@ -42,10 +44,14 @@ def _sparse_decode_split_kernel(
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + q_rows[:, None] * stride_qh + d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)          # [GROUP_PAD, HEAD_DIM_PAD]
 
-    count = tl.load(counts_ptr + row)
+    # a dense row (its list overflowed) reads positions 0..seq_len-1 instead of its list
+    dense = tl.load(dense_ptr + row) != 0
+    count = tl.where(dense, tl.load(seq_lens_ptr + b), tl.load(counts_ptr + row))
     n_ok = n < count
-    pos = tl.load(tokens_ptr + b.to(tl.int64) * stride_tok_b + kv_head * stride_tok_h + n,
-                  mask=n_ok, other=0).to(tl.int64)                                     # [BLOCK_N]
+    from_list = n_ok & (n < CAPACITY) & (tl.zeros([BLOCK_N], dtype=tl.int1) == dense)
+    listed = tl.load(tokens_ptr + b.to(tl.int64) * stride_tok_b + kv_head * stride_tok_h + n,
+                     mask=from_list, other=0).to(tl.int64)
+    pos = tl.where(dense, n.to(tl.int64), listed)                                        # [BLOCK_N]
     block = tl.load(block_table_ptr + b.to(tl.int64) * stride_bt_b + pos // BLOCK_SIZE,
                     mask=n_ok, other=0).to(tl.int64)
     base = block * block_stride + kv_head.to(tl.int64) * head_stride                   # int64: no overflow
@@ -114,17 +120,22 @@ def _merge_splits_kernel(
 
 def sparse_decode(q: torch.Tensor, cache: torch.Tensor, block_stride: int, head_stride: int,
                   key_offsets: torch.Tensor, value_offsets: torch.Tensor, block_table: torch.Tensor,
-                  tokens: torch.Tensor, counts: torch.Tensor, skipped: torch.Tensor, *, relu: bool,
-                  alpha: int, bias: float, scale: float, out: torch.Tensor | None = None,
+                  seq_lens: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, dense: torch.Tensor,
+                  skipped: torch.Tensor, *, relu: bool, alpha: int, bias: float, scale: float,
+                  max_seq_len: int | None = None, out: torch.Tensor | None = None,
                   block_n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, Hq, D]; cache: flat (1-D) KV cache; key/value_offsets: [block_size, D] int64;
-    block_table: [B, max_blocks]; tokens: [B, Hkv, cap]; counts: [B, Hkv]; skipped: [B, Hq] fp32.
+    block_table: [B, max_blocks]; seq_lens: [B]; tokens: [B, Hkv, cap]; counts: [B, Hkv];
+    dense: [B, Hkv] bool (read the row's seq_len tokens, not its list); skipped: [B, Hq] fp32.
+    max_seq_len: the longest seq_len (None: read from seq_lens, a host sync) sizes the grid.
     returns out [B, Hq, D] fp32 (written in place if given) and error_bound [B, Hq] fp32
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, cap = tokens.shape[1], tokens.shape[2]
     group = num_q_heads // num_kv_heads
-    num_splits = max(1, triton.cdiv(cap, block_n))
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max()) if batch else 0
+    num_splits = max(1, triton.cdiv(max(cap, max_seq_len), block_n))
     part_m = torch.empty(batch, num_q_heads, num_splits, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(batch, num_q_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
@@ -134,12 +145,13 @@ def sparse_decode(q: torch.Tensor, cache: torch.Tensor, block_stride: int, head_
     tokens, counts = tokens.contiguous(), counts.to(torch.int32).contiguous()
     block_table = block_table.contiguous()
     _sparse_decode_split_kernel[(batch * num_kv_heads, num_splits)](
-        q, cache, block_table, tokens, counts, key_offsets.contiguous(), value_offsets.contiguous(),
+        q, cache, block_table, seq_lens.to(torch.int32), tokens, counts, dense.to(torch.int8).contiguous(),
+        key_offsets.contiguous(), value_offsets.contiguous(),
         part_m, part_l, part_acc, scale, bias, block_stride, head_stride,
         q.stride(0), q.stride(1), block_table.stride(0), tokens.stride(0), tokens.stride(1),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(2, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=key_offsets.shape[0],
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, RELU=relu, ALPHA=alpha)
+        CAPACITY=cap, BLOCK_N=block_n, NUM_SPLITS=num_splits, RELU=relu, ALPHA=alpha)
     _merge_splits_kernel[(batch * num_q_heads,)](
         part_m, part_l, part_acc, skipped.float().contiguous(), out, bound,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,

@@ -42,7 +42,7 @@ def test_paged_decode_equals_dense_interface(mode, block_size, layout):
     q = torch.randn(len(SEQ_LENS), num_kv_heads * group, head_dim)
     scale = cfg.resolved_scale(head_dim)
     out, bound, stats = hsr_decode(q, batch.cache, batch.layout, batch.summaries, batch.block_table,
-                                     torch.tensor(SEQ_LENS), cfg, scale)
+                                     torch.tensor(SEQ_LENS), cfg, scale, record_tokens=True)
     assert torch.isfinite(out).all()
     for seq in range(len(SEQ_LENS)):
         k, v = batch.keys[seq], batch.values[seq]

@@ -8,6 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from paged_cache import make_cache  # noqa: E402
+from reference import dense64  # noqa: E402
 from vllm_hsr import HSRConfig  # noqa: E402
 from vllm_hsr.core.decode import decode_candidates  # noqa: E402
 from vllm_hsr.core.paged import flat_view  # noqa: E402
@@ -39,7 +40,9 @@ def _case(layout, block_size, num_kv_heads, group, head_dim, seed):
     q = torch.randn(batch, num_kv_heads * group, head_dim, generator=gen)
     skipped = torch.randn(batch, num_kv_heads * group, generator=gen)
     skipped[0] = -torch.inf
-    return cache, kv_layout, table, tokens, counts, q, skipped
+    dense = torch.zeros(batch, num_kv_heads, dtype=torch.bool)
+    dense[2:, 0] = True           # overflowed lists: whole rows of 1025 and 2011 tokens, past the capacity
+    return cache, kv_layout, table, tokens, counts, dense, q, skipped
 
 
 @pytest.mark.parametrize("mode", ("softmax", "relu"))
@@ -47,20 +50,30 @@ def _case(layout, block_size, num_kv_heads, group, head_dim, seed):
 @pytest.mark.parametrize("num_kv_heads,group", ((2, 1), (1, 4), (2, 8)))
 @pytest.mark.parametrize("head_dim", (64, 128))
 def test_kernel_matches_twin(mode, layout, block_size, num_kv_heads, group, head_dim):
-    cache, kv_layout, table, tokens, counts, q, skipped = _case(layout, block_size, num_kv_heads, group,
-                                                                head_dim, seed=block_size + head_dim + group)
+    cache, kv_layout, table, tokens, counts, dense, q, skipped = _case(
+        layout, block_size, num_kv_heads, group, head_dim, seed=block_size + head_dim + group)
+    seq_lens = torch.tensor(SEQ_LENS)
     cfg = HSRConfig(mode=mode, alpha=3, bias=0.2)
     scale = head_dim ** -0.5
     flat = flat_view(cache)
     out = torch.full(q.shape, torch.nan)            # poison: an unwritten element shows
     got, got_bound = sparse_decode(q, flat, kv_layout.block_stride, kv_layout.head_stride, kv_layout.key_offsets,
-                                   kv_layout.value_offsets, table, tokens, counts, skipped, relu=mode == "relu",
-                                   alpha=cfg.alpha, bias=cfg.bias, scale=scale, out=out)
-    want, want_bound = decode_candidates(q, flat, kv_layout, table, tokens, counts, skipped, cfg, scale)
+                                   kv_layout.value_offsets, table, seq_lens, tokens, counts, dense, skipped,
+                                   relu=mode == "relu", alpha=cfg.alpha, bias=cfg.bias, scale=scale, out=out,
+                                   block_n=128)
+    want, want_bound = decode_candidates(q, flat, kv_layout, table, seq_lens, tokens, counts, dense, skipped, cfg,
+                                         scale)
     assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got_bound, want_bound, atol=1e-6, rtol=1e-4)
-    empty = counts.repeat_interleave(group, dim=1) == 0
+    for b, h in dense.nonzero().tolist():   # a dense row is plain attention over the whole sequence
+        k, v = kv_layout.gather_rows(flat, table[b:b + 1], torch.tensor([h]), torch.arange(SEQ_LENS[b])[None])
+        heads = slice(h * group, (h + 1) * group)
+        ref = dense64(q[b, heads], k[0].unsqueeze(1), v[0].unsqueeze(1), mode=mode, scale=scale, alpha=cfg.alpha,
+                      bias=cfg.bias)
+        torch.testing.assert_close(got[b, heads].double(), ref, atol=1e-5, rtol=1e-5)
+    empty = (counts == 0) & ~dense
+    empty = empty.repeat_interleave(group, dim=1)
     assert torch.equal(got[empty], torch.zeros_like(got[empty]))  # pruned everywhere: zeros, never NaN
 
 
@@ -79,6 +92,7 @@ def test_same_result_for_block_sizes_16_and_128():
     results = []
     for block_size in (16, 128):
         cache, kv_layout, table, *_ = _case("flash", block_size, 2, 4, 64, seed=7)
+        no_dense = torch.zeros(len(SEQ_LENS), 2, dtype=torch.bool)
         keys_view, values_view = cache[0].permute(0, 2, 1, 3), cache[1].permute(0, 2, 1, 3)
         for b, (k, v) in enumerate(contents):
             pos = torch.arange(k.shape[0])
@@ -87,8 +101,8 @@ def test_same_result_for_block_sizes_16_and_128():
                 keys_view[blocks, h, pos % block_size] = k[:, h]
                 values_view[blocks, h, pos % block_size] = v[:, h]
         out, bound = sparse_decode(q, flat_view(cache), kv_layout.block_stride, kv_layout.head_stride,
-                                   kv_layout.key_offsets, kv_layout.value_offsets, table, tokens, counts, skipped,
-                                   relu=False, alpha=1, bias=0.0, scale=0.125)
+                                   kv_layout.key_offsets, kv_layout.value_offsets, table, torch.tensor(SEQ_LENS), tokens,
+                                   counts, no_dense, skipped, relu=False, alpha=1, bias=0.0, scale=0.125)
         results.append((out, bound))
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-6)
 

@@ -61,6 +61,9 @@ class HSRConfig:
         level (split evenly among those levels); the finest level gets the rest.
     dense_below_tokens: vLLM backend only: decode rows with fewer cached tokens
         use the dense kernel (HSR cannot pay off on short contexts).
+    max_candidates: fixed length of each (sequence, KV head) candidate list in
+        tokens; a row whose selection would not fit is read densely instead (no
+        host sync, as CUDA graphs need). 0 sizes the lists to each batch.
     """
 
     mode: str = "softmax"
@@ -79,6 +82,7 @@ class HSRConfig:
     summary_dtype: str = "auto"
     tree_budget_share: float = 0.25
     dense_below_tokens: int = 1024
+    max_candidates: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -101,7 +105,7 @@ class HSRConfig:
             raise _invalid("tree_levels", self.tree_levels, "must be an integer in [0, 8]")
         if not _is_int(self.code_bits) or self.code_bits not in CODE_BITS:
             raise _invalid("code_bits", self.code_bits, f"allowed values are {CODE_BITS}")
-        for name in ("sink_tokens", "window_tokens", "seed_cells", "dense_below_tokens"):
+        for name in ("sink_tokens", "window_tokens", "seed_cells", "dense_below_tokens", "max_candidates"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise _invalid(name, value, "must be a non-negative integer")

@@ -1,9 +1,9 @@
 """hsr_decode: the one entry point of HSR paged decode.
 
-Two stages: selection (the cell-tree walk of vllm_hsr.core, pure torch for now) writes
-each (sequence, KV head)'s reported tokens and skipped mass; then attention over those
-candidate lists runs as the Triton split-K kernel (kernels/sparse_decode.py) or its torch
-twin (vllm_hsr.core.decode). Which one: VLLM_HSR_KERNELS=auto (default: Triton on CUDA,
+Two stages: the cell-tree query (vllm_hsr.core.query, with its bound evaluations in
+kernels/tree_query.py or their torch twins) writes each (sequence, KV head)'s reported
+tokens and skipped mass; then attention over those candidate lists runs as the Triton
+split-K kernel (kernels/sparse_decode.py) or its torch twin (vllm_hsr.core.decode). Which one: VLLM_HSR_KERNELS=auto (default: Triton on CUDA,
 torch elsewhere), torch, or triton (on CPU this needs TRITON_INTERPRET=1: tests only).
 """
 
@@ -14,9 +14,11 @@ import os
 import torch
 
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.attention import HSRStats, HeadWalk
+from vllm_hsr.core.attention import HSRStats
 from vllm_hsr.core.decode import decode_candidates
-from vllm_hsr.core.paged import PagedCellTree, PagedKVLayout, PagedSummaries, flat_view
+from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view
+from vllm_hsr.core.query import Candidates, RowBounds, TreeQuery, TreeRows
+from vllm_hsr.core.summaries import code_slacks, margin_terms
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
@@ -64,59 +66,68 @@ def update_summaries(summaries: PagedSummaries, keys: torch.Tensor, slot_mapping
                      summaries.slots[level][0], cfg.fanout, summaries.block_size)
 
 
-def select_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout,
-                      summaries: PagedSummaries, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                      cfg: HSRConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HSRStats]:
-    """The tree walk of every (sequence, KV head).
+class TritonRowBounds(RowBounds):
+    """RowBounds evaluated by the kernels of kernels/tree_query.py."""
 
-    returns tokens [B, Hkv, cap] (padded), counts [B, Hkv], skipped [B, Hq] fp32, stats
-    """
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = summaries.boxes.shape[3]
-    group = num_q_heads // num_kv_heads
-    q32 = q.float().view(batch, num_kv_heads, group, head_dim)
-    bs = layout.block_size
-    lists, skipped, stats = [], torch.empty(batch, num_kv_heads, group, dtype=torch.float64), HSRStats()
-    for seq, (row, num_tokens) in enumerate(zip(block_table.long(), seq_lens.tolist())):
-        tree = PagedCellTree(summaries, row, num_tokens)
+    def box(self, level, nodes):
+        from vllm_hsr.kernels.tree_query import node_box_bounds
+        rows, summaries = self.rows, self.rows.summaries
+        return node_box_bounds(rows.q, nodes, rows.tables, rows.kv_heads, summaries.boxes, span=summaries.span(level),
+                               first_slot=summaries.slots[level][0], block_size=summaries.block_size,
+                               scale=rows.scale, **self._margins())
 
-        def read(kv_head: int, tokens: torch.Tensor, row=row) -> tuple[torch.Tensor, torch.Tensor]:
-            return layout.gather(flat_cache, row[tokens // bs], tokens % bs, kv_head)
+    def code(self, cells):
+        from vllm_hsr.kernels.tree_query import cell_code_bounds
+        rows, summaries = self.rows, self.rows.summaries
+        step_slack, magnitude_slack, abs_slack = code_slacks()
+        return cell_code_bounds(rows.q, cells, rows.tables, rows.kv_heads, summaries.boxes, summaries.codes,
+                                cell_size=summaries.cfg.cell_size, block_size=summaries.block_size,
+                                bits=summaries.cfg.code_bits, scale=rows.scale, step_slack=step_slack,
+                                magnitude_slack=magnitude_slack, abs_slack=abs_slack, **self._margins())
 
-        for kv_head in range(num_kv_heads):
-            walk = HeadWalk(tree, kv_head, q32[seq, kv_head], scale, cfg, read)
-            tokens, skipped[seq, kv_head] = walk.select()
-            lists.append(tokens)
-            stats.add(walk.stats)
-    counts = torch.tensor([t.numel() for t in lists]).view(batch, num_kv_heads)
-    cap = max(1, int(counts.max()))
-    padded = torch.zeros(batch * num_kv_heads, cap, dtype=torch.long)
-    for i, tokens in enumerate(lists):
-        padded[i, :tokens.numel()] = tokens
-    return padded.view(batch, num_kv_heads, cap), counts, skipped.view(batch, num_q_heads).float(), stats
+    def _margins(self) -> dict:
+        relative, absolute = margin_terms(self.rows.q.shape[-1])
+        return dict(margin_rel=relative, margin_abs=absolute)
+
+
+def query_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout,
+                     summaries: PagedSummaries, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                     cfg: HSRConfig, scale: float) -> Candidates:
+    """The cell-tree query of every (sequence, KV head), bounds from Triton or torch."""
+    rows = TreeRows.from_batch(q, summaries, block_table, seq_lens, scale)
+    bounds = TritonRowBounds(rows) if use_triton(q.device) else RowBounds(rows)
+    return TreeQuery(rows, cfg, bounds, flat_cache, layout, cfg.max_candidates or None).run()
 
 
 def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
-               block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
+               block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
+               record_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
     """HSR attention of one decode query per sequence over a paged KV cache.
 
     q: [batch, num_q_heads, head_dim]; cache: the layer's KV cache (indexed through `layout`);
     block_table: [batch, max_blocks]; seq_lens: [batch] cached tokens, this step's included.
+    record_tokens: fill stats.tokens_read (one list per sequence and KV head; a host sync).
     returns out [batch, num_q_heads, head_dim] (q's dtype), error_bound [batch, num_q_heads], stats
     """
     flat_cache = flat_view(cache)
-    tokens, counts, skipped, stats = select_candidates(q, flat_cache, layout, summaries, block_table, seq_lens,
-                                                       cfg, scale)
+    found = query_candidates(q, flat_cache, layout, summaries, block_table, seq_lens, cfg, scale)
     if use_triton(q.device):
         from vllm_hsr.kernels.sparse_decode import sparse_decode
         out, bound = sparse_decode(q, flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets,
-                                   layout.value_offsets, block_table, tokens, counts, skipped,
-                                   relu=cfg.mode == "relu", alpha=cfg.alpha, bias=cfg.bias, scale=scale)
+                                   layout.value_offsets, block_table, seq_lens, found.tokens, found.counts,
+                                   found.dense, found.skipped, relu=cfg.mode == "relu", alpha=cfg.alpha,
+                                   bias=cfg.bias, scale=scale)
     else:
-        out, bound = decode_candidates(q, flat_cache, layout, block_table, tokens, counts, skipped, cfg, scale)
+        out, bound = decode_candidates(q, flat_cache, layout, block_table, seq_lens, found.tokens, found.counts,
+                                       found.dense, found.skipped, cfg, scale)
+    stats = found.stats
     head_dim = q.shape[-1]
     stats.set_bytes(2 * head_dim * summaries.boxes.element_size(), cfg, head_dim, 2 * cache.element_size(),
                     int(seq_lens.sum()) * summaries.boxes.shape[3])
     stats.error_bound = bound
+    if record_tokens:
+        lens = seq_lens.long().unsqueeze(1).expand_as(found.counts)
+        for tokens, count, dense, n in zip(found.tokens.flatten(0, 1), found.counts.flatten().tolist(),
+                                           found.dense.flatten().tolist(), lens.flatten().tolist()):
+            stats.tokens_read.append(torch.arange(n) if dense else tokens[:count].cpu())
     return out.to(q.dtype), bound, stats

@@ -16,23 +16,29 @@ MODE_IDS = {"relu": 0, "softmax": 1, "topk": 1}   # topk attends like softmax
 
 
 def decode_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout, block_table: torch.Tensor,
-                      tokens: torch.Tensor, counts: torch.Tensor, skipped: torch.Tensor, cfg: HSRConfig,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      seq_lens: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, dense: torch.Tensor,
+                      skipped: torch.Tensor, cfg: HSRConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, Hq, D]; tokens: [B, Hkv, cap] sequence positions (first counts[b, h] valid);
+    dense: [B, Hkv] bool, rows read whole (positions 0..seq_len-1) whatever their list;
     skipped: [B, Hq] fp32 ln of the skipped mass bound (-inf: nothing skipped).
     returns out [B, Hq, D] fp32 and error_bound [B, Hq] fp32 (0 in relu mode)
     """
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads, cap = tokens.shape[1], tokens.shape[2]
+    num_kv_heads = tokens.shape[1]
     group = num_q_heads // num_kv_heads
-    valid = torch.arange(cap, device=tokens.device) < counts.unsqueeze(-1)               # [B, Hkv, cap]
-    positions = torch.where(valid, tokens, torch.zeros_like(tokens))
-    bs = layout.block_size
-    blocks = block_table.long().gather(1, (positions // bs).flatten(1)).view_as(positions)
-    base = blocks * layout.block_stride + torch.arange(num_kv_heads).view(1, -1, 1) * layout.head_stride
-    in_block = positions % bs
-    keys = flat_cache[base.unsqueeze(-1) + layout.key_offsets[in_block]].float()          # [B, Hkv, cap, D]
-    values = flat_cache[base.unsqueeze(-1) + layout.value_offsets[in_block]].float()
+    lens = seq_lens.long().view(batch, 1).expand(-1, num_kv_heads)
+    if dense.any():
+        width = max(tokens.shape[2], int(lens[dense].max()))
+        tokens = torch.nn.functional.pad(tokens, (0, width - tokens.shape[2]))
+        tokens = torch.where(dense.unsqueeze(-1), torch.arange(width), tokens)
+        counts = torch.where(dense, lens, counts.long())
+    valid = torch.arange(tokens.shape[2], device=tokens.device) < counts.unsqueeze(-1)      # [B, Hkv, cap]
+    positions = torch.where(valid, tokens, torch.zeros_like(tokens)).flatten(0, 1)
+    tables = block_table.long().repeat_interleave(num_kv_heads, 0)
+    kv_heads = torch.arange(num_kv_heads).repeat(batch)
+    keys, values = layout.gather_rows(flat_cache, tables, kv_heads, positions)
+    keys = keys.float().view(batch, num_kv_heads, -1, head_dim)                               # [B, Hkv, cap, D]
+    values = values.float().view(batch, num_kv_heads, -1, head_dim)
     q32 = q.float().view(batch, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,bhnd->bhgn", q32, keys) * scale                            # [B, Hkv, G, cap]
     mask = valid.unsqueeze(2)

@@ -52,10 +52,20 @@ class PagedKVLayout:
         return cls(keys.stride(0), keys.stride(1), offsets(keys), offsets(values))
 
     def gather(self, flat_cache: torch.Tensor, blocks: torch.Tensor, tokens_in_block: torch.Tensor,
-               kv_head: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V rows at (blocks[i], tokens_in_block[i]). -> [n, head_dim] each"""
-        base = (blocks * self.block_stride + kv_head * self.head_stride).unsqueeze(1)
-        return flat_cache[base + self.key_offsets[tokens_in_block]], flat_cache[base + self.value_offsets[tokens_in_block]]
+               kv_head: int | torch.Tensor, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K and V rows at (blocks[...], tokens_in_block[...]) of kv_head (broadcast). -> [..., head_dim] each"""
+        base = (blocks * self.block_stride + kv_head * self.head_stride).unsqueeze(-1)
+        keys = flat_cache[base + self.key_offsets[tokens_in_block]]
+        return keys, flat_cache[base + self.value_offsets[tokens_in_block]] if values else None
+
+    def gather_rows(self, flat_cache: torch.Tensor, tables: torch.Tensor, kv_heads: torch.Tensor,
+                    tokens: torch.Tensor, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K and V of sequence positions, one block-table row and KV head per row.
+
+        tables: [R, max_blocks]; kv_heads: [R]; tokens: [R, n] (in range) -> [R, n, head_dim] each
+        """
+        blocks = tables.long().gather(1, tokens // self.block_size)
+        return self.gather(flat_cache, blocks, tokens % self.block_size, kv_heads.unsqueeze(1), values)
 
 
 def flat_view(cache: torch.Tensor) -> torch.Tensor:
@@ -109,10 +119,11 @@ class PagedSummaries:
     def locate(self, level: int, nodes: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(physical block, slot) of level-`level` nodes.
 
-        rows: one block-table row [max_blocks] shared by all nodes, or one per node [..., max_blocks]
+        rows: one block-table row [max_blocks] shared by all nodes, or one per node [..., max_blocks].
+        Nodes past the row's end (padding) read its last block: any slot, never out of bounds.
         """
         last = (nodes + 1) * self.span(level) - 1
-        logical = last // self.block_size
+        logical = (last // self.block_size).clamp(max=rows.shape[-1] - 1)
         blocks = rows[logical] if rows.dim() == 1 else rows.gather(-1, logical.unsqueeze(-1)).squeeze(-1)
         first_slot, _ = self.slots[level]
         return blocks, first_slot + (last % self.block_size) // self.span(level)

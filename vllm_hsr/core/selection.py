@@ -11,24 +11,30 @@ HIST_RANGE = 32.0        # nats below the budget covered by the bins; lower mass
 BUDGET_SLACK = 1e-4      # fill at most (1 - slack) of a budget, so rounding never overshoots eps
 
 
-def greedy_skip(log_mass: torch.Tensor, log_budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_skip(log_mass: torch.Tensor, log_budget: torch.Tensor,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Skip the largest set of lowest-mass nodes whose summed mass fits every head's budget.
 
     Nodes are ordered by a histogram of their log-mass (no sort), so a skipped set
     is always a prefix of whole bins; a node is skipped only if every query head
     of its KV group may skip it, which keeps each head within its own budget.
-    log_mass: [P, G] fp64, ln(tokens) + upper bound; log_budget: [G] fp64
-    returns skip: [P] bool, spent: [G] fp64 (skipped mass / budget)
+    log_mass: [..., P, G] fp64, ln(tokens) + upper bound; log_budget: [..., G] fp64;
+    valid: [..., P] bool (padding: never skipped, never counted) or None
+    returns skip: [..., P] bool, spent: [..., G] fp64 (skipped mass / budget)
     """
-    rel = log_mass - log_budget
+    rel = log_mass - log_budget.unsqueeze(-2)
+    if valid is not None:
+        rel = torch.where(valid.unsqueeze(-1), rel, torch.full_like(rel, -torch.inf))
     fits = rel <= 0  # False for a -inf budget (eps = 0), so nothing is skipped
     bins = ((rel + HIST_RANGE) * (HIST_BINS / HIST_RANGE)).floor().clamp(0, HIST_BINS - 1).long()
     mass = torch.where(fits, rel.exp(), torch.zeros_like(rel))
-    hist = torch.zeros(rel.shape[1], HIST_BINS, dtype=rel.dtype, device=rel.device)
-    hist.scatter_add_(1, bins.T, mass.T)
-    allowed_bins = (hist.cumsum(1) <= 1.0 - BUDGET_SLACK).sum(1)        # [G]
-    skip = (fits & (bins < allowed_bins)).all(1)
-    spent = torch.where(skip.unsqueeze(1), mass, torch.zeros_like(mass)).sum(0)
+    hist = torch.zeros(*rel.shape[:-2], rel.shape[-1], HIST_BINS, dtype=rel.dtype, device=rel.device)
+    hist.scatter_add_(-1, bins.mT, mass.mT)                              # [..., G, BINS]
+    allowed_bins = (hist.cumsum(-1) <= 1.0 - BUDGET_SLACK).sum(-1)      # [..., G]
+    skip = (fits & (bins < allowed_bins.unsqueeze(-2))).all(-1)
+    if valid is not None:
+        skip &= valid
+    spent = torch.where(skip.unsqueeze(-1), mass, torch.zeros_like(mass)).sum(-2)
     return skip, spent
 
 
@@ -37,14 +43,17 @@ def remaining_log_budget(log_budget: torch.Tensor, spent: torch.Tensor) -> torch
     return log_budget + torch.log1p(-spent.clamp(max=1.0))
 
 
-def topk_floor(lower: torch.Tensor, counts: torch.Tensor, budget: int) -> float:
+def topk_floor(lower: torch.Tensor, counts: torch.Tensor, budget: int) -> torch.Tensor:
     """A score that at least `budget` tokens are known to reach (-inf if fewer exist).
 
     A node whose upper bound is below it cannot hold one of the `budget` best tokens.
-    lower: [P] lower bound per node; counts: [P] tokens per node
+    lower: [..., P] lower bound per node; counts: [..., P] tokens per node (0 for padding)
+    returns [...]
     """
-    if int(counts.sum()) < budget:
-        return -math.inf
-    order = lower.argsort(descending=True)
-    reached = torch.searchsorted(counts[order].cumsum(0), budget)
-    return float(lower[order[reached]])
+    if lower.shape[-1] == 0:
+        return lower.new_full(lower.shape[:-1], -math.inf)
+    lower, order = lower.sort(dim=-1, descending=True)
+    reached = counts.gather(-1, order).cumsum(-1)
+    index = torch.searchsorted(reached, torch.full_like(reached[..., :1], budget))       # [..., 1]
+    floor = lower.gather(-1, index.clamp(max=lower.shape[-1] - 1)).squeeze(-1)
+    return torch.where(reached[..., -1] >= budget, floor, torch.full_like(floor, -math.inf))

@@ -94,10 +94,20 @@ def unpack_codes(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor
     return codes.flatten(-2)[..., :head_dim]
 
 
+def margin_terms(head_dim: int) -> tuple[float, float]:
+    """(relative, absolute) rounding allowance: margin = scale * relative * <magnitude, |q|> + absolute."""
+    return (4 * head_dim + 16) * _U32, head_dim * _ABS_SLACK
+
+
+def code_slacks() -> tuple[float, float, float]:
+    """A code box's half width = step * (0.5 + step slack) + magnitude * magnitude slack + absolute slack."""
+    return _CODE_STEP_SLACK, _CODE_MAG_SLACK, _ABS_SLACK
+
+
 def _margin(q_abs: torch.Tensor, magnitude: torch.Tensor, scale: float) -> torch.Tensor:
     """Rounding allowance: bound's own fp32 error plus an fp32 dense score's. [n, G]"""
-    head_dim = q_abs.shape[-1]
-    return scale * (4 * head_dim + 16) * _U32 * (magnitude @ q_abs.T) + head_dim * _ABS_SLACK
+    relative, absolute = margin_terms(q_abs.shape[-1])
+    return scale * relative * (magnitude @ q_abs.mT) + absolute
 
 
 def _finite_or(bound: torch.Tensor, value: float) -> torch.Tensor:
@@ -109,13 +119,13 @@ def box_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Max and min of s*<q,k> over each box.
 
-    q: [G, D] fp32; lo, hi: [n, D] any float dtype
-    returns ub, lb: [n, G] fp32
+    q: [..., G, D] fp32; lo, hi: [..., n, D] any float dtype (leading dims broadcast)
+    returns ub, lb: [..., n, G] fp32
     """
     lo32, hi32 = lo.float(), hi.float()
     q_pos, q_neg = q.clamp(min=0), q.clamp(max=0)
-    upper = hi32 @ q_pos.T + lo32 @ q_neg.T
-    lower = lo32 @ q_pos.T + hi32 @ q_neg.T
+    upper = hi32 @ q_pos.mT + lo32 @ q_neg.mT
+    lower = lo32 @ q_pos.mT + hi32 @ q_neg.mT
     margin = _margin(q.abs(), torch.maximum(lo32.abs(), hi32.abs()), scale)
     return (_finite_or(scale * upper + margin, torch.inf),
             _finite_or(scale * lower - margin, -torch.inf))
@@ -125,19 +135,20 @@ def code_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, codes: torc
                 bits: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Max and min of s*<q,k> over each token's code box [k~ - half, k~ + half].
 
-    q: [G, D] fp32; lo, hi: [c, D] (the cells' boxes); codes: [c, T, D] unpacked
-    returns ub, lb: [c, T, G] fp32
+    q: [..., G, D] fp32; lo, hi: [..., c, D] (the cells' boxes); codes: [..., c, T, D] unpacked
+    returns ub, lb: [..., c, T, G] fp32
     """
     lo32, hi32 = lo.float(), hi.float()
-    step = code_step(lo, hi, bits)                                      # [c, D]
-    magnitude = torch.maximum(lo32.abs(), hi32.abs())                   # [c, D]
-    half = step * (0.5 + _CODE_STEP_SLACK) + magnitude * _CODE_MAG_SLACK + _ABS_SLACK
+    step = code_step(lo, hi, bits)                                      # [..., c, D]
+    magnitude = torch.maximum(lo32.abs(), hi32.abs())                   # [..., c, D]
+    step_slack, magnitude_slack, abs_slack = code_slacks()
+    half = step * (0.5 + step_slack) + magnitude * magnitude_slack + abs_slack
     step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
     # <q, lo + code*step> = <q, lo> + <code, q*step>
-    q_step = q.unsqueeze(0) * step.unsqueeze(1)                         # [c, G, D]
-    center = torch.einsum("ctd,cgd->ctg", codes.float(), q_step) + (lo32 @ q.T).unsqueeze(1)
+    q_step = q.unsqueeze(-3) * step.unsqueeze(-2)                       # [..., c, G, D]
+    center = codes.float() @ q_step.mT + (lo32 @ q.mT).unsqueeze(-2)   # [..., c, T, G]
     q_abs = q.abs()
-    width = (half @ q_abs.T).unsqueeze(1)                               # [c, 1, G]
-    margin = _margin(q_abs, magnitude + half, scale).unsqueeze(1)
+    width = (half @ q_abs.mT).unsqueeze(-2)                             # [..., c, 1, G]
+    margin = _margin(q_abs, magnitude + half, scale).unsqueeze(-2)
     return (_finite_or(scale * (center + width) + margin, torch.inf),
             _finite_or(scale * (center - width) - margin, -torch.inf))

@@ -1,0 +1,167 @@
+"""Score bounds of cell-tree nodes read straight from the paged summaries: the memory-bound
+part of the cell-tree query.
+
+Twin: vllm_hsr.core.query.RowBounds (box and code bounds, core/summaries.py's formulas).
+`node_box_bounds`: grid (rows, cdiv(F, BLOCK_N)); each program locates BLOCK_N nodes of one
+(sequence, KV head) row through its block-table row, loads their boxes once and bounds
+s*<q,k> over each box for every query head of the GQA group. `cell_code_bounds`: grid
+(rows, cdiv(C, BLOCK_C)); each program unpacks the per-token codes of BLOCK_C complete
+cells and bounds every token. All offsets are int64. The rounding allowances (margins)
+are passed in by the caller, so kernel and twin share one definition of them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _finite_bounds(center, width, margin, scale):
+    # inf - inf inside a bound means the box overflowed: the bound is unbounded
+    ub = scale * (center + width) + margin
+    lb = scale * (center - width) - margin
+    return tl.where(ub != ub, float("inf"), ub), tl.where(lb != lb, float("-inf"), lb)
+
+
+@triton.jit
+def _node_box_bounds_kernel(
+    q_ptr, nodes_ptr, tables_ptr, kv_heads_ptr, boxes_ptr, ub_ptr, lb_ptr,
+    num_nodes, scale, margin_rel, margin_abs,
+    stride_q_row, stride_q_g, stride_nodes_row, stride_tables_row,
+    stride_box_block, stride_box_slot, stride_box_side, stride_box_head,
+    SPAN: tl.constexpr, FIRST_SLOT: tl.constexpr, BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    n_ok, g_ok, d_ok = n < num_nodes, g < GROUP, d < HEAD_DIM
+
+    q = tl.load(q_ptr + row * stride_q_row + g[:, None] * stride_q_g + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)                          # [GROUP_PAD, HEAD_DIM_PAD]
+    node = tl.load(nodes_ptr + row * stride_nodes_row + n, mask=n_ok, other=0).to(tl.int64)   # [BLOCK_N]
+    last = (node + 1) * SPAN - 1
+    logical = tl.minimum(last // BLOCK_SIZE, MAX_BLOCKS - 1)
+    block = tl.load(tables_ptr + row * stride_tables_row + logical, mask=n_ok, other=0).to(tl.int64)
+    slot = FIRST_SLOT + (last % BLOCK_SIZE) // SPAN
+    kv_head = tl.load(kv_heads_ptr + row).to(tl.int64)
+    base = block * stride_box_block + slot * stride_box_slot + kv_head * stride_box_head
+    tile = n_ok[:, None] & d_ok[None, :]
+    lo = tl.load(boxes_ptr + base[:, None] + d[None, :], mask=tile, other=0.0).to(tl.float32)   # [BLOCK_N, D]
+    hi = tl.load(boxes_ptr + base[:, None] + stride_box_side + d[None, :], mask=tile, other=0.0).to(tl.float32)
+
+    q_pos = tl.maximum(q, 0.0)[None, :, :]
+    q_neg = tl.minimum(q, 0.0)[None, :, :]
+    lo3, hi3 = lo[:, None, :], hi[:, None, :]
+    upper = tl.sum(hi3 * q_pos + lo3 * q_neg, axis=2)                                    # [BLOCK_N, GROUP_PAD]
+    lower = tl.sum(lo3 * q_pos + hi3 * q_neg, axis=2)
+    magnitude = tl.maximum(tl.abs(lo), tl.abs(hi))[:, None, :]
+    margin = scale * margin_rel * tl.sum(magnitude * tl.abs(q)[None, :, :], axis=2) + margin_abs
+    ub = scale * upper + margin
+    lb = scale * lower - margin
+    out = (row * num_nodes + n)[:, None] * GROUP + g[None, :]
+    done = n_ok[:, None] & g_ok[None, :]
+    tl.store(ub_ptr + out, tl.where(ub != ub, float("inf"), ub), mask=done)
+    tl.store(lb_ptr + out, tl.where(lb != lb, float("-inf"), lb), mask=done)
+
+
+@triton.jit
+def _cell_code_bounds_kernel(
+    q_ptr, cells_ptr, tables_ptr, kv_heads_ptr, boxes_ptr, codes_ptr, ub_ptr, lb_ptr,
+    num_cells, scale, margin_rel, margin_abs, step_slack, magnitude_slack, abs_slack,
+    stride_q_row, stride_q_g, stride_cells_row, stride_tables_row,
+    stride_box_block, stride_box_slot, stride_box_side, stride_box_head,
+    stride_code_block, stride_code_token, stride_code_head,
+    CELL_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    PER_BYTE: tl.constexpr = 8 // BITS
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.arange(0, BLOCK_C * CELL_SIZE)                   # token of the program's cells, cell-major
+    c = tl.program_id(1) * BLOCK_C + t // CELL_SIZE
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    c_ok, g_ok, d_ok = c < num_cells, g < GROUP, d < HEAD_DIM
+
+    q = tl.load(q_ptr + row * stride_q_row + g[:, None] * stride_q_g + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)                          # [GROUP_PAD, HEAD_DIM_PAD]
+    cell = tl.load(cells_ptr + row * stride_cells_row + c, mask=c_ok, other=0).to(tl.int64)
+    token = cell * CELL_SIZE + t % CELL_SIZE                                             # [BLOCK_T]
+    block = tl.load(tables_ptr + row * stride_tables_row + token // BLOCK_SIZE, mask=c_ok, other=0).to(tl.int64)
+    kv_head = tl.load(kv_heads_ptr + row).to(tl.int64)
+    tile = c_ok[:, None] & d_ok[None, :]
+    # a complete cell lies in one block; its box is level 0's slot of that block
+    box = (block * stride_box_block + ((token % BLOCK_SIZE) // CELL_SIZE) * stride_box_slot
+           + kv_head * stride_box_head)
+    lo = tl.load(boxes_ptr + box[:, None] + d[None, :], mask=tile, other=0.0).to(tl.float32)    # [BLOCK_T, D]
+    hi = tl.load(boxes_ptr + box[:, None] + stride_box_side + d[None, :], mask=tile, other=0.0).to(tl.float32)
+    packed = tl.load(codes_ptr + block[:, None] * stride_code_block + (token % BLOCK_SIZE)[:, None] * stride_code_token
+                     + kv_head * stride_code_head + (d // PER_BYTE)[None, :], mask=tile, other=0).to(tl.int32)
+    code = ((packed >> ((d % PER_BYTE) * BITS)[None, :]) & LEVELS).to(tl.float32)
+
+    step = (hi - lo) / LEVELS
+    magnitude = tl.maximum(tl.abs(lo), tl.abs(hi))
+    half = step * (0.5 + step_slack) + magnitude * magnitude_slack + abs_slack
+    step = tl.where(tl.abs(step) < float("inf"), step, 0.0)
+    q3 = q[None, :, :]
+    center = (tl.sum(code[:, None, :] * (q3 * step[:, None, :]), axis=2)
+              + tl.sum(lo[:, None, :] * q3, axis=2))                                   # [BLOCK_T, GROUP_PAD]
+    q_abs = tl.abs(q)[None, :, :]
+    width = tl.sum(half[:, None, :] * q_abs, axis=2)
+    margin = scale * margin_rel * tl.sum((magnitude + half)[:, None, :] * q_abs, axis=2) + margin_abs
+    ub, lb = _finite_bounds(center, width, margin, scale)
+    out = (row * num_cells * CELL_SIZE + c * CELL_SIZE + t % CELL_SIZE)[:, None] * GROUP + g[None, :]
+    done = c_ok[:, None] & g_ok[None, :]
+    tl.store(ub_ptr + out, ub, mask=done)
+    tl.store(lb_ptr + out, lb, mask=done)
+
+
+def _launch_shapes(q: torch.Tensor) -> dict:
+    group, head_dim = q.shape[1], q.shape[2]
+    return dict(GROUP=group, GROUP_PAD=max(2, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
+
+
+def node_box_bounds(q: torch.Tensor, nodes: torch.Tensor, tables: torch.Tensor, kv_heads: torch.Tensor,
+                    boxes: torch.Tensor, *, span: int, first_slot: int, block_size: int, scale: float,
+                    margin_rel: float, margin_abs: float, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [R, G, D] fp32; nodes: [R, F] (every id inside its row's table); tables: [R, max_blocks];
+    kv_heads: [R]; boxes: [num_blocks, slots, 2, Hkv, D]. returns ub, lb: [R, F, G] fp32"""
+    num_rows, num_nodes = nodes.shape
+    ub = torch.empty(num_rows, num_nodes, q.shape[1], device=q.device, dtype=torch.float32)
+    lb = torch.empty_like(ub)
+    if num_rows == 0 or num_nodes == 0:
+        return ub, lb
+    q, nodes, tables = q.contiguous(), nodes.contiguous(), tables.contiguous()
+    _node_box_bounds_kernel[(num_rows, triton.cdiv(num_nodes, block_n))](
+        q, nodes, tables, kv_heads.contiguous(), boxes, ub, lb, num_nodes, scale, margin_rel, margin_abs,
+        q.stride(0), q.stride(1), nodes.stride(0), tables.stride(0), *boxes.stride()[:4],
+        SPAN=span, FIRST_SLOT=first_slot, BLOCK_SIZE=block_size, MAX_BLOCKS=tables.shape[1],
+        BLOCK_N=block_n, **_launch_shapes(q))
+    return ub, lb
+
+
+def cell_code_bounds(q: torch.Tensor, cells: torch.Tensor, tables: torch.Tensor, kv_heads: torch.Tensor,
+                     boxes: torch.Tensor, codes: torch.Tensor, *, cell_size: int, block_size: int, bits: int,
+                     scale: float, margin_rel: float, margin_abs: float, step_slack: float,
+                     magnitude_slack: float, abs_slack: float, block_c: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [R, G, D] fp32; cells: [R, C] complete cells (padding: any cell of the row's first block);
+    codes: [num_blocks, block_size, Hkv, bytes] uint8. returns ub, lb: [R, C, cell_size, G] fp32"""
+    num_rows, num_cells = cells.shape
+    ub = torch.empty(num_rows, num_cells, cell_size, q.shape[1], device=q.device, dtype=torch.float32)
+    lb = torch.empty_like(ub)
+    if num_rows == 0 or num_cells == 0:
+        return ub, lb
+    q, cells, tables = q.contiguous(), cells.contiguous(), tables.contiguous()
+    _cell_code_bounds_kernel[(num_rows, triton.cdiv(num_cells, block_c))](
+        q, cells, tables, kv_heads.contiguous(), boxes, codes, ub, lb, num_cells, scale, margin_rel, margin_abs,
+        step_slack, magnitude_slack, abs_slack, q.stride(0), q.stride(1), cells.stride(0), tables.stride(0),
+        *boxes.stride()[:4], *codes.stride()[:3], CELL_SIZE=cell_size, BLOCK_SIZE=block_size, BITS=bits,
+        BLOCK_C=block_c, **_launch_shapes(q))
+    return ub, lb

@@ -62,7 +62,9 @@ def _structured(num_tokens: int, num_kv_heads: int, group: int, head_dim: int,
     centres = TOPIC_SPREAD * torch.randn(NUM_TOPICS, num_kv_heads, head_dim, generator=gen)
     num_segments = -(-num_tokens // SEGMENT_TOKENS)
     topic_of_segment = torch.randint(NUM_TOPICS, (num_segments,), generator=gen)
-    lengths = torch.distributions.Geometric(probs=1.0 / SEGMENT_TOKENS).sample((num_segments,)) + 1
+    # geometric lengths (mean SEGMENT_TOKENS) from the seeded generator, so every run sees the same workload
+    uniform = torch.rand(num_segments, generator=gen, dtype=torch.float64).clamp(min=1e-12)
+    lengths = torch.floor(uniform.log() / torch.log1p(torch.tensor(-1.0 / SEGMENT_TOKENS))) + 1
     segment_of_token = torch.repeat_interleave(torch.arange(num_segments), lengths.long())[:num_tokens]
     if segment_of_token.numel() < num_tokens:
         pad = torch.full((num_tokens - segment_of_token.numel(),), num_segments - 1)

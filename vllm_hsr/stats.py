@@ -27,6 +27,8 @@ class _Metrics:
                                   "summaries, codes)")
         self.dense_bytes = Counter("vllm_hsr_dense_kv_bytes", "KV bytes a dense decode of the same rows reads")
         self.rows = Counter("vllm_hsr_decode_rows", "decode rows per layer, by path", ["path"])
+        self.overflows = Counter("vllm_hsr_list_overflows", "(sequence, KV head) rows read densely because "
+                                 "their candidate list would overflow max_candidates")
         self.max_error_bound = Gauge("vllm_hsr_max_error_bound", "largest softmax certificate of the last "
                                      "log interval", multiprocess_mode="max")
 
@@ -35,7 +37,8 @@ class DecodeStatsLog:
     """Accumulates HSR decode stats of one worker process and logs them every `interval_s`."""
 
     _shared: DecodeStatsLog | None = None
-    _COUNTERS = ("bytes_read", "dense_bytes", "keys_read", "dense_keys", "sparse_rows", "dense_rows")
+    _COUNTERS = ("bytes_read", "dense_bytes", "keys_read", "dense_keys", "sparse_rows", "dense_rows",
+                 "overflow_rows")
 
     def __init__(self, interval_s: float = 10.0):
         self.interval_s = interval_s
@@ -62,7 +65,7 @@ class DecodeStatsLog:
         step.update(sparse_rows=num_sparse_rows, dense_rows=num_dense_rows)
         if stats is not None:
             step.update(bytes_read=stats.bytes_read, dense_bytes=stats.dense_bytes, keys_read=stats.keys_read,
-                        dense_keys=stats.dense_keys)
+                        dense_keys=stats.dense_keys, overflow_rows=stats.overflow_rows)
             self.max_error_bound = max(self.max_error_bound, float(stats.error_bound.max()))
         for name, value in step.items():
             setattr(self, name, getattr(self, name) + value)
@@ -73,6 +76,7 @@ class DecodeStatsLog:
             self.metrics.dense_bytes.inc(step["dense_bytes"])
             self.metrics.rows.labels(path="hsr").inc(step["sparse_rows"])
             self.metrics.rows.labels(path="dense").inc(step["dense_rows"])
+            self.metrics.overflows.inc(step["overflow_rows"])
             self.metrics.max_error_bound.set(self.max_error_bound)
         now = time.monotonic()
         if now - self.last_log >= self.interval_s:
@@ -83,4 +87,5 @@ class DecodeStatsLog:
     def summary(self) -> str:
         fraction = self.bytes_read / self.dense_bytes if self.dense_bytes else 0.0
         return (f"HSR decode: {fraction:.2%} of dense KV bytes read, {self.sparse_rows} HSR rows, "
-                f"{self.dense_rows} dense rows, largest certificate {self.max_error_bound:.2e}")
+                f"{self.dense_rows} dense rows, {self.overflow_rows} overflowed lists read densely, "
+                f"largest certificate {self.max_error_bound:.2e}")

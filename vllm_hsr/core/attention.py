@@ -36,6 +36,7 @@ class HSRStats:
     dense_bytes: int = 0          # keys + values of a dense read
     dense_keys: int = 0           # keys a dense read loads
     seed_keys_read: int = 0       # keys read (without values) to seed the softmax budget
+    overflow_rows: int = 0        # (sequence, KV head) rows read densely: their candidate list overflowed
     error_bound: torch.Tensor | None = None  # [num_q_heads] ([batch, num_q_heads] from hsr_decode): relative
                                              # dropped mass, 0 in relu mode
     tokens_read: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per KV head, sorted

@@ -314,7 +314,7 @@ class TreeQuery:
         cells = torch.where(tokens // self.cfg.cell_size != torch.roll(tokens // self.cfg.cell_size, 1, 1), 1, 0)
         cells[:, 0] = 1
         in_list = torch.arange(tokens.shape[1], device=self.device) < counts.unsqueeze(1)
-        stats = HSRStats(keys_read=int(counts.sum()),
+        stats = HSRStats(keys_read=int(counts.sum()), overflow_rows=int(dense.sum()),
                          cells_read=int(torch.where(dense, -(-rows.num_tokens // self.cfg.cell_size),
                                                     (cells * in_list).sum(1)).sum()),
                          **{name: int(value) for name, value in self.counters.items()})

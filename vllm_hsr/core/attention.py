@@ -228,7 +228,8 @@ class HeadWalk:
         if cfg.mode == "relu":
             keep = (ub > cfg.bias).any(1)
         elif cfg.mode == "softmax":
-            keep = ~greedy_skip(ub.double(), remaining_log_budget(log_budget, spent))[0]
+            keep = ~greedy_skip(ub.double(), remaining_log_budget(log_budget, spent),
+                                log_gain=kept_gain(lb, cfg.eps))[0]
         else:
             keep = torch.zeros_like(tokens, dtype=torch.bool)
             keep[ub.amax(1).topk(min(cfg.budget_tokens, tokens.numel())).indices] = True
@@ -240,6 +241,11 @@ class HeadWalk:
         if cfg.mode == "relu" or not self.skipped_log_mass:
             return read, log_budget.new_full(log_budget.shape, -math.inf)
         return read, torch.logsumexp(torch.cat(self.skipped_log_mass), dim=0)
+
+
+def kept_gain(lb: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """ln of what reading a token adds to the softmax budget: eps * exp(its lower bound) (None if eps = 0)."""
+    return lb.double() + math.log(eps) if eps > 0 else None
 
 
 def certificate(skipped: torch.Tensor, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,12 @@ shares it, and a recycled block is re-summarised by its first write.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.summaries import pack_codes, quantize_keys, round_outward, unpack_codes
+from vllm_hsr.core.summaries import pack_codes, quantize_keys, round_outward
 from vllm_hsr.core.tree import CellTree
 
 
@@ -51,12 +52,34 @@ class PagedKVLayout:
 
         return cls(keys.stride(0), keys.stride(1), offsets(keys), offsets(values))
 
+    @functools.cached_property
+    def channel_strides(self) -> tuple[int | None, int | None]:
+        """(K, V) distance between consecutive channels of a token when it is constant, else None."""
+        def stride(offsets: torch.Tensor) -> int | None:
+            step = int(offsets[0, 1] - offsets[0, 0]) if offsets.shape[1] > 1 else 1
+            affine = offsets[:, :1] + step * torch.arange(offsets.shape[1], device=offsets.device)
+            return step if step > 0 and torch.equal(offsets, affine) else None
+        return stride(self.key_offsets), stride(self.value_offsets)
+
     def gather(self, flat_cache: torch.Tensor, blocks: torch.Tensor, tokens_in_block: torch.Tensor,
                kv_head: int | torch.Tensor, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """K and V rows at (blocks[...], tokens_in_block[...]) of kv_head (broadcast). -> [..., head_dim] each"""
-        base = (blocks * self.block_stride + kv_head * self.head_stride).unsqueeze(-1)
-        keys = flat_cache[base + self.key_offsets[tokens_in_block]]
-        return keys, flat_cache[base + self.value_offsets[tokens_in_block]] if values else None
+        base = blocks * self.block_stride + kv_head * self.head_stride
+        tables = (self.key_offsets, self.value_offsets) if values else (self.key_offsets,)
+        rows = [self._rows(flat_cache, base, offsets, tokens_in_block, stride)
+                for offsets, stride in zip(tables, self.channel_strides)]
+        return rows[0], rows[1] if values else None
+
+    @staticmethod
+    def _rows(flat_cache: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor, tokens_in_block: torch.Tensor,
+              channel_stride: int | None) -> torch.Tensor:
+        if channel_stride is None:   # packed layout: one index per element
+            return flat_cache[base.unsqueeze(-1) + offsets[tokens_in_block]]
+        # strided channels: gather whole rows of a sliding-window view (row i = channels from element i)
+        head_dim = offsets.shape[1]
+        window = flat_cache.as_strided((flat_cache.numel() - (head_dim - 1) * channel_stride, head_dim),
+                                       (1, channel_stride))
+        return window[base + offsets[tokens_in_block, 0]]
 
     def gather_rows(self, flat_cache: torch.Tensor, tables: torch.Tensor, kv_heads: torch.Tensor,
                     tokens: torch.Tensor, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,6 +151,14 @@ class PagedSummaries:
         first_slot, _ = self.slots[level]
         return blocks, first_slot + (last % self.block_size) // self.span(level)
 
+    def box_corners(self, blocks: torch.Tensor, slots: torch.Tensor,
+                    kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """lo, hi of the boxes at (blocks, slots, kv_heads) (broadcast): [..., head_dim] each"""
+        num_slots, num_kv_heads = self.boxes.shape[1], self.boxes.shape[3]
+        rows = self.boxes.view(-1, self.head_dim)   # one row per (block, slot, side, kv head)
+        lo = ((blocks * num_slots + slots) * 2) * num_kv_heads + kv_heads
+        return rows[lo], rows[lo + num_kv_heads]
+
     def update(self, keys: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
                token_rows: torch.Tensor, block_table: torch.Tensor, flat_cache: torch.Tensor,
                layout: PagedKVLayout) -> None:
@@ -196,5 +227,4 @@ class PagedCellTree(CellTree):
     def codes(self, cells, kv_head):
         size, bs = self.cell_size, self.summaries.block_size
         tokens = cells.unsqueeze(1) * size + torch.arange(size, device=cells.device)      # [c, T]
-        packed = self.summaries.codes[self.block_row[tokens // bs], tokens % bs, kv_head]
-        return unpack_codes(packed, self.code_bits, self.head_dim)
+        return self.summaries.codes[self.block_row[tokens // bs], tokens % bs, kv_head]

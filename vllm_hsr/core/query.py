@@ -22,10 +22,10 @@ import math
 import torch
 
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.attention import HSRStats
+from vllm_hsr.core.attention import HSRStats, kept_gain
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries
 from vllm_hsr.core.selection import greedy_skip, remaining_log_budget, topk_floor
-from vllm_hsr.core.summaries import box_bounds, code_bounds, unpack_codes
+from vllm_hsr.core.summaries import box_bounds, code_bounds
 
 CODE_CHUNK_CELLS = 1024   # cells per code-bound chunk on the torch path: bounds the [R, c, T, D] unpack
 
@@ -80,8 +80,8 @@ class RowBounds:
         """nodes: [R, F] of `level` -> ub, lb: [R, F, G] fp32"""
         rows, summaries = self.rows, self.rows.summaries
         blocks, slots = summaries.locate(level, nodes, rows.tables.unsqueeze(1).expand(-1, nodes.shape[1], -1))
-        box = summaries.boxes[blocks, slots, :, rows.kv_heads.unsqueeze(1)]                  # [R, F, 2, D]
-        return box_bounds(rows.q, box[..., 0, :], box[..., 1, :], rows.scale)
+        lo, hi = summaries.box_corners(blocks, slots, rows.kv_heads.unsqueeze(1))            # [R, F, D]
+        return box_bounds(rows.q, lo, hi, rows.scale)
 
     def code(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token bounds from the codes of complete cells. cells: [R, C] -> ub, lb: [R, C, T, G] fp32"""
@@ -90,10 +90,9 @@ class RowBounds:
         tokens = cells.unsqueeze(-1) * size + torch.arange(size, device=cells.device)       # [R, C, T]
         blocks = rows.tables.gather(1, (tokens // bs).flatten(1)).view_as(tokens)
         packed = summaries.codes[blocks, tokens % bs, rows.kv_heads.view(-1, 1, 1)]          # [R, C, T, bytes]
-        codes = unpack_codes(packed, summaries.cfg.code_bits, summaries.head_dim)
         blocks, slots = summaries.locate(0, cells, rows.tables.unsqueeze(1).expand(-1, cells.shape[1], -1))
-        box = summaries.boxes[blocks, slots, :, rows.kv_heads.unsqueeze(1)]                  # [R, C, 2, D]
-        return code_bounds(rows.q, box[..., 0, :], box[..., 1, :], codes, summaries.cfg.code_bits, rows.scale)
+        lo, hi = summaries.box_corners(blocks, slots, rows.kv_heads.unsqueeze(1))            # [R, C, D]
+        return code_bounds(rows.q, lo, hi, packed, summaries.cfg.code_bits, rows.scale)
 
 
 def _compact(keep: torch.Tensor, width: int | None, *columns: torch.Tensor):
@@ -269,12 +268,13 @@ class TreeQuery:
         valid = cells_valid.unsqueeze(2) & (tokens < n.unsqueeze(2))
         return tokens.flatten(1), valid.flatten(1), ub.flatten(1, 2), lb.flatten(1, 2)
 
-    def keep_tokens(self, ub: torch.Tensor, valid: torch.Tensor, log_budget: torch.Tensor) -> torch.Tensor:
+    def keep_tokens(self, ub: torch.Tensor, lb: torch.Tensor, valid: torch.Tensor,
+                    log_budget: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         if cfg.mode == "relu":
             return (ub > cfg.bias).any(-1) & valid
         if cfg.mode == "softmax":
-            return ~greedy_skip(ub.double(), log_budget, valid)[0] & valid
+            return ~greedy_skip(ub.double(), log_budget, valid, kept_gain(lb, cfg.eps))[0] & valid
         best = torch.where(valid, ub.amax(-1), torch.full_like(ub[..., 0], -math.inf))
         keep = torch.zeros_like(valid)
         keep.scatter_(1, best.topk(min(cfg.budget_tokens, best.shape[1]), dim=1).indices, True)
@@ -293,7 +293,7 @@ class TreeQuery:
         seeded = torch.searchsorted(seeds, tokens).clamp(max=max(seeds.shape[1] - 1, 0))
         if seeds.shape[1]:
             valid &= seeds.gather(1, seeded) != tokens
-        keep = self.keep_tokens(ub, valid, token_budget)
+        keep = self.keep_tokens(ub, lb, valid, token_budget)
         self.record_skipped(valid & ~keep, torch.ones_like(tokens), ub)
 
         pad = rows.max_tokens

@@ -131,11 +131,11 @@ def box_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
             _finite_or(scale * lower - margin, -torch.inf))
 
 
-def code_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, codes: torch.Tensor,
+def code_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: torch.Tensor,
                 bits: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Max and min of s*<q,k> over each token's code box [k~ - half, k~ + half].
 
-    q: [..., G, D] fp32; lo, hi: [..., c, D] (the cells' boxes); codes: [..., c, T, D] unpacked
+    q: [..., G, D] fp32; lo, hi: [..., c, D] (the cells' boxes); packed: [..., c, T, bytes] (pack_codes)
     returns ub, lb: [..., c, T, G] fp32
     """
     lo32, hi32 = lo.float(), hi.float()
@@ -144,9 +144,15 @@ def code_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, codes: torc
     step_slack, magnitude_slack, abs_slack = code_slacks()
     half = step * (0.5 + step_slack) + magnitude * magnitude_slack + abs_slack
     step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
-    # <q, lo + code*step> = <q, lo> + <code, q*step>
+    # <q, lo + code*step> = <q, lo> + <code, q*step>, summed one code position of the byte at a time
+    per_byte = 8 // bits
     q_step = q.unsqueeze(-3) * step.unsqueeze(-2)                       # [..., c, G, D]
-    center = codes.float() @ q_step.mT + (lo32 @ q.mT).unsqueeze(-2)   # [..., c, T, G]
+    q_step = torch.nn.functional.pad(q_step, (0, packed.shape[-1] * per_byte - q_step.shape[-1]))
+    q_step = q_step.unflatten(-1, (-1, per_byte)).movedim(-1, -3).contiguous()   # [..., c, per_byte, G, bytes]
+    center = (lo32 @ q.mT).unsqueeze(-2)                                # [..., c, 1, G]
+    for j in range(per_byte):
+        plane = packed if per_byte == 1 else (packed >> (j * bits)) & ((1 << bits) - 1)
+        center = center + plane.float() @ q_step[..., j, :, :].mT      # [..., c, T, G]
     q_abs = q.abs()
     width = (half @ q_abs.mT).unsqueeze(-2)                             # [..., c, 1, G]
     margin = _margin(q_abs, magnitude + half, scale).unsqueeze(-2)

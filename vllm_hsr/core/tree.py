@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.summaries import cell_boxes, pack_codes, quantize_keys, union_boxes, unpack_codes
+from vllm_hsr.core.summaries import cell_boxes, pack_codes, quantize_keys, union_boxes
 
 _SUMMARY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,7 +61,7 @@ class CellTree:
         raise NotImplementedError
 
     def codes(self, cells: torch.Tensor, kv_head: int) -> torch.Tensor:
-        """Unpacked codes of complete cells: [c, cell_size, head_dim] uint8."""
+        """Packed codes of complete cells: [c, cell_size, ceil(head_dim * code_bits / 8)] uint8."""
         raise NotImplementedError
 
 
@@ -90,4 +90,4 @@ class DenseCellTree(CellTree):
         return lo[nodes, kv_head], hi[nodes, kv_head]
 
     def codes(self, cells, kv_head):
-        return unpack_codes(self.packed_codes[cells, :, kv_head], self.code_bits, self.head_dim)
+        return self.packed_codes[cells, :, kv_head]

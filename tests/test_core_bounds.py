@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from vllm_hsr import HSRConfig
 from vllm_hsr.core.summaries import box_bounds, code_bounds, pack_codes, unpack_codes
-from vllm_hsr.core.tree import DenseCellTree
+from reference_tree import DenseCellTree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest decimal exponent whose keys still fit the dtype with room for the scores.

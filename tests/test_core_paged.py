@@ -5,10 +5,9 @@ import torch
 
 from paged_cache import PagedBatch
 from reference import dense64
+from reference_tree import DenseCellTree, PagedCellTree
 from vllm_hsr import HSRConfig, sparse_attention
 from vllm_hsr.ops import hsr_decode
-from vllm_hsr.core.paged import PagedCellTree
-from vllm_hsr.core.tree import DenseCellTree
 
 SEQ_LENS = (1, 37, 1025, 2011)
 

@@ -9,7 +9,7 @@ import torch  # noqa: E402
 
 from paged_cache import PagedBatch  # noqa: E402
 from vllm_hsr import HSRConfig  # noqa: E402
-from vllm_hsr.core.paged import PagedCellTree  # noqa: E402
+from reference_tree import PagedCellTree  # noqa: E402
 
 
 @pytest.mark.parametrize("layout,block_size,cell_size", (("flash", 16, 16), ("cpu", 32, 16), ("flash", 128, 32)))

@@ -19,7 +19,7 @@ import torch
 from vllm_hsr import _vllm
 from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view
-from vllm_hsr.core.tree import summary_dtype
+from vllm_hsr.core.paged import summary_dtype
 from vllm_hsr.ops import hsr_decode, update_summaries
 from vllm_hsr.plugin import BACKEND_NAME
 from vllm_hsr.stats import DecodeStatsLog

@@ -126,8 +126,5 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
                     int(seq_lens.sum()) * summaries.boxes.shape[3])
     stats.error_bound = bound
     if record_tokens:
-        lens = seq_lens.long().unsqueeze(1).expand_as(found.counts)
-        for tokens, count, dense, n in zip(found.tokens.flatten(0, 1), found.counts.flatten().tolist(),
-                                           found.dense.flatten().tolist(), lens.flatten().tolist()):
-            stats.tokens_read.append(torch.arange(n) if dense else tokens[:count].cpu())
+        stats.tokens_read = found.token_lists(seq_lens)
     return out.to(q.dtype), bound, stats

@@ -1,6 +1,6 @@
 """HSR math in pure torch (DESIGN.md §2): the CPU decode path and every kernel's test oracle."""
 
-from vllm_hsr.core.attention import HSRStats, attend_kv_head, dense_attention, sparse_attention
-from vllm_hsr.core.tree import CellTree, DenseCellTree
+from vllm_hsr.core.attention import HSRStats, dense_attention
+from vllm_hsr.core.sequence import sparse_attention
 
-__all__ = ["CellTree", "DenseCellTree", "HSRStats", "attend_kv_head", "dense_attention", "sparse_attention"]
+__all__ = ["HSRStats", "dense_attention", "sparse_attention"]

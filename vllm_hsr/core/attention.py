@@ -1,24 +1,15 @@
-"""Dense-interface HSR attention for one sequence: the reference every kernel is checked against.
-
-`sparse_attention` walks the cell tree of each KV head top-down, selects by the
-mode's rule (DESIGN.md §2), reads full keys and values only for the reported
-tokens, and returns the certificate. `dense_attention` is the same math over
-every key. The paged decode path (ops.hsr_decode) reuses `attend_kv_head` with
-a paged token reader and a tree gathered from per-block summaries.
+"""What every HSR path shares: the stats record, the certificate's rounding, input checks,
+and `dense_attention`, the same math over every key (the modes' dense reference).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Protocol
 
 import torch
 
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.selection import greedy_skip, remaining_log_budget, topk_floor
-from vllm_hsr.core.summaries import box_bounds, code_bounds
-from vllm_hsr.core.tree import CellTree, DenseCellTree
 
 
 CERTIFICATE_FLOOR = 2.0 ** -126   # the smallest normal fp32: GPUs may flush subnormals to zero
@@ -61,13 +52,6 @@ class HSRStats:
             if f.type == "int":
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         self.tokens_read += other.tokens_read
-
-
-class TokenReader(Protocol):
-    """Loads full keys and values of one KV head at sequence positions."""
-
-    def __call__(self, kv_head: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens: [n] int64 -> keys, values: [n, head_dim]"""
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -114,197 +98,11 @@ def _scores(q_group: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Te
     return (keys.float() @ q_group.T) * scale                           # [n, G]
 
 
-class HeadWalk:
-    """Selection state of one (sequence, KV head): bounds, budget, skipped masses, counters."""
-
-    def __init__(self, tree: CellTree, kv_head: int, q_group: torch.Tensor, scale: float,
-                 cfg: HSRConfig, read: TokenReader):
-        self.tree, self.kv_head, self.q, self.scale, self.cfg, self.read = (
-            tree, kv_head, q_group, scale, cfg, read)
-        self.stats = HSRStats()
-        self.skipped_log_mass: list[torch.Tensor] = []   # [*, G] fp64, absolute ln(n) + ub
-
-    def node_bounds(self, level: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.stats.summary_nodes_read += nodes.numel()
-        lo, hi = self.tree.boxes(level, nodes, self.kv_head)
-        return box_bounds(self.q, lo, hi, self.scale)
-
-    def frontier(self, level: int, kept_parents: torch.Tensor) -> torch.Tensor:
-        """Nodes of `level` to look at: children of the kept parents, then the level's tail."""
-        tree = self.tree
-        kids = tree.children(level + 1, kept_parents) if level + 1 < tree.num_levels else kept_parents
-        return torch.cat([kids, tree.tail(level)])
-
-    def token_bounds(self, cells: torch.Tensor, cell_ub: torch.Tensor,
-                     cell_lb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tightest bounds of every valid token of `cells`: codes where present, else the cell box.
-
-        cell_ub, cell_lb: [c, G]; returns tokens [t], ub [t, G], lb [t, G]
-        """
-        tree, size = self.tree, self.tree.cell_size
-        tokens = cells.unsqueeze(1) * size + torch.arange(size, device=cells.device)   # [c, T]
-        ub = cell_ub.unsqueeze(1).expand(-1, size, -1).clone()                        # [c, T, G]
-        lb = cell_lb.unsqueeze(1).expand(-1, size, -1).clone()
-        coded = cells < tree.num_coded_cells()
-        if coded.any():
-            self.stats.code_cells_read += int(coded.sum())
-            lo, hi = tree.boxes(0, cells[coded], self.kv_head)
-            code_ub, code_lb = code_bounds(self.q, lo, hi, tree.codes(cells[coded], self.kv_head),
-                                           tree.code_bits, self.scale)
-            ub[coded] = torch.minimum(code_ub, ub[coded])
-            lb[coded] = torch.maximum(code_lb, lb[coded])
-        valid = tokens < tree.num_tokens
-        return tokens[valid], ub[valid], lb[valid]
-
-    def skip(self, keep: torch.Tensor, ub: torch.Tensor, counts: torch.Tensor) -> None:
-        """Record the nodes not kept for the certificate."""
-        dropped = ~keep
-        if dropped.any():
-            self.skipped_log_mass.append(
-                counts[dropped].double().log().unsqueeze(1) + ub[dropped].double())
-
-    def seed_cells(self) -> torch.Tensor:
-        """Cells with the highest upper bound (max over the group), by a beam down the tree."""
-        beam = torch.empty(0, dtype=torch.long)
-        for level in range(self.tree.num_levels - 1, -1, -1):
-            nodes = self.frontier(level, beam)
-            ub = self.node_bounds(level, nodes)[0].amax(1)
-            beam = nodes[ub.topk(min(self.cfg.seed_cells, nodes.numel())).indices]
-        return beam
-
-    def seeds(self) -> torch.Tensor:
-        """Tokens read before selecting: sink, window and (softmax) the seed cells."""
-        n, cfg = self.tree.num_tokens, self.cfg
-        parts = [torch.arange(min(cfg.sink_tokens, n)), torch.arange(max(0, n - cfg.window_tokens), n)]
-        if cfg.mode == "softmax" and cfg.seed_cells:
-            cells = self.seed_cells()
-            tokens = (cells.unsqueeze(1) * self.tree.cell_size + torch.arange(self.tree.cell_size)).flatten()
-            parts.append(tokens[tokens < n])
-        return torch.cat(parts).unique()
-
-    def select(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Walk the tree; returns the tokens to read (sorted) and the skipped mass.
-
-        skipped: [G] fp64, ln of the sum over skipped nodes of n * exp(ub) (-inf if none)
-        """
-        cfg, tree = self.cfg, self.tree
-        seeded = self.seeds() if cfg.mode != "relu" else torch.empty(0, dtype=torch.long)
-        is_seed = torch.zeros(tree.num_tokens, dtype=torch.long)
-        is_seed[seeded] = 1
-        seeds_before = torch.cat([is_seed.new_zeros(1), is_seed.cumsum(0)])   # [N + 1]
-
-        log_budget = torch.full((self.q.shape[0],), -math.inf, dtype=torch.float64)
-        if cfg.mode == "softmax" and seeded.numel() and cfg.eps > 0:
-            seed_k, _ = self.read(self.kv_head, seeded)
-            self.stats.seed_keys_read += seeded.numel()
-            seed_scores = _scores(self.q, seed_k, self.scale).double()
-            log_budget = math.log(cfg.eps) + torch.logsumexp(seed_scores, dim=0)
-        spent = torch.zeros_like(log_budget)
-        share = cfg.tree_budget_share / tree.num_levels
-        level_share = math.log(share) if share else -math.inf
-
-        kept = torch.empty(0, dtype=torch.long)
-        for level in range(tree.num_levels - 1, -1, -1):
-            nodes = self.frontier(level, kept)
-            start, end = tree.node_token_ranges(level, nodes)
-            counts = (end - start) - (seeds_before[end] - seeds_before[start])
-            nodes, counts = nodes[counts > 0], counts[counts > 0]
-            ub, lb = self.node_bounds(level, nodes)
-            if cfg.mode == "relu":
-                keep = (ub > cfg.bias).any(1)
-            elif cfg.mode == "softmax":
-                log_mass = counts.double().log().unsqueeze(1) + ub.double()
-                skip, level_spent = greedy_skip(log_mass, log_budget + level_share)
-                spent += level_spent * share
-                keep = ~skip
-            else:
-                keep = ub.amax(1) >= topk_floor(lb.amax(1), counts, cfg.budget_tokens)
-            self.skip(keep, ub, counts)
-            kept = nodes[keep]
-        tokens, ub, lb = self.token_bounds(kept, ub[keep], lb[keep])
-
-        unseeded = is_seed[tokens] == 0
-        tokens, ub, lb = tokens[unseeded], ub[unseeded], lb[unseeded]
-        if cfg.mode == "relu":
-            keep = (ub > cfg.bias).any(1)
-        elif cfg.mode == "softmax":
-            keep = ~greedy_skip(ub.double(), remaining_log_budget(log_budget, spent),
-                                log_gain=kept_gain(lb, cfg.eps))[0]
-        else:
-            keep = torch.zeros_like(tokens, dtype=torch.bool)
-            keep[ub.amax(1).topk(min(cfg.budget_tokens, tokens.numel())).indices] = True
-        self.skip(keep, ub, torch.ones_like(tokens))
-        read = torch.cat([seeded, tokens[keep]]).sort().values
-        self.stats.tokens_read.append(read)
-        self.stats.keys_read += read.numel()
-        self.stats.cells_read += (read // tree.cell_size).unique().numel()
-        if cfg.mode == "relu" or not self.skipped_log_mass:
-            return read, log_budget.new_full(log_budget.shape, -math.inf)
-        return read, torch.logsumexp(torch.cat(self.skipped_log_mass), dim=0)
-
-
-def kept_gain(lb: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """ln of what reading a token adds to the softmax budget: eps * exp(its lower bound) (None if eps = 0)."""
-    return lb.double() + math.log(eps) if eps > 0 else None
-
-
-def certificate(skipped: torch.Tensor, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """error_bound = sum over skipped nodes of n * exp(ub - m) / z (0 where nothing was skipped).
-
-    skipped: [...] fp64 ln of the skipped mass bound; m, z: the kept scores' max and normaliser
-    """
-    bound = torch.exp(skipped - m.double() - z.double().log()) * (1 + 1e-5)
-    return round_up_certificate(bound.float(), skipped)
-
-
 def round_up_certificate(bound: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
     """0 where nothing was skipped; elsewhere at least FLT_MIN, so fp32 underflow never
     turns a positive dropped mass into a certificate of 0."""
     floor = torch.full_like(bound, CERTIFICATE_FLOOR)
     return torch.where(torch.isneginf(skipped), torch.zeros_like(bound), torch.maximum(bound, floor))
-
-
-def attend_kv_head(tree: CellTree, kv_head: int, q_group: torch.Tensor, scale: float, cfg: HSRConfig,
-                   read: TokenReader) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
-    """HSR attention of the query heads of one KV head.
-
-    q_group: [G, D] fp32 -> out [G, D] fp32, error_bound [G], stats
-    """
-    walk = HeadWalk(tree, kv_head, q_group, scale, cfg, read)
-    tokens, skipped = walk.select()
-    keys, values = read(kv_head, tokens)
-    out, m, z = attend(_scores(q_group, keys, scale), values, cfg)
-    bound = torch.zeros_like(m) if cfg.mode == "relu" else certificate(skipped, m, z)
-    return out, bound, walk.stats
-
-
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     cfg: HSRConfig) -> tuple[torch.Tensor, HSRStats]:
-    """HSR attention of one decode query over one sequence.
-
-    q: [num_q_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-    returns out [num_q_heads, head_dim] in q's dtype, and HSRStats
-    """
-    check_inputs(q, k, v)
-    num_tokens, num_kv_heads, head_dim = k.shape
-    group = q.shape[0] // num_kv_heads
-    scale = cfg.resolved_scale(head_dim)
-    tree = DenseCellTree(k, cfg)
-
-    def read(kv_head: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return k[tokens, kv_head], v[tokens, kv_head]
-
-    q32 = q.float().view(num_kv_heads, group, head_dim)
-    outs, bounds, stats = [], [], HSRStats()
-    for kv_head in range(num_kv_heads):
-        out, bound, head_stats = attend_kv_head(tree, kv_head, q32[kv_head], scale, cfg, read)
-        outs.append(out)
-        bounds.append(bound)
-        stats.add(head_stats)
-    summary_bytes = 2 * head_dim * tree.levels[0][0].element_size()
-    stats.set_bytes(summary_bytes, cfg, head_dim, k.element_size() + v.element_size(), num_tokens * num_kv_heads)
-    stats.error_bound = torch.cat(bounds)
-    return torch.cat(outs).to(q.dtype), stats
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: HSRConfig) -> torch.Tensor:

@@ -15,7 +15,6 @@ import torch
 
 from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.summaries import pack_codes, quantize_keys, round_outward
-from vllm_hsr.core.tree import CellTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +94,15 @@ def flat_view(cache: torch.Tensor) -> torch.Tensor:
     """1-D view of a cache tensor from its first element to its last (padding included)."""
     extent = 1 + sum((size - 1) * stride for size, stride in zip(cache.shape, cache.stride()))
     return cache.as_strided((extent,), (1,))
+
+
+_SUMMARY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def summary_dtype(cfg: HSRConfig, key_dtype: torch.dtype) -> torch.dtype:
+    if cfg.summary_dtype != "auto":
+        return _SUMMARY_DTYPES[cfg.summary_dtype]
+    return key_dtype if key_dtype in _SUMMARY_DTYPES.values() else torch.float32
 
 
 def level_slots(cfg: HSRConfig, block_size: int) -> list[tuple[int, int]]:
@@ -210,21 +218,3 @@ class PagedSummaries:
         blocks, slots = self.locate(level, nodes, block_rows)
         self.boxes[blocks, slots, 0] = child[:, :, 0].amin(1)
         self.boxes[blocks, slots, 1] = child[:, :, 1].amax(1)
-
-
-class PagedCellTree(CellTree):
-    """The cell tree of one sequence, read from per-block summaries through its block-table row."""
-
-    def __init__(self, summaries: PagedSummaries, block_row: torch.Tensor, num_tokens: int):
-        super().__init__(num_tokens, summaries.cfg, summaries.head_dim)
-        self.summaries, self.block_row = summaries, block_row
-
-    def boxes(self, level, nodes, kv_head):
-        blocks, slots = self.summaries.locate(level, nodes, self.block_row)
-        box = self.summaries.boxes[blocks, slots, :, kv_head]                               # [n, 2, D]
-        return box[:, 0], box[:, 1]
-
-    def codes(self, cells, kv_head):
-        size, bs = self.cell_size, self.summaries.block_size
-        tokens = cells.unsqueeze(1) * size + torch.arange(size, device=cells.device)      # [c, T]
-        return self.summaries.codes[self.block_row[tokens // bs], tokens % bs, kv_head]

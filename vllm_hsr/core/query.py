@@ -1,7 +1,6 @@
 """The cell-tree query of a decode batch: every (sequence, KV head) row walked at once.
 
-The batched, paged form of `HeadWalk` (core/attention.py), with the same rules and the
-same result: seeds (sink, window, a beam of the highest-bound cells), then the levels
+Seeds first (sink, window, a beam of the highest-bound cells), then the levels
 top-down, each keeping the children of the kept parents plus the level's tail, then
 the tokens of the kept cells by their code bounds. Every step works on padded
 [rows, width] node lists with a validity mask and runs on the tensors' device without
@@ -22,9 +21,9 @@ import math
 import torch
 
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.attention import HSRStats, kept_gain
+from vllm_hsr.core.attention import HSRStats
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries
-from vllm_hsr.core.selection import greedy_skip, remaining_log_budget, topk_floor
+from vllm_hsr.core.selection import greedy_skip, kept_gain, remaining_log_budget, topk_floor
 from vllm_hsr.core.summaries import box_bounds, code_bounds
 
 CODE_CHUNK_CELLS = 1024   # cells per code-bound chunk on the torch path: bounds the [R, c, T, D] unpack
@@ -39,6 +38,13 @@ class Candidates:
     dense: torch.Tensor     # [B, Hkv] bool: a list overflowed, so read all seq_len tokens
     skipped: torch.Tensor   # [B, Hq] fp32 ln of the skipped mass bound (-inf: nothing skipped)
     stats: HSRStats
+
+    def token_lists(self, seq_lens: torch.Tensor) -> list[torch.Tensor]:
+        """The tokens each (sequence, KV head) reads, in row order (a host sync)."""
+        lens = seq_lens.long().unsqueeze(1).expand_as(self.counts).flatten().tolist()
+        return [torch.arange(n) if dense else tokens[:count].cpu()
+                for tokens, count, dense, n in zip(self.tokens.flatten(0, 1), self.counts.flatten().tolist(),
+                                                   self.dense.flatten().tolist(), lens)]
 
 
 @dataclasses.dataclass
@@ -311,12 +317,15 @@ class TreeQuery:
         batch = rows.q.shape[0] // rows.summaries.boxes.shape[3]
         counts = torch.where(dense, rows.num_tokens, counts)
         skipped = torch.where(dense.unsqueeze(1), torch.full_like(self.skipped, -math.inf), self.skipped)
-        cells = torch.where(tokens // self.cfg.cell_size != torch.roll(tokens // self.cfg.cell_size, 1, 1), 1, 0)
-        cells[:, 0] = 1
+        cell_of = tokens // self.cfg.cell_size
+        cells = torch.ones_like(cell_of)            # 1 where a listed token starts a new cell
+        cells[:, 1:] = (cell_of[:, 1:] != cell_of[:, :-1]).long()
         in_list = torch.arange(tokens.shape[1], device=self.device) < counts.unsqueeze(1)
         stats = HSRStats(keys_read=int(counts.sum()), overflow_rows=int(dense.sum()),
                          cells_read=int(torch.where(dense, -(-rows.num_tokens // self.cfg.cell_size),
                                                     (cells * in_list).sum(1)).sum()),
                          **{name: int(value) for name, value in self.counters.items()})
-        return Candidates(tokens.view(batch, -1, tokens.shape[1]), counts.view(batch, -1).to(torch.int32),
-                          dense.view(batch, -1), skipped.float().view(batch, -1), stats)
+        num_kv_heads = rows.summaries.boxes.shape[3]
+        return Candidates(tokens.view(batch, num_kv_heads, tokens.shape[1]),
+                          counts.view(batch, num_kv_heads).to(torch.int32), dense.view(batch, num_kv_heads),
+                          skipped.float().view(batch, -1), stats)

@@ -56,6 +56,11 @@ def greedy_skip(log_mass: torch.Tensor, log_budget: torch.Tensor, valid: torch.T
     return skip, spent
 
 
+def kept_gain(lb: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """ln of what reading a token adds to the softmax budget: eps * exp(its lower bound) (None if eps = 0)."""
+    return lb.double() + math.log(eps) if eps > 0 else None
+
+
 def remaining_log_budget(log_budget: torch.Tensor, spent: torch.Tensor) -> torch.Tensor:
     """ln of what is left of a budget after spending the fraction `spent` of it."""
     return log_budget + torch.log1p(-spent.clamp(max=1.0))

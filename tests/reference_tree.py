@@ -1,4 +1,6 @@
-"""The cell tree of one sequence: token codes, cell boxes and the union boxes above them.
+"""Test oracle: the cell tree of one sequence (token codes, cell boxes, union boxes above),
+built at once from contiguous keys (DenseCellTree) or read from paged summaries
+(PagedCellTree), to check the incremental summary updates and the bounds.
 
 Node i of level l covers the tokens [i * span(l), (i + 1) * span(l)), span(l) =
 cell_size * fanout**l, whatever the KV block size, so the dense and the paged trees
@@ -12,16 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from vllm_hsr.config import HSRConfig
+from vllm_hsr import HSRConfig
+from vllm_hsr.core.paged import PagedSummaries, summary_dtype
 from vllm_hsr.core.summaries import cell_boxes, pack_codes, quantize_keys, union_boxes
-
-_SUMMARY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def summary_dtype(cfg: HSRConfig, key_dtype: torch.dtype) -> torch.dtype:
-    if cfg.summary_dtype != "auto":
-        return _SUMMARY_DTYPES[cfg.summary_dtype]
-    return key_dtype if key_dtype in _SUMMARY_DTYPES.values() else torch.float32
 
 
 class CellTree:
@@ -91,3 +86,21 @@ class DenseCellTree(CellTree):
 
     def codes(self, cells, kv_head):
         return self.packed_codes[cells, :, kv_head]
+
+
+class PagedCellTree(CellTree):
+    """The cell tree of one sequence, read from per-block summaries through its block-table row."""
+
+    def __init__(self, summaries: PagedSummaries, block_row: torch.Tensor, num_tokens: int):
+        super().__init__(num_tokens, summaries.cfg, summaries.head_dim)
+        self.summaries, self.block_row = summaries, block_row
+
+    def boxes(self, level, nodes, kv_head):
+        blocks, slots = self.summaries.locate(level, nodes, self.block_row)
+        box = self.summaries.boxes[blocks, slots, :, kv_head]                               # [n, 2, D]
+        return box[:, 0], box[:, 1]
+
+    def codes(self, cells, kv_head):
+        size, bs = self.cell_size, self.summaries.block_size
+        tokens = cells.unsqueeze(1) * size + torch.arange(size, device=cells.device)      # [c, T]
+        return self.summaries.codes[self.block_row[tokens // bs], tokens % bs, kv_head]

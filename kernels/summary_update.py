@@ -25,7 +25,7 @@ def _cell_update_kernel(
     code_stride_block, code_stride_t, code_stride_h,
     block_stride, head_stride,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CELL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BITS: tl.constexpr, PACKED_PAD: tl.constexpr,
+    BITS: tl.constexpr, PLANE_BITS: tl.constexpr, PLANE_BYTES: tl.constexpr,
 ):
     i = tl.program_id(0)                    # token index in this step
     h = tl.program_id(1)                    # kv head
@@ -68,15 +68,18 @@ def _cell_update_kernel(
                 scaled = tl.where(finite, scaled, 0.0)
                 code = tl.minimum(tl.maximum(tl.floor(scaled + 0.5), 0.0), (1 << BITS) - 1).to(tl.int32)
                 code = tl.where(d_ok[None, :], code, 0)
-                # pack 8 // BITS codes per byte: byte b holds channels b*per .. b*per + per - 1
-                PER: tl.constexpr = 8 // BITS
-                grouped = tl.reshape(code, [CELL, HEAD_DIM_PAD // PER, PER])
-                shifts = (tl.arange(0, PER) * BITS)[None, None, :]
-                packed = tl.sum(grouped << shifts, axis=2).to(tl.uint8)                  # [CELL, HEAD_DIM_PAD // PER]
+                # planes of PLANE_BITS, most significant first, each packing 8 // PLANE_BITS codes per
+                # byte: byte b of a plane holds channels b*per .. b*per + per - 1
+                PER: tl.constexpr = 8 // PLANE_BITS
                 byte = tl.arange(0, HEAD_DIM_PAD // PER)
-                dst = (codes_ptr + block * code_stride_block + (first_offset + j).to(tl.int64)[:, None] * code_stride_t
-                       + h * code_stride_h + byte[None, :])
-                tl.store(dst, packed, mask=(byte < PACKED_PAD)[None, :])
+                shifts = (tl.arange(0, PER) * PLANE_BITS)[None, None, :]
+                row = codes_ptr + block * code_stride_block + (first_offset + j).to(tl.int64)[:, None] * code_stride_t \
+                    + h * code_stride_h + byte[None, :]
+                for plane in tl.static_range(BITS // PLANE_BITS):
+                    part = (code >> (PLANE_BITS * (BITS // PLANE_BITS - 1 - plane))) & ((1 << PLANE_BITS) - 1)
+                    grouped = tl.reshape(part, [CELL, HEAD_DIM_PAD // PER, PER])
+                    packed = tl.sum(grouped << shifts, axis=2).to(tl.uint8)              # [CELL, HEAD_DIM_PAD // PER]
+                    tl.store(row + plane * PLANE_BYTES, packed, mask=(byte < PLANE_BYTES)[None, :])
 
 
 @triton.jit
@@ -115,10 +118,11 @@ def _union_kernel(
 def update_cells(keys: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, seq_start: torch.Tensor,
                  seq_end: torch.Tensor, boxes: torch.Tensor, codes: torch.Tensor | None, cache: torch.Tensor,
                  block_stride: int, head_stride: int, key_offsets: torch.Tensor, cell_size: int,
-                 code_bits: int) -> None:
+                 code_bits: int, plane_bits: int) -> None:
     """keys: [n, H, D] (the step's, in the boxes' dtype); slots, positions: [n];
     seq_start/seq_end: [n] index range of each token's sequence within this step;
-    boxes: [num_blocks, num_slots, 2, H, D] (cells first); codes: [num_blocks, block_size, H, bytes] uint8.
+    boxes: [num_blocks, num_slots, 2, H, D] (cells first); codes: [num_blocks, block_size, H, bytes] uint8,
+    code_bits // plane_bits planes of plane_bits per channel each.
     """
     if keys.dtype != boxes.dtype:
         raise ValueError(f"summary kernel stores boxes in the key dtype ({keys.dtype}), got {boxes.dtype}")
@@ -133,7 +137,8 @@ def update_cells(keys: torch.Tensor, slots: torch.Tensor, positions: torch.Tenso
         keys, slots, positions, seq_start, seq_end, boxes, codes_arg, cache, key_offsets.contiguous(),
         keys.stride(0), keys.stride(1), *boxes.stride()[:4], *code_strides, block_stride, head_stride,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CELL=cell_size, BLOCK_SIZE=block_size,
-        BITS=code_bits, PACKED_PAD=codes.shape[-1] if codes is not None else 1)
+        BITS=code_bits, PLANE_BITS=max(plane_bits, 1),
+        PLANE_BYTES=codes.shape[-1] // (code_bits // plane_bits) if codes is not None else 1)
 
 
 def update_union(boxes: torch.Tensor, nodes: torch.Tensor, rows: torch.Tensor, block_table: torch.Tensor,

@@ -4,9 +4,9 @@ part of the cell-tree query.
 Twin: vllm_hsr.core.query.RowBounds (box and code bounds, core/summaries.py's formulas).
 `node_box_bounds`: grid (rows, cdiv(F, BLOCK_N)); each program locates BLOCK_N nodes of one
 (sequence, KV head) row through its block-table row, loads their boxes once and bounds
-s*<q,k> over each box for every query head of the GQA group. `cell_code_bounds`: grid
-(rows, cdiv(C, BLOCK_C)); each program unpacks the per-token codes of BLOCK_C complete
-cells and bounds every token. All offsets are int64. The rounding allowances (margins)
+s*<q,k> over each box for every query head of the GQA group. `token_code_bounds`: grid
+(rows, cdiv(P, BLOCK_T)); each program reads the first PLANES code planes of BLOCK_T tokens
+of complete cells (with their cells' boxes) and bounds every token. All offsets are int64. The rounding allowances (margins)
 are passed in by the caller, so kernel and twin share one definition of them.
 """
 
@@ -70,54 +70,57 @@ def _node_box_bounds_kernel(
 
 
 @triton.jit
-def _cell_code_bounds_kernel(
-    q_ptr, cells_ptr, tables_ptr, kv_heads_ptr, boxes_ptr, codes_ptr, ub_ptr, lb_ptr,
-    num_cells, scale, margin_rel, margin_abs, step_slack, magnitude_slack, abs_slack,
-    stride_q_row, stride_q_g, stride_cells_row, stride_tables_row,
+def _token_code_bounds_kernel(
+    q_ptr, tokens_ptr, tables_ptr, kv_heads_ptr, boxes_ptr, codes_ptr, ub_ptr, lb_ptr,
+    num_tokens, scale, margin_rel, margin_abs, step_slack, magnitude_slack, abs_slack,
+    stride_q_row, stride_q_g, stride_tokens_row, stride_tables_row,
     stride_box_block, stride_box_slot, stride_box_side, stride_box_head,
     stride_code_block, stride_code_token, stride_code_head,
-    CELL_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr,
+    CELL_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr, PLANE_BITS: tl.constexpr,
+    PLANE_BYTES: tl.constexpr, PLANES: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    PER_BYTE: tl.constexpr = 8 // BITS
-    LEVELS: tl.constexpr = (1 << BITS) - 1
+    PER_BYTE: tl.constexpr = 8 // PLANE_BITS
+    UNKNOWN: tl.constexpr = (1 << (BITS - PLANES * PLANE_BITS)) - 1      # 2^u - 1 for the u bits not read
     row = tl.program_id(0).to(tl.int64)
-    t = tl.arange(0, BLOCK_C * CELL_SIZE)                   # token of the program's cells, cell-major
-    c = tl.program_id(1) * BLOCK_C + t // CELL_SIZE
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
-    c_ok, g_ok, d_ok = c < num_cells, g < GROUP, d < HEAD_DIM
+    t_ok, g_ok, d_ok = t < num_tokens, g < GROUP, d < HEAD_DIM
 
     q = tl.load(q_ptr + row * stride_q_row + g[:, None] * stride_q_g + d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)                          # [GROUP_PAD, HEAD_DIM_PAD]
-    cell = tl.load(cells_ptr + row * stride_cells_row + c, mask=c_ok, other=0).to(tl.int64)
-    token = cell * CELL_SIZE + t % CELL_SIZE                                             # [BLOCK_T]
-    block = tl.load(tables_ptr + row * stride_tables_row + token // BLOCK_SIZE, mask=c_ok, other=0).to(tl.int64)
+    token = tl.load(tokens_ptr + row * stride_tokens_row + t, mask=t_ok, other=0).to(tl.int64)   # [BLOCK_T]
+    block = tl.load(tables_ptr + row * stride_tables_row + token // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
     kv_head = tl.load(kv_heads_ptr + row).to(tl.int64)
-    tile = c_ok[:, None] & d_ok[None, :]
+    tile = t_ok[:, None] & d_ok[None, :]
     # a complete cell lies in one block; its box is level 0's slot of that block
     box = (block * stride_box_block + ((token % BLOCK_SIZE) // CELL_SIZE) * stride_box_slot
            + kv_head * stride_box_head)
     lo = tl.load(boxes_ptr + box[:, None] + d[None, :], mask=tile, other=0.0).to(tl.float32)    # [BLOCK_T, D]
     hi = tl.load(boxes_ptr + box[:, None] + stride_box_side + d[None, :], mask=tile, other=0.0).to(tl.float32)
-    packed = tl.load(codes_ptr + block[:, None] * stride_code_block + (token % BLOCK_SIZE)[:, None] * stride_code_token
-                     + kv_head * stride_code_head + (d // PER_BYTE)[None, :], mask=tile, other=0).to(tl.int32)
-    code = ((packed >> ((d % PER_BYTE) * BITS)[None, :]) & LEVELS).to(tl.float32)
+    code_row = codes_ptr + block * stride_code_block + (token % BLOCK_SIZE) * stride_code_token \
+        + kv_head * stride_code_head
+    known = tl.zeros([BLOCK_T, HEAD_DIM_PAD], dtype=tl.int32)
+    for plane in tl.static_range(PLANES):                # most significant plane first
+        packed = tl.load(code_row[:, None] + plane * PLANE_BYTES + (d // PER_BYTE)[None, :], mask=tile,
+                         other=0).to(tl.int32)
+        known = (known << PLANE_BITS) | ((packed >> ((d % PER_BYTE) * PLANE_BITS)[None, :]) & ((1 << PLANE_BITS) - 1))
 
-    step = (hi - lo) / LEVELS
+    step = (hi - lo) / ((1 << BITS) - 1)
     magnitude = tl.maximum(tl.abs(lo), tl.abs(hi))
-    half = step * (0.5 + step_slack) + magnitude * magnitude_slack + abs_slack
+    half = step * (0.5 + UNKNOWN / 2 + step_slack) + magnitude * magnitude_slack + abs_slack
     step = tl.where(tl.abs(step) < float("inf"), step, 0.0)
+    centre_key = lo + (known.to(tl.float32) * (UNKNOWN + 1) + UNKNOWN / 2) * step     # [BLOCK_T, HEAD_DIM_PAD]
     q3 = q[None, :, :]
-    center = (tl.sum(code[:, None, :] * (q3 * step[:, None, :]), axis=2)
-              + tl.sum(lo[:, None, :] * q3, axis=2))                                   # [BLOCK_T, GROUP_PAD]
+    center = tl.sum(centre_key[:, None, :] * q3, axis=2)                               # [BLOCK_T, GROUP_PAD]
     q_abs = tl.abs(q)[None, :, :]
     width = tl.sum(half[:, None, :] * q_abs, axis=2)
     margin = scale * margin_rel * tl.sum((magnitude + half)[:, None, :] * q_abs, axis=2) + margin_abs
     ub, lb = _finite_bounds(center, width, margin, scale)
-    out = (row * num_cells * CELL_SIZE + c * CELL_SIZE + t % CELL_SIZE)[:, None] * GROUP + g[None, :]
-    done = c_ok[:, None] & g_ok[None, :]
+    out = (row * num_tokens + t)[:, None] * GROUP + g[None, :]
+    done = t_ok[:, None] & g_ok[None, :]
     tl.store(ub_ptr + out, ub, mask=done)
     tl.store(lb_ptr + out, lb, mask=done)
 
@@ -147,21 +150,24 @@ def node_box_bounds(q: torch.Tensor, nodes: torch.Tensor, tables: torch.Tensor, 
     return ub, lb
 
 
-def cell_code_bounds(q: torch.Tensor, cells: torch.Tensor, tables: torch.Tensor, kv_heads: torch.Tensor,
-                     boxes: torch.Tensor, codes: torch.Tensor, *, cell_size: int, block_size: int, bits: int,
-                     scale: float, margin_rel: float, margin_abs: float, step_slack: float,
-                     magnitude_slack: float, abs_slack: float, block_c: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [R, G, D] fp32; cells: [R, C] complete cells (padding: any cell of the row's first block);
-    codes: [num_blocks, block_size, Hkv, bytes] uint8. returns ub, lb: [R, C, cell_size, G] fp32"""
-    num_rows, num_cells = cells.shape
-    ub = torch.empty(num_rows, num_cells, cell_size, q.shape[1], device=q.device, dtype=torch.float32)
+def token_code_bounds(q: torch.Tensor, tokens: torch.Tensor, tables: torch.Tensor, kv_heads: torch.Tensor,
+                      boxes: torch.Tensor, codes: torch.Tensor, *, cell_size: int, block_size: int, bits: int,
+                      plane_bits: int, planes: int, scale: float, margin_rel: float, margin_abs: float,
+                      step_slack: float, magnitude_slack: float, abs_slack: float,
+                      block_t: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [R, G, D] fp32; tokens: [R, P] tokens of complete cells (padding: any token of the row's first
+    block); codes: [num_blocks, block_size, Hkv, bytes] uint8 in planes of plane_bits, of which the first
+    `planes` are read. returns ub, lb: [R, P, G] fp32"""
+    num_rows, num_tokens = tokens.shape
+    ub = torch.empty(num_rows, num_tokens, q.shape[1], device=q.device, dtype=torch.float32)
     lb = torch.empty_like(ub)
-    if num_rows == 0 or num_cells == 0:
+    if num_rows == 0 or num_tokens == 0:
         return ub, lb
-    q, cells, tables = q.contiguous(), cells.contiguous(), tables.contiguous()
-    _cell_code_bounds_kernel[(num_rows, triton.cdiv(num_cells, block_c))](
-        q, cells, tables, kv_heads.contiguous(), boxes, codes, ub, lb, num_cells, scale, margin_rel, margin_abs,
-        step_slack, magnitude_slack, abs_slack, q.stride(0), q.stride(1), cells.stride(0), tables.stride(0),
+    q, tokens, tables = q.contiguous(), tokens.contiguous(), tables.contiguous()
+    _token_code_bounds_kernel[(num_rows, triton.cdiv(num_tokens, block_t))](
+        q, tokens, tables, kv_heads.contiguous(), boxes, codes, ub, lb, num_tokens, scale, margin_rel, margin_abs,
+        step_slack, magnitude_slack, abs_slack, q.stride(0), q.stride(1), tokens.stride(0), tables.stride(0),
         *boxes.stride()[:4], *codes.stride()[:3], CELL_SIZE=cell_size, BLOCK_SIZE=block_size, BITS=bits,
-        BLOCK_C=block_c, **_launch_shapes(q))
+        PLANE_BITS=plane_bits, PLANE_BYTES=codes.shape[-1] // (bits // plane_bits), PLANES=planes,
+        BLOCK_T=block_t, **_launch_shapes(q))
     return ub, lb

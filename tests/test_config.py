@@ -29,7 +29,7 @@ def test_bad_setting_names_the_field(name, value):
 
 def test_defaults_are_valid_and_documented():
     cfg = HSRConfig()
-    assert (cfg.mode, cfg.eps, cfg.code_bits, cfg.cell_size) == ("softmax", 1e-3, 4, 16)
+    assert (cfg.mode, cfg.eps, cfg.code_bits, cfg.cell_size) == ("softmax", 1e-3, 8, 16)
     for name in HSRConfig.field_names():
         assert name in HSRConfig.__doc__
 

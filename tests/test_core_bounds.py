@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_hsr import HSRConfig
-from vllm_hsr.core.summaries import box_bounds, code_bounds, pack_codes, unpack_codes
+from vllm_hsr.core.summaries import box_bounds, code_bounds, code_planes, pack_codes, unpack_codes
 from reference_tree import DenseCellTree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,13 +65,14 @@ def test_bounds_never_below_true_scores(case):
         # token codes (complete cells only)
         coded = tree.num_coded_cells()
         codes = tree.codes(torch.arange(coded), head)
-        tub, tlb = code_bounds(q, lo[:coded, head], hi[:coded, head], codes, cfg.code_bits, scale)
-        tub, tlb = tub.flatten(0, 1), tlb.flatten(0, 1)
-        assert pad >= 0 and tub.shape[0] == coded * cfg.cell_size
-        for true in (exact[:tub.shape[0]], fp32[:tub.shape[0]].double()):
-            finite = torch.isfinite(true)
-            assert torch.all((tub.double() >= true) | ~finite)
-            assert torch.all((tlb.double() <= true) | ~finite)
+        for planes in range(1, code_planes(cfg.code_bits)[1] + 1):   # a prefix of the planes bounds too
+            tub, tlb = code_bounds(q, lo[:coded, head], hi[:coded, head], codes, cfg.code_bits, scale, planes)
+            tub, tlb = tub.flatten(0, 1), tlb.flatten(0, 1)
+            assert pad >= 0 and tub.shape[0] == coded * cfg.cell_size
+            for true in (exact[:tub.shape[0]], fp32[:tub.shape[0]].double()):
+                finite = torch.isfinite(true)
+                assert torch.all((tub.double() >= true) | ~finite)
+                assert torch.all((tlb.double() <= true) | ~finite)
         # every level contains the level below it
         for level in range(1, tree.num_levels):
             p_lo, p_hi = tree.levels[level]
@@ -97,5 +98,9 @@ def test_pack_unpack_roundtrip(bits, head_dim, seed):
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (5, head_dim), generator=gen).to(torch.uint8)
     packed = pack_codes(codes, bits)
-    assert packed.shape[-1] == -(-head_dim * bits // 8)
+    plane_bits, planes = code_planes(bits)
+    assert packed.shape[-1] == planes * -(-head_dim * plane_bits // 8)
     assert torch.equal(unpack_codes(packed, bits, head_dim), codes)
+    if planes > 1:   # the first plane alone holds the high bits
+        high = unpack_codes(packed[..., :packed.shape[-1] // planes], plane_bits, head_dim)
+        assert torch.equal(high, codes >> (bits - plane_bits))

@@ -33,11 +33,12 @@ def _random_nodes(rows: TreeRows, level: int, span: int, width: int, seed: int) 
     return (torch.rand(rows.q.shape[0], width, generator=gen) * count.clamp(min=1).unsqueeze(1)).long()
 
 
-@pytest.mark.parametrize("layout,block_size,cell_size", (("flash", 16, 16), ("cpu", 32, 16), ("flash", 128, 32)))
+@pytest.mark.parametrize("layout,block_size,cell_size,code_bits",
+                         (("flash", 16, 16, 4), ("cpu", 32, 16, 8), ("flash", 128, 32, 8), ("cpu", 16, 16, 2)))
 @pytest.mark.parametrize("num_kv_heads,group", ((2, 1), (1, 4), (2, 8)))
 @pytest.mark.parametrize("head_dim", (64, 128))
-def test_box_and_code_bounds_match_twin(layout, block_size, cell_size, num_kv_heads, group, head_dim):
-    cfg = HSRConfig(cell_size=cell_size, fanout=2, tree_levels=2, code_bits=4)
+def test_box_and_code_bounds_match_twin(layout, block_size, cell_size, code_bits, num_kv_heads, group, head_dim):
+    cfg = HSRConfig(cell_size=cell_size, fanout=2, tree_levels=2, code_bits=code_bits)
     batch = PagedBatch(SEQ_LENS, num_kv_heads, head_dim, block_size, cfg, layout=layout, seed=head_dim + group)
     batch.fill(chunks=(0.7,))
     rows = _rows(batch, group, seed=block_size)
@@ -50,15 +51,20 @@ def test_box_and_code_bounds_match_twin(layout, block_size, cell_size, num_kv_he
             torch.testing.assert_close(got * has_nodes, want * has_nodes, rtol=1e-5, atol=1e-5)
     cells = _random_nodes(rows, 1, cell_size, 10, seed=7)            # complete cells only (level-1 count rule)
     coded = (rows.num_tokens >= cell_size).view(-1, 1, 1, 1)
-    for got, want in zip(triton_bounds.code(cells), torch_bounds.code(cells)):
-        torch.testing.assert_close(got * coded, want * coded, rtol=1e-5, atol=1e-5)
+    for planes in (1, None):                                          # the first plane, then all of them
+        for got, want in zip(triton_bounds.code(cells, planes), torch_bounds.code(cells, planes)):
+            torch.testing.assert_close(got * coded, want * coded, rtol=1e-5, atol=1e-5)
+    tokens = cells * cell_size + torch.randint(0, cell_size, cells.shape, generator=torch.Generator().manual_seed(1))
+    for got, want in zip(triton_bounds.code_tokens(tokens), torch_bounds.code_tokens(tokens)):
+        torch.testing.assert_close(got * coded[..., 0], want * coded[..., 0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ("softmax", "relu", "topk"))
 @pytest.mark.parametrize("num_kv_heads,group,head_dim", ((2, 4, 64), (1, 8, 128)))
 def test_query_triton_equals_torch(mode, num_kv_heads, group, head_dim, monkeypatch):
     """The whole query and decode, Triton bounds vs torch bounds: the same tokens, the same output."""
-    cfg = HSRConfig(mode=mode, eps=1e-2, bias=8.0, budget_tokens=64, cell_size=16, fanout=4, tree_levels=2)
+    cfg = HSRConfig(mode=mode, eps=1e-2, bias=8.0, budget_tokens=64, cell_size=16, fanout=4, tree_levels=2,
+                    code_bits=8)
     batch = PagedBatch(SEQ_LENS, num_kv_heads, head_dim, 32, cfg, layout="cpu", seed=5)
     batch.fill()
     # sharp queries (scores of std 4), so that softmax has something to skip on random keys

@@ -49,7 +49,9 @@ class HSRConfig:
     fanout: children per node in the levels above cells.
     tree_levels: levels of union boxes above the cells (node spans
         cell_size * fanout**level tokens).
-    code_bits: bits per channel of the per-token key codes (0 turns them off).
+    code_bits: bits per channel of the per-token key codes (0 turns them off). 8-bit codes
+        are stored as two 4-bit planes: the first is read for every surviving cell, the
+        second only for cells that still hold a candidate after the first cut.
     sink_tokens, window_tokens: first / last tokens always read exactly
         (softmax and topk modes).
     seed_cells: cells with the highest upper bound read first in softmax mode,
@@ -74,7 +76,7 @@ class HSRConfig:
     cell_size: int = 16
     fanout: int = 16
     tree_levels: int = 3
-    code_bits: int = 4
+    code_bits: int = 8
     sink_tokens: int = 16
     window_tokens: int = 64
     seed_cells: int = 4

@@ -18,7 +18,7 @@ from vllm_hsr.core.attention import HSRStats
 from vllm_hsr.core.decode import decode_candidates
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view
 from vllm_hsr.core.query import Candidates, RowBounds, TreeQuery, TreeRows
-from vllm_hsr.core.summaries import code_slacks, margin_terms
+from vllm_hsr.core.summaries import code_planes, code_slacks, margin_terms
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
@@ -58,7 +58,7 @@ def update_summaries(summaries: PagedSummaries, keys: torch.Tensor, slot_mapping
     cfg = summaries.cfg
     update_cells(keys.contiguous(), slot_mapping, positions, seq_start, seq_end, summaries.boxes, summaries.codes,
                  flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets, cfg.cell_size,
-                 cfg.code_bits)
+                 cfg.code_bits, code_planes(cfg.code_bits)[0] if cfg.code_bits else 0)
     for level in range(1, cfg.tree_levels + 1):
         done = (positions + 1) % summaries.span(level) == 0
         update_union(summaries.boxes, (positions[done] + 1) // summaries.span(level) - 1, token_rows[done],
@@ -76,14 +76,26 @@ class TritonRowBounds(RowBounds):
                                first_slot=summaries.slots[level][0], block_size=summaries.block_size,
                                scale=rows.scale, **self._margins())
 
-    def code(self, cells):
-        from vllm_hsr.kernels.tree_query import cell_code_bounds
+    def code(self, cells, planes=None):
+        size = self.rows.summaries.cfg.cell_size
+        tokens = (cells.unsqueeze(-1) * size + torch.arange(size, device=cells.device)).flatten(1)
+        ub, lb = self._code(tokens, planes)
+        return ub.view(*cells.shape, size, -1), lb.view(*cells.shape, size, -1)
+
+    def code_tokens(self, tokens):
+        return self._code(tokens, None)
+
+    def _code(self, tokens, planes):
+        from vllm_hsr.kernels.tree_query import token_code_bounds
         rows, summaries = self.rows, self.rows.summaries
+        bits = summaries.cfg.code_bits
+        plane_bits, num_planes = code_planes(bits)
         step_slack, magnitude_slack, abs_slack = code_slacks()
-        return cell_code_bounds(rows.q, cells, rows.tables, rows.kv_heads, summaries.boxes, summaries.codes,
-                                cell_size=summaries.cfg.cell_size, block_size=summaries.block_size,
-                                bits=summaries.cfg.code_bits, scale=rows.scale, step_slack=step_slack,
-                                magnitude_slack=magnitude_slack, abs_slack=abs_slack, **self._margins())
+        return token_code_bounds(rows.q, tokens, rows.tables, rows.kv_heads, summaries.boxes, summaries.codes,
+                                 cell_size=summaries.cfg.cell_size, block_size=summaries.block_size, bits=bits,
+                                 plane_bits=plane_bits, planes=num_planes if planes is None else planes,
+                                 scale=rows.scale, step_slack=step_slack, magnitude_slack=magnitude_slack,
+                                 abs_slack=abs_slack, **self._margins())
 
     def _margins(self) -> dict:
         relative, absolute = margin_terms(self.rows.q.shape[-1])

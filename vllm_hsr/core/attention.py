@@ -10,6 +10,7 @@ import math
 import torch
 
 from vllm_hsr.config import HSRConfig
+from vllm_hsr.core.summaries import code_planes, plane_bytes
 
 
 CERTIFICATE_FLOOR = 2.0 ** -126   # the smallest normal fp32: GPUs may flush subnormals to zero
@@ -22,7 +23,8 @@ class HSRStats:
     keys_read: int = 0            # tokens whose full key and value were loaded
     cells_read: int = 0           # cells with at least one such token
     summary_nodes_read: int = 0   # box summaries evaluated (cells and above)
-    code_cells_read: int = 0      # cells whose token codes were loaded
+    code_cells_read: int = 0      # cells whose tokens' first code plane was loaded
+    refined_cells: int = 0        # cells whose tokens' other code planes were loaded
     bytes_read: int = 0           # keys + values + summaries + codes
     dense_bytes: int = 0          # keys + values of a dense read
     dense_keys: int = 0           # keys a dense read loads
@@ -40,10 +42,12 @@ class HSRStats:
     def set_bytes(self, summary_bytes: int, cfg: HSRConfig, head_dim: int, kv_itemsize: int,
                   dense_tokens: int) -> None:
         """Fill bytes_read / dense_bytes from the counters. summary_bytes: one box (lo and hi)."""
-        code_bytes = cfg.cell_size * -(-head_dim * cfg.code_bits // 8)
+        plane = plane_bytes(head_dim, cfg.code_bits) * cfg.cell_size if cfg.code_bits else 0
+        more_planes = code_planes(cfg.code_bits)[1] - 1 if cfg.code_bits else 0
         token_bytes = head_dim * kv_itemsize
         self.bytes_read = (self.keys_read * token_bytes + self.summary_nodes_read * summary_bytes
-                           + self.code_cells_read * code_bytes + self.seed_keys_read * token_bytes // 2)
+                           + (self.code_cells_read + self.refined_cells * more_planes) * plane
+                           + self.seed_keys_read * token_bytes // 2)
         self.dense_bytes = dense_tokens * token_bytes
         self.dense_keys = dense_tokens
 

@@ -14,7 +14,7 @@ import functools
 import torch
 
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.summaries import pack_codes, quantize_keys, round_outward
+from vllm_hsr.core.summaries import code_planes, pack_codes, plane_bytes, quantize_keys, round_outward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,7 @@ class PagedSummaries:
         boxes = torch.empty(num_blocks, num_slots, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
         codes = None
         if cfg.code_bits:
-            width = -(-head_dim * cfg.code_bits // 8)
+            width = code_planes(cfg.code_bits)[1] * plane_bytes(head_dim, cfg.code_bits)
             # only complete cells' codes are ever read, and each is written when its cell fills
             codes = torch.empty(num_blocks, block_size, num_kv_heads, width, dtype=torch.uint8, device=device)
         return cls(boxes, codes, cfg, block_size)

@@ -24,9 +24,10 @@ from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.attention import HSRStats
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries
 from vllm_hsr.core.selection import greedy_skip, kept_gain, remaining_log_budget, topk_floor
-from vllm_hsr.core.summaries import box_bounds, code_bounds
+from vllm_hsr.core.summaries import box_bounds, code_bounds, code_planes
 
-CODE_CHUNK_CELLS = 1024   # cells per code-bound chunk on the torch path: bounds the [R, c, T, D] unpack
+CODE_CHUNK_CELLS = 1024   # cells per code-bound chunk on the torch path: bounds the [R, c, T, ...] temporaries
+REFINE_SHARE = 0.5        # part of the token-level softmax budget the first code plane may spend
 
 
 @dataclasses.dataclass
@@ -89,16 +90,28 @@ class RowBounds:
         lo, hi = summaries.box_corners(blocks, slots, rows.kv_heads.unsqueeze(1))            # [R, F, D]
         return box_bounds(rows.q, lo, hi, rows.scale)
 
-    def code(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token bounds from the codes of complete cells. cells: [R, C] -> ub, lb: [R, C, T, G] fp32"""
+    def code(self, cells: torch.Tensor, planes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token bounds from the first `planes` code planes (None: all) of complete cells.
+        cells: [R, C] -> ub, lb: [R, C, T, G] fp32"""
+        size = self.rows.summaries.cfg.cell_size
+        tokens = cells.unsqueeze(-1) * size + torch.arange(size, device=cells.device)       # [R, C, T]
+        return self._code(tokens, planes)
+
+    def code_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds from every code plane of tokens of complete cells. tokens: [R, P] -> ub, lb: [R, P, G]"""
+        ub, lb = self._code(tokens.unsqueeze(-1), None)
+        return ub.squeeze(-2), lb.squeeze(-2)
+
+    def _code(self, tokens: torch.Tensor, planes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: [R, C, T], each row c inside one cell -> ub, lb: [R, C, T, G]"""
         rows, summaries = self.rows, self.rows.summaries
         size, bs = summaries.cfg.cell_size, summaries.block_size
-        tokens = cells.unsqueeze(-1) * size + torch.arange(size, device=cells.device)       # [R, C, T]
         blocks = rows.tables.gather(1, (tokens // bs).flatten(1)).view_as(tokens)
         packed = summaries.codes[blocks, tokens % bs, rows.kv_heads.view(-1, 1, 1)]          # [R, C, T, bytes]
+        cells = tokens[..., 0] // size
         blocks, slots = summaries.locate(0, cells, rows.tables.unsqueeze(1).expand(-1, cells.shape[1], -1))
         lo, hi = summaries.box_corners(blocks, slots, rows.kv_heads.unsqueeze(1))            # [R, C, D]
-        return code_bounds(rows.q, lo, hi, packed, summaries.cfg.code_bits, rows.scale)
+        return code_bounds(rows.q, lo, hi, packed, summaries.cfg.code_bits, rows.scale, planes)
 
 
 def _compact(keep: torch.Tensor, width: int | None, *columns: torch.Tensor):
@@ -115,6 +128,15 @@ def _compact(keep: torch.Tensor, width: int | None, *columns: torch.Tensor):
     return (*out, keep.gather(1, order), kept > width)
 
 
+def _update_rows(bounds: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, new: torch.Tensor,
+                 tighter) -> torch.Tensor:
+    """bounds [R, P, ...] with entries index[r, i] (where valid) replaced by tighter(old, new[r, i])."""
+    spot = torch.where(valid, index, torch.full_like(index, bounds.shape[1]))               # padding: a spare column
+    spot = spot.view(*spot.shape, *([1] * (new.dim() - 2))).expand_as(new)
+    padded = torch.cat([bounds, bounds[:, :1]], 1)
+    return padded.scatter(1, spot, tighter(padded.gather(1, spot), new))[:, :-1]
+
+
 class TreeQuery:
     """One decode batch's query: seeds, level walk, token selection (DESIGN.md §2, modes)."""
 
@@ -127,7 +149,7 @@ class TreeQuery:
         self.overflow = torch.zeros(num_rows, dtype=torch.bool, device=self.device)
         self.skipped = torch.full((num_rows, rows.q.shape[1]), -math.inf, dtype=torch.float64, device=self.device)
         self.counters = {name: torch.zeros((), dtype=torch.long, device=self.device)
-                         for name in ("summary_nodes_read", "code_cells_read", "seed_keys_read")}
+                         for name in ("summary_nodes_read", "code_cells_read", "refined_cells", "seed_keys_read")}
 
     # -- tree shape ---------------------------------------------------------------------------
     def span(self, level: int) -> int:
@@ -253,34 +275,72 @@ class TreeQuery:
         return kept, kept_valid, ub, lb, remaining_log_budget(log_budget, spent)
 
     def token_bounds(self, cells, cells_valid, cell_ub, cell_lb):
-        """Tightest bounds of the tokens of the kept cells: codes where present, else the cell box.
-        -> tokens [R, C*T], valid, ub, lb [R, C*T, G]"""
+        """Bounds of the tokens of the kept cells: the first code plane where present, else the cell box.
+        -> tokens [R, C*T], valid, coded, ub, lb [R, C*T, G]"""
         size = self.cfg.cell_size
         n = self.rows.num_tokens.unsqueeze(1)
         tokens = cells.unsqueeze(2) * size + torch.arange(size, device=self.device)              # [R, C, T]
         ub = cell_ub.unsqueeze(2).expand(-1, -1, size, -1)
         lb = cell_lb.unsqueeze(2).expand(-1, -1, size, -1)
+        coded = cells_valid & (cells < n // size) if self.cfg.code_bits else torch.zeros_like(cells_valid)
         if self.cfg.code_bits:
-            coded = cells_valid & (cells < n // size)                                             # [R, C]
             self.counters["code_cells_read"] += coded.sum()
-            chunks = [self.bounds.code(cells[:, i:i + CODE_CHUNK_CELLS])
-                      for i in range(0, cells.shape[1], CODE_CHUNK_CELLS)]
-            if chunks:
-                code_ub = torch.cat([c[0] for c in chunks], 1)
-                code_lb = torch.cat([c[1] for c in chunks], 1)
-                use = coded.view(*coded.shape, 1, 1)
-                ub = torch.where(use, torch.minimum(code_ub, ub), ub)
-                lb = torch.where(use, torch.maximum(code_lb, lb), lb)
+            code_ub, code_lb = self.code_bounds(cells, 1)
+            use = coded.view(*coded.shape, 1, 1)
+            ub = torch.where(use, torch.minimum(code_ub, ub), ub)
+            lb = torch.where(use, torch.maximum(code_lb, lb), lb)
         valid = cells_valid.unsqueeze(2) & (tokens < n.unsqueeze(2))
-        return tokens.flatten(1), valid.flatten(1), ub.flatten(1, 2), lb.flatten(1, 2)
+        coded = coded.unsqueeze(2).expand(-1, -1, size)
+        return tokens.flatten(1), valid.flatten(1), coded.flatten(1), ub.flatten(1, 2), lb.flatten(1, 2)
 
-    def keep_tokens(self, ub: torch.Tensor, lb: torch.Tensor, valid: torch.Tensor,
-                    log_budget: torch.Tensor) -> torch.Tensor:
+    def code_bounds(self, cells: torch.Tensor, planes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """bounds.code in chunks of cells (bounded temporaries). cells: [R, C] -> ub, lb [R, C, T, G]"""
+        chunks = [self.bounds.code(cells[:, i:i + CODE_CHUNK_CELLS], planes)
+                  for i in range(0, cells.shape[1], CODE_CHUNK_CELLS)]
+        if not chunks:
+            empty = torch.zeros(cells.shape[0], 0, self.cfg.cell_size, self.rows.q.shape[1], device=self.device)
+            return empty, empty
+        return torch.cat([c[0] for c in chunks], 1), torch.cat([c[1] for c in chunks], 1)
+
+    def refine(self, cells, tokens, valid, coded, ub, lb, log_budget):
+        """Codes of more than one plane: cut with the first plane's bounds (in softmax mode spending up to
+        REFINE_SHARE of the budget and the kept tokens' gains), then read every plane of the cells that
+        still hold a coded candidate. -> valid, ub, lb, ln of the mass skipped here ([R, G]; None
+        outside softmax mode)"""
+        cfg = self.cfg
+        log_spent = None
+        if cfg.mode == "relu":
+            valid = valid & (ub > cfg.bias).any(-1)          # exact: these tokens weigh nothing
+        elif cfg.mode == "softmax":
+            share = math.log(REFINE_SHARE)
+            gain = kept_gain(lb, cfg.eps)
+            skip, _ = greedy_skip(ub.double(), log_budget + share, valid, None if gain is None else gain + share)
+            self.record_skipped(skip, torch.ones_like(tokens), ub)
+            valid = valid & ~skip
+            log_mass = torch.where(skip.unsqueeze(-1), ub.double(), torch.full_like(ub, -math.inf, dtype=torch.float64))
+            log_spent = torch.logsumexp(log_mass, dim=1)
+        else:                                                # cannot reach the budget_tokens best
+            lower = torch.where(valid, lb.amax(-1), torch.full_like(lb[..., 0], -math.inf))
+            floor = topk_floor(lower, valid.long(), cfg.budget_tokens)
+            valid = valid & (ub.amax(-1) >= floor.unsqueeze(1))
+        size = cfg.cell_size
+        refine = (valid & coded).view(*cells.shape, size)                                     # [R, C, T]
+        cell_index = torch.arange(cells.shape[1], device=self.device).expand_as(cells)
+        picked, index, picked_valid, _ = _compact(refine.any(-1), None, cells, cell_index)
+        self.counters["refined_cells"] += picked_valid.sum()
+        fine_ub, fine_lb = self.code_bounds(picked, None)                                     # [R, C', T, G]
+        group = ub.shape[-1]
+        ub = _update_rows(ub.view(*refine.shape, group), index, picked_valid, fine_ub, torch.minimum)
+        lb = _update_rows(lb.view(*refine.shape, group), index, picked_valid, fine_lb, torch.maximum)
+        return valid, ub.flatten(1, 2), lb.flatten(1, 2), log_spent
+
+    def keep_tokens(self, ub: torch.Tensor, lb: torch.Tensor, valid: torch.Tensor, log_budget: torch.Tensor,
+                    log_spent: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
         if cfg.mode == "relu":
             return (ub > cfg.bias).any(-1) & valid
         if cfg.mode == "softmax":
-            return ~greedy_skip(ub.double(), log_budget, valid, kept_gain(lb, cfg.eps))[0] & valid
+            return ~greedy_skip(ub.double(), log_budget, valid, kept_gain(lb, cfg.eps), log_spent)[0] & valid
         best = torch.where(valid, ub.amax(-1), torch.full_like(ub[..., 0], -math.inf))
         keep = torch.zeros_like(valid)
         keep.scatter_(1, best.topk(min(cfg.budget_tokens, best.shape[1]), dim=1).indices, True)
@@ -295,11 +355,14 @@ class TreeQuery:
             seeds, seeds_valid = self.seeds()
         log_budget = self.log_budget(seeds, seeds_valid)
         cells, cells_valid, cell_ub, cell_lb, token_budget = self.walk(seeds, log_budget)
-        tokens, valid, ub, lb = self.token_bounds(cells, cells_valid, cell_ub, cell_lb)
+        tokens, valid, coded, ub, lb = self.token_bounds(cells, cells_valid, cell_ub, cell_lb)
         seeded = torch.searchsorted(seeds, tokens).clamp(max=max(seeds.shape[1] - 1, 0))
         if seeds.shape[1]:
             valid &= seeds.gather(1, seeded) != tokens
-        keep = self.keep_tokens(ub, lb, valid, token_budget)
+        log_spent = None
+        if cfg.code_bits and code_planes(cfg.code_bits)[1] > 1:
+            valid, ub, lb, log_spent = self.refine(cells, tokens, valid, coded, ub, lb, token_budget)
+        keep = self.keep_tokens(ub, lb, valid, token_budget, log_spent)
         self.record_skipped(valid & ~keep, torch.ones_like(tokens), ub)
 
         pad = rows.max_tokens

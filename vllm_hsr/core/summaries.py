@@ -76,22 +76,48 @@ def quantize_keys(keys: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: 
     return torch.floor(scaled + 0.5).clamp(0, (1 << bits) - 1).to(torch.uint8)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack `8 // bits` codes per byte along the last dim (zero padded). [..., D] -> [..., ceil(D*bits/8)]"""
+PLANE_BITS = 4   # wider codes are stored as 4-bit planes, most significant first
+
+
+def code_planes(bits: int) -> tuple[int, int]:
+    """(bits per plane, number of planes) of `bits`-bit codes: a plane can be read on its own."""
+    plane_bits = min(bits, PLANE_BITS)
+    return plane_bits, bits // plane_bits
+
+
+def plane_bytes(head_dim: int, bits: int) -> int:
+    """Bytes of one plane of one token's codes."""
+    plane_bits, _ = code_planes(bits)
+    return -(-head_dim * plane_bits // 8)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
-    pad = -codes.shape[-1] % per_byte
-    codes = torch.nn.functional.pad(codes, (0, pad))
+    codes = torch.nn.functional.pad(codes, (0, -codes.shape[-1] % per_byte))
     codes = codes.view(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
     shifts = torch.arange(per_byte, dtype=torch.uint8, device=codes.device) * bits
     return (codes << shifts).sum(-1, dtype=torch.uint8) if per_byte > 1 else codes[..., 0]
 
 
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Planes of `code_planes(bits)`, each packing `8 // plane_bits` codes per byte (zero padded),
+    most significant plane first. [..., D] -> [..., planes * plane_bytes]"""
+    plane_bits, planes = code_planes(bits)
+    mask = (1 << plane_bits) - 1
+    return torch.cat([_pack((codes >> (plane_bits * (planes - 1 - p))) & mask, plane_bits) for p in range(planes)],
+                     dim=-1)
+
+
 def unpack_codes(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
-    """Inverse of pack_codes. [..., ceil(D*bits/8)] uint8 -> [..., D] uint8"""
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.uint8, device=packed.device) * bits
-    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.flatten(-2)[..., :head_dim]
+    """Inverse of pack_codes. [..., planes * plane_bytes] uint8 -> [..., D] uint8"""
+    plane_bits, planes = code_planes(bits)
+    per_byte = 8 // plane_bits
+    shifts = torch.arange(per_byte, dtype=torch.uint8, device=packed.device) * plane_bits
+    codes = torch.zeros(*packed.shape[:-1], head_dim, dtype=torch.uint8, device=packed.device)
+    for plane in packed.chunk(planes, dim=-1):
+        values = ((plane.unsqueeze(-1) >> shifts) & ((1 << plane_bits) - 1)).flatten(-2)[..., :head_dim]
+        codes = (codes << plane_bits) | values
+    return codes
 
 
 def margin_terms(head_dim: int) -> tuple[float, float]:
@@ -132,27 +158,27 @@ def box_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
 
 
 def code_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: torch.Tensor,
-                bits: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max and min of s*<q,k> over each token's code box [k~ - half, k~ + half].
+                bits: int, scale: float, planes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and min of s*<q,k> over each token's code box, from the first `planes` planes of its
+    code (None: all). Known high bits v of a code leave it in [v * 2^u, v * 2^u + 2^u - 1] (u
+    unknown bits): a box of half width (2^u - 1/2) steps around lo + (v * 2^u + (2^u - 1)/2) * step.
 
-    q: [..., G, D] fp32; lo, hi: [..., c, D] (the cells' boxes); packed: [..., c, T, bytes] (pack_codes)
-    returns ub, lb: [..., c, T, G] fp32
+    q: [..., G, D] fp32; lo, hi: [..., c, D] (the cells' boxes); packed: [..., c, T, bytes] (pack_codes,
+    at least the planes read) returns ub, lb: [..., c, T, G] fp32
     """
+    plane_bits, num_planes = code_planes(bits)
+    planes = num_planes if planes is None else planes
+    unknown = (1 << (bits - planes * plane_bits)) - 1                  # 2^u - 1
     lo32, hi32 = lo.float(), hi.float()
     step = code_step(lo, hi, bits)                                      # [..., c, D]
     magnitude = torch.maximum(lo32.abs(), hi32.abs())                   # [..., c, D]
     step_slack, magnitude_slack, abs_slack = code_slacks()
-    half = step * (0.5 + step_slack) + magnitude * magnitude_slack + abs_slack
+    half = step * (0.5 + unknown / 2 + step_slack) + magnitude * magnitude_slack + abs_slack
     step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
-    # <q, lo + code*step> = <q, lo> + <code, q*step>, summed one code position of the byte at a time
-    per_byte = 8 // bits
-    q_step = q.unsqueeze(-3) * step.unsqueeze(-2)                       # [..., c, G, D]
-    q_step = torch.nn.functional.pad(q_step, (0, packed.shape[-1] * per_byte - q_step.shape[-1]))
-    q_step = q_step.unflatten(-1, (-1, per_byte)).movedim(-1, -3).contiguous()   # [..., c, per_byte, G, bytes]
-    center = (lo32 @ q.mT).unsqueeze(-2)                                # [..., c, 1, G]
-    for j in range(per_byte):
-        plane = packed if per_byte == 1 else (packed >> (j * bits)) & ((1 << bits) - 1)
-        center = center + plane.float() @ q_step[..., j, :, :].mT      # [..., c, T, G]
+    known = unpack_codes(packed[..., :planes * plane_bytes(q.shape[-1], bits)], planes * plane_bits, q.shape[-1])
+    middle = known.float() * float(unknown + 1) + unknown / 2                         # [..., c, T, D]
+    centre_key = lo32.unsqueeze(-2) + middle * step.unsqueeze(-2)
+    center = (centre_key.flatten(-3, -2) @ q.mT).unflatten(-2, known.shape[-3:-1])     # [..., c, T, G]
     q_abs = q.abs()
     width = (half @ q_abs.mT).unsqueeze(-2)                             # [..., c, 1, G]
     margin = _margin(q_abs, magnitude + half, scale).unsqueeze(-2)

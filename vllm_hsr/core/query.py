@@ -326,7 +326,8 @@ class TreeQuery:
         size = cfg.cell_size
         refine = (valid & coded).view(*cells.shape, size)                                     # [R, C, T]
         cell_index = torch.arange(cells.shape[1], device=self.device).expand_as(cells)
-        picked, index, picked_valid, _ = _compact(refine.any(-1), None, cells, cell_index)
+        picked, index, picked_valid, overflow = _compact(refine.any(-1), self.node_width(), cells, cell_index)
+        self.overflow |= overflow
         self.counters["refined_cells"] += picked_valid.sum()
         fine_ub, fine_lb = self.code_bounds(picked, None)                                     # [R, C', T, G]
         group = ub.shape[-1]

@@ -1,5 +1,5 @@
 """kernels/tree_query.py under TRITON_INTERPRET=1 against its torch twin (core.query.RowBounds),
-and the batched query's fixed-capacity lists with their dense fallback."""
+alone and inside the whole query, and the int64 offsets of the decode path's kernels."""
 
 import os
 
@@ -9,7 +9,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from paged_cache import PagedBatch  # noqa: E402
-from reference import dense64  # noqa: E402
 from vllm_hsr import HSRConfig  # noqa: E402
 from vllm_hsr.core.decode import decode_candidates  # noqa: E402
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view  # noqa: E402
@@ -80,40 +79,6 @@ def test_query_triton_equals_torch(mode, num_kv_heads, group, head_dim, monkeypa
     for a, b in zip(got_stats.tokens_read, want_stats.tokens_read):
         assert torch.equal(a, b)
     assert got_stats.keys_read < got_stats.dense_keys
-
-
-@pytest.mark.parametrize("mode", ("softmax", "relu", "topk"))
-def test_overflowing_rows_fall_back_to_dense(mode):
-    """A list capacity that the long rows cannot meet: those rows are read whole (exact, certificate 0),
-    the others are untouched, and a capacity that fits changes nothing."""
-    num_kv_heads, group, head_dim = 2, 4, 64
-    base = HSRConfig(mode=mode, eps=1e-2, bias=0.3, budget_tokens=64, cell_size=16)
-    batch = PagedBatch(SEQ_LENS, num_kv_heads, head_dim, 16, base, seed=11)
-    batch.fill()
-    q = torch.randn(len(SEQ_LENS), num_kv_heads * group, head_dim, generator=torch.Generator().manual_seed(3))
-    seq_lens = torch.tensor(SEQ_LENS)
-    run = {cap: hsr_decode(q, batch.cache, batch.layout, batch.summaries, batch.block_table, seq_lens,
-                           HSRConfig(**{**base.__dict__, "max_candidates": cap}), 0.125, record_tokens=True)
-           for cap in (0, 4096, 100)}
-    sized, roomy, tight = run[0], run[4096], run[100]
-    torch.testing.assert_close(roomy[0], sized[0], atol=1e-6, rtol=1e-6)   # list widths differ: sum order too
-    assert all(torch.equal(a, b) for a, b in zip(roomy[2].tokens_read, sized[2].tokens_read))
-    listed = torch.tensor([t.numel() for t in sized[2].tokens_read]).view(len(SEQ_LENS), num_kv_heads)
-    assert (listed > 100).any() and (listed <= 100).any()   # the case has rows on both sides
-    for seq, n in enumerate(SEQ_LENS):
-        for kv_head in range(num_kv_heads):
-            heads = slice(kv_head * group, (kv_head + 1) * group)
-            read = tight[2].tokens_read[seq * num_kv_heads + kv_head]
-            if listed[seq, kv_head] > 100:
-                assert torch.equal(read, torch.arange(n))
-                k, v = batch.keys[seq][:, kv_head:kv_head + 1], batch.values[seq][:, kv_head:kv_head + 1]
-                ref = dense64(q[seq, heads], k, v, mode="relu" if mode == "relu" else "softmax", scale=0.125,
-                              alpha=base.alpha, bias=base.bias)
-                torch.testing.assert_close(tight[0][seq, heads].double(), ref, atol=1e-5, rtol=1e-5)
-                assert (tight[1][seq, heads] == 0).all()
-            else:
-                assert torch.equal(read, sized[2].tokens_read[seq * num_kv_heads + kv_head])
-                torch.testing.assert_close(tight[0][seq, heads], sized[0][seq, heads], atol=1e-6, rtol=1e-6)
 
 
 def _top_blocks(block_stride: int, count: int) -> tuple[int, torch.Tensor]:

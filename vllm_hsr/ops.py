@@ -113,12 +113,14 @@ def query_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVL
 
 def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
                block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
-               record_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
+               record_tokens: bool = False,
+               max_seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
     """HSR attention of one decode query per sequence over a paged KV cache.
 
     q: [batch, num_q_heads, head_dim]; cache: the layer's KV cache (indexed through `layout`);
     block_table: [batch, max_blocks]; seq_lens: [batch] cached tokens, this step's included.
     record_tokens: fill stats.tokens_read (one list per sequence and KV head; a host sync).
+    max_seq_len: the longest seq_len if the caller knows it (saves the decode kernel a host sync).
     returns out [batch, num_q_heads, head_dim] (q's dtype), error_bound [batch, num_q_heads], stats
     """
     flat_cache = flat_view(cache)
@@ -128,11 +130,11 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
         out, bound = sparse_decode(q, flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets,
                                    layout.value_offsets, block_table, seq_lens, found.tokens, found.counts,
                                    found.dense, found.skipped, relu=cfg.mode == "relu", alpha=cfg.alpha,
-                                   bias=cfg.bias, scale=scale)
+                                   bias=cfg.bias, scale=scale, max_seq_len=max_seq_len)
     else:
         out, bound = decode_candidates(q, flat_cache, layout, block_table, seq_lens, found.tokens, found.counts,
                                        found.dense, found.skipped, cfg, scale)
-    stats = found.stats
+    stats = found.stats()
     head_dim = q.shape[-1]
     stats.set_bytes(2 * head_dim * summaries.boxes.element_size(), cfg, head_dim, 2 * cache.element_size(),
                     int(seq_lens.sum()) * summaries.boxes.shape[3])

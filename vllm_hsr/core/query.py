@@ -38,7 +38,11 @@ class Candidates:
     counts: torch.Tensor    # [B, Hkv] int32
     dense: torch.Tensor     # [B, Hkv] bool: a list overflowed, so read all seq_len tokens
     skipped: torch.Tensor   # [B, Hq] fp32 ln of the skipped mass bound (-inf: nothing skipped)
-    stats: HSRStats
+    counters: dict[str, torch.Tensor]   # HSRStats counters, on the device until stats() reads them
+
+    def stats(self) -> HSRStats:
+        """The counters as HSRStats (a host sync: the query itself has none with a fixed capacity)."""
+        return HSRStats(**{name: int(value) for name, value in self.counters.items()})
 
     def token_lists(self, seq_lens: torch.Tensor) -> list[torch.Tensor]:
         """The tokens each (sequence, KV head) reads, in row order (a host sync)."""
@@ -385,11 +389,10 @@ class TreeQuery:
         cells = torch.ones_like(cell_of)            # 1 where a listed token starts a new cell
         cells[:, 1:] = (cell_of[:, 1:] != cell_of[:, :-1]).long()
         in_list = torch.arange(tokens.shape[1], device=self.device) < counts.unsqueeze(1)
-        stats = HSRStats(keys_read=int(counts.sum()), overflow_rows=int(dense.sum()),
-                         cells_read=int(torch.where(dense, -(-rows.num_tokens // self.cfg.cell_size),
-                                                    (cells * in_list).sum(1)).sum()),
-                         **{name: int(value) for name, value in self.counters.items()})
+        counters = dict(self.counters, keys_read=counts.sum(), overflow_rows=dense.sum(),
+                        cells_read=torch.where(dense, -(-rows.num_tokens // self.cfg.cell_size),
+                                               (cells * in_list).sum(1)).sum())
         num_kv_heads = rows.summaries.boxes.shape[3]
         return Candidates(tokens.view(batch, num_kv_heads, tokens.shape[1]),
                           counts.view(batch, num_kv_heads).to(torch.int32), dense.view(batch, num_kv_heads),
-                          skipped.float().view(batch, -1), stats)
+                          skipped.float().view(batch, -1), counters)

@@ -46,7 +46,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     found = TreeQuery(rows, cfg, RowBounds(rows), flat, layout).run()
     out, bound = decode_candidates(q.unsqueeze(0), flat, layout, table, seq_lens, found.tokens, found.counts,
                                    found.dense, found.skipped, cfg, scale)
-    stats = found.stats
+    stats = found.stats()
     stats.set_bytes(2 * head_dim * summaries.boxes.element_size(), cfg, head_dim,
                     k.element_size() + v.element_size(), num_tokens * num_kv_heads)
     stats.error_bound = bound[0]

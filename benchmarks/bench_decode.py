@@ -239,7 +239,7 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     kinds = sorted({(r["workload"], r["mode"]) for r in records})
     colors = {kind: f"C{i}" for i, kind in enumerate(kinds)}
     for (workload, mode), batch in sorted({((r["workload"], r["mode"]), r["batch"]) for r in records}):
@@ -249,10 +249,16 @@ def plot(records: list[dict], path: Path) -> None:
         label = f"{workload} {mode} b={batch}"
         axes[0].plot([p["context"] for p in pts], [100 * p["bytes_read_fraction"] for p in pts], label=label, **style)
         axes[1].plot([p["context"] for p in pts], [p["speedup"] for p in pts], label=label, **style)
+        if mode == "softmax":
+            axes[2].plot([p["context"] for p in pts],
+                         [p["tokens_read_fraction"] / p["oracle_read_fraction"] for p in pts], label=label, **style)
     axes[0].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV bytes read, % of dense",
                 title="HSR bytes read (keys+values+summaries+codes)")
     axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="dense time / HSR time", title="speedup, same run")
     axes[1].axhline(1.0, color="gray", lw=0.8)
+    axes[2].set(xscale="log", xlabel="context (tokens)", ylabel="tokens read / oracle's",
+                title="softmax selection vs the exact-score oracle (target <= 1.5)")
+    axes[2].axhline(1.5, color="gray", lw=0.8, ls=":")
     axes[0].legend(fontsize=7)
     fig.suptitle(records[0]["device"], fontsize=9)
     fig.tight_layout()
@@ -281,16 +287,19 @@ def main(argv: list[str] | None = None) -> None:
               for b in map(int, args.batches.split(",")) for m in modes]
     print(f"# {machine()}; {len(points)} points")
     print(HEADER, flush=True)
+    key = ("workload", "context", "batch", "mode", "eps", "budget_tokens", "bias")
+    kept = json.loads(args.json.read_text()) if args.merge and args.json.exists() else []
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     records = []
     for i, (workload, context, batch, cfg) in enumerate(points, 1):
         record = run_point(workload, context, batch, cfg, args.repeat)
         records.append(record)
         print(format_row(record), f"  [{i}/{len(points)}]", flush=True)
-    if args.merge and args.json.exists():
-        key = ("workload", "context", "batch", "mode", "eps", "budget_tokens", "bias")
+        # after every point, so an interrupted run keeps what it measured (resume with --merge)
         fresh = {tuple(r[k] for k in key) for r in records}
-        records = [r for r in json.loads(args.json.read_text()) if tuple(r[k] for k in key) not in fresh] + records
-    write_outputs(records, args.json, args.plot)
+        args.json.write_text(json.dumps([r for r in kept if tuple(r[k] for k in key) not in fresh] + records,
+                                        indent=1))
+    write_outputs(json.loads(args.json.read_text()), args.json, args.plot)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from common import RESULTS, machine
 
+LATENCY_PROMPT_IDS = 10240   # `vllm bench latency` draws dummy prompt token ids from [0, 10000)
+
 
 
 def dense_backend() -> str:
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = args.model
     if model is None:
         from vllm_hsr.tiny_model import build_tiny_model
-        model = str(build_tiny_model(Path(".tiny-model/bench"), max_position=32768))
+        model = str(build_tiny_model(Path(".tiny-model/bench"), max_position=32768, vocab_size=LATENCY_PROMPT_IDS))
     args.log.parent.mkdir(parents=True, exist_ok=True)
     args.log.write_text("")
     input_lens = [int(x) for x in args.input_lens.split(",")]

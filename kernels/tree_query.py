@@ -18,6 +18,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _group_query(q_ptr, row, stride_q_row, stride_q_g, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """The query heads of one row's GQA group: q [GROUP_PAD, HEAD_DIM_PAD] fp32, its aranges and masks."""
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    g_ok, d_ok = g < GROUP, d < HEAD_DIM
+    q = tl.load(q_ptr + row * stride_q_row + g[:, None] * stride_q_g + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    return q, g, d, g_ok, d_ok
+
+
+@triton.jit
 def _finite_bounds(center, width, margin, scale):
     # inf - inf inside a bound means the box overflowed: the bound is unbounded
     ub = scale * (center + width) + margin
@@ -37,12 +49,9 @@ def _node_box_bounds_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM_PAD)
-    n_ok, g_ok, d_ok = n < num_nodes, g < GROUP, d < HEAD_DIM
-
-    q = tl.load(q_ptr + row * stride_q_row + g[:, None] * stride_q_g + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)                          # [GROUP_PAD, HEAD_DIM_PAD]
+    n_ok = n < num_nodes
+    q, g, d, g_ok, d_ok = _group_query(q_ptr, row, stride_q_row, stride_q_g, GROUP, GROUP_PAD, HEAD_DIM,
+                                       HEAD_DIM_PAD)
     node = tl.load(nodes_ptr + row * stride_nodes_row + n, mask=n_ok, other=0).to(tl.int64)   # [BLOCK_N]
     last = (node + 1) * SPAN - 1
     logical = tl.minimum(last // BLOCK_SIZE, MAX_BLOCKS - 1)
@@ -85,12 +94,9 @@ def _token_code_bounds_kernel(
     UNKNOWN: tl.constexpr = (1 << (BITS - PLANES * PLANE_BITS)) - 1      # 2^u - 1 for the u bits not read
     row = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM_PAD)
-    t_ok, g_ok, d_ok = t < num_tokens, g < GROUP, d < HEAD_DIM
-
-    q = tl.load(q_ptr + row * stride_q_row + g[:, None] * stride_q_g + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)                          # [GROUP_PAD, HEAD_DIM_PAD]
+    t_ok = t < num_tokens
+    q, g, d, g_ok, d_ok = _group_query(q_ptr, row, stride_q_row, stride_q_g, GROUP, GROUP_PAD, HEAD_DIM,
+                                       HEAD_DIM_PAD)
     token = tl.load(tokens_ptr + row * stride_tokens_row + t, mask=t_ok, other=0).to(tl.int64)   # [BLOCK_T]
     block = tl.load(tables_ptr + row * stride_tables_row + token // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
     kv_head = tl.load(kv_heads_ptr + row).to(tl.int64)
@@ -125,6 +131,12 @@ def _token_code_bounds_kernel(
     tl.store(lb_ptr + out, lb, mask=done)
 
 
+def _bounds_out(q: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ub, lb for items [R, n]: [R, n, G] fp32 each."""
+    ub = torch.empty(*items.shape, q.shape[1], device=q.device, dtype=torch.float32)
+    return ub, torch.empty_like(ub)
+
+
 def _launch_shapes(q: torch.Tensor) -> dict:
     group, head_dim = q.shape[1], q.shape[2]
     return dict(GROUP=group, GROUP_PAD=max(2, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
@@ -137,9 +149,8 @@ def node_box_bounds(q: torch.Tensor, nodes: torch.Tensor, tables: torch.Tensor, 
     """q: [R, G, D] fp32; nodes: [R, F] (every id inside its row's table); tables: [R, max_blocks];
     kv_heads: [R]; boxes: [num_blocks, slots, 2, Hkv, D]. returns ub, lb: [R, F, G] fp32"""
     num_rows, num_nodes = nodes.shape
-    ub = torch.empty(num_rows, num_nodes, q.shape[1], device=q.device, dtype=torch.float32)
-    lb = torch.empty_like(ub)
-    if num_rows == 0 or num_nodes == 0:
+    ub, lb = _bounds_out(q, nodes)
+    if ub.numel() == 0:
         return ub, lb
     q, nodes, tables = q.contiguous(), nodes.contiguous(), tables.contiguous()
     _node_box_bounds_kernel[(num_rows, triton.cdiv(num_nodes, block_n))](
@@ -159,9 +170,8 @@ def token_code_bounds(q: torch.Tensor, tokens: torch.Tensor, tables: torch.Tenso
     block); codes: [num_blocks, block_size, Hkv, bytes] uint8 in planes of plane_bits, of which the first
     `planes` are read. returns ub, lb: [R, P, G] fp32"""
     num_rows, num_tokens = tokens.shape
-    ub = torch.empty(num_rows, num_tokens, q.shape[1], device=q.device, dtype=torch.float32)
-    lb = torch.empty_like(ub)
-    if num_rows == 0 or num_tokens == 0:
+    ub, lb = _bounds_out(q, tokens)
+    if ub.numel() == 0:
         return ub, lb
     q, tokens, tables = q.contiguous(), tokens.contiguous(), tables.contiguous()
     _token_code_bounds_kernel[(num_rows, triton.cdiv(num_tokens, block_t))](

@@ -53,9 +53,6 @@ def test_box_and_code_bounds_match_twin(layout, block_size, cell_size, code_bits
     for planes in (1, None):                                          # the first plane, then all of them
         for got, want in zip(triton_bounds.code(cells, planes), torch_bounds.code(cells, planes)):
             torch.testing.assert_close(got * coded, want * coded, rtol=1e-5, atol=1e-5)
-    tokens = cells * cell_size + torch.randint(0, cell_size, cells.shape, generator=torch.Generator().manual_seed(1))
-    for got, want in zip(triton_bounds.code_tokens(tokens), torch_bounds.code_tokens(tokens)):
-        torch.testing.assert_close(got * coded[..., 0], want * coded[..., 0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ("softmax", "relu", "topk"))

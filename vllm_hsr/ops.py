@@ -17,7 +17,7 @@ from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.attention import HSRStats
 from vllm_hsr.core.decode import decode_candidates
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view
-from vllm_hsr.core.query import Candidates, RowBounds, TreeQuery, TreeRows
+from vllm_hsr.core.query import Candidates, RowBounds, TreeQuery, TreeRows, cell_tokens
 from vllm_hsr.core.summaries import code_planes, code_slacks, margin_terms
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
@@ -77,25 +77,17 @@ class TritonRowBounds(RowBounds):
                                scale=rows.scale, **self._margins())
 
     def code(self, cells, planes=None):
-        size = self.rows.summaries.cfg.cell_size
-        tokens = (cells.unsqueeze(-1) * size + torch.arange(size, device=cells.device)).flatten(1)
-        ub, lb = self._code(tokens, planes)
-        return ub.view(*cells.shape, size, -1), lb.view(*cells.shape, size, -1)
-
-    def code_tokens(self, tokens):
-        return self._code(tokens, None)
-
-    def _code(self, tokens, planes):
         from vllm_hsr.kernels.tree_query import token_code_bounds
         rows, summaries = self.rows, self.rows.summaries
-        bits = summaries.cfg.code_bits
+        bits, size = summaries.cfg.code_bits, summaries.cfg.cell_size
         plane_bits, num_planes = code_planes(bits)
         step_slack, magnitude_slack, abs_slack = code_slacks()
-        return token_code_bounds(rows.q, tokens, rows.tables, rows.kv_heads, summaries.boxes, summaries.codes,
-                                 cell_size=summaries.cfg.cell_size, block_size=summaries.block_size, bits=bits,
-                                 plane_bits=plane_bits, planes=num_planes if planes is None else planes,
-                                 scale=rows.scale, step_slack=step_slack, magnitude_slack=magnitude_slack,
-                                 abs_slack=abs_slack, **self._margins())
+        ub, lb = token_code_bounds(rows.q, cell_tokens(cells, size).flatten(1), rows.tables, rows.kv_heads,
+                                   summaries.boxes, summaries.codes, cell_size=size, block_size=summaries.block_size,
+                                   bits=bits, plane_bits=plane_bits, planes=num_planes if planes is None else planes,
+                                   scale=rows.scale, step_slack=step_slack, magnitude_slack=magnitude_slack,
+                                   abs_slack=abs_slack, **self._margins())
+        return ub.view(*cells.shape, size, -1), lb.view(*cells.shape, size, -1)
 
     def _margins(self) -> dict:
         relative, absolute = margin_terms(self.rows.q.shape[-1])

@@ -51,12 +51,6 @@ class HSRStats:
         self.dense_bytes = dense_tokens * token_bytes
         self.dense_keys = dense_tokens
 
-    def add(self, other: HSRStats) -> None:
-        for f in dataclasses.fields(self):
-            if f.type == "int":
-                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-        self.tokens_read += other.tokens_read
-
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 2 or k.dim() != 3 or v.shape != k.shape:

@@ -12,9 +12,6 @@ from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.attention import round_up_certificate
 from vllm_hsr.core.paged import PagedKVLayout
 
-MODE_IDS = {"relu": 0, "softmax": 1, "topk": 1}   # topk attends like softmax
-
-
 def decode_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, dense: torch.Tensor,
                       skipped: torch.Tensor, cfg: HSRConfig, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

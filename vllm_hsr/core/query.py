@@ -80,6 +80,11 @@ class TreeRows:
         return self.tables.shape[1] * self.summaries.block_size
 
 
+def cell_tokens(cells: torch.Tensor, cell_size: int) -> torch.Tensor:
+    """The sequence positions of cells: [..., C] -> [..., C, cell_size]"""
+    return cells.unsqueeze(-1) * cell_size + torch.arange(cell_size, device=cells.device)
+
+
 class RowBounds:
     """Upper and lower score bounds of tree nodes from the paged summaries (the torch twin
     of kernels/tree_query.py). Padding entries must hold a node id that exists (e.g. 0)."""
@@ -97,22 +102,11 @@ class RowBounds:
     def code(self, cells: torch.Tensor, planes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token bounds from the first `planes` code planes (None: all) of complete cells.
         cells: [R, C] -> ub, lb: [R, C, T, G] fp32"""
-        size = self.rows.summaries.cfg.cell_size
-        tokens = cells.unsqueeze(-1) * size + torch.arange(size, device=cells.device)       # [R, C, T]
-        return self._code(tokens, planes)
-
-    def code_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bounds from every code plane of tokens of complete cells. tokens: [R, P] -> ub, lb: [R, P, G]"""
-        ub, lb = self._code(tokens.unsqueeze(-1), None)
-        return ub.squeeze(-2), lb.squeeze(-2)
-
-    def _code(self, tokens: torch.Tensor, planes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens: [R, C, T], each row c inside one cell -> ub, lb: [R, C, T, G]"""
         rows, summaries = self.rows, self.rows.summaries
-        size, bs = summaries.cfg.cell_size, summaries.block_size
+        bs = summaries.block_size
+        tokens = cell_tokens(cells, summaries.cfg.cell_size)                                 # [R, C, T]
         blocks = rows.tables.gather(1, (tokens // bs).flatten(1)).view_as(tokens)
         packed = summaries.codes[blocks, tokens % bs, rows.kv_heads.view(-1, 1, 1)]          # [R, C, T, bytes]
-        cells = tokens[..., 0] // size
         blocks, slots = summaries.locate(0, cells, rows.tables.unsqueeze(1).expand(-1, cells.shape[1], -1))
         lo, hi = summaries.box_corners(blocks, slots, rows.kv_heads.unsqueeze(1))            # [R, C, D]
         return code_bounds(rows.q, lo, hi, packed, summaries.cfg.code_bits, rows.scale, planes)
@@ -211,7 +205,7 @@ class TreeQuery:
         parts = [(sink, sink < n), (window, window >= 0)]
         if cfg.mode == "softmax" and cfg.seed_cells:
             cells, cells_valid = self.seed_cells()
-            tokens = (cells.unsqueeze(2) * cfg.cell_size + torch.arange(cfg.cell_size, device=self.device)).flatten(1)
+            tokens = cell_tokens(cells, cfg.cell_size).flatten(1)
             parts.append((tokens, cells_valid.repeat_interleave(cfg.cell_size, 1) & (tokens < n)))
         pad = self.rows.max_tokens
         tokens = torch.cat([torch.where(v, t, torch.full_like(t, pad)) for t, v in parts], 1).sort(1).values
@@ -233,11 +227,14 @@ class TreeQuery:
         return math.log(cfg.eps) + torch.logsumexp(scores, dim=1)
 
     # -- selection ----------------------------------------------------------------------------
-    def record_skipped(self, dropped: torch.Tensor, counts: torch.Tensor, ub: torch.Tensor) -> None:
-        """Add n * exp(ub) of the dropped nodes to each head's skipped mass. dropped, counts: [R, P]; ub: [R, P, G]"""
+    def record_skipped(self, dropped: torch.Tensor, counts: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+        """Add n * exp(ub) of the dropped nodes to each head's skipped mass and return its ln: [R, G].
+        dropped, counts: [R, P]; ub: [R, P, G]"""
         log_mass = counts.double().clamp(min=1).log().unsqueeze(2) + ub.double()
         log_mass = torch.where(dropped.unsqueeze(2), log_mass, torch.full_like(log_mass, -math.inf))
-        self.skipped = torch.logaddexp(self.skipped, torch.logsumexp(log_mass, dim=1))
+        added = torch.logsumexp(log_mass, dim=1)
+        self.skipped = torch.logaddexp(self.skipped, added)
+        return added
 
     def keep_nodes(self, counts, ub, lb, valid, log_budget, spent, level_share, share):
         cfg = self.cfg
@@ -283,7 +280,7 @@ class TreeQuery:
         -> tokens [R, C*T], valid, coded, ub, lb [R, C*T, G]"""
         size = self.cfg.cell_size
         n = self.rows.num_tokens.unsqueeze(1)
-        tokens = cells.unsqueeze(2) * size + torch.arange(size, device=self.device)              # [R, C, T]
+        tokens = cell_tokens(cells, size)                                                      # [R, C, T]
         ub = cell_ub.unsqueeze(2).expand(-1, -1, size, -1)
         lb = cell_lb.unsqueeze(2).expand(-1, -1, size, -1)
         coded = cells_valid & (cells < n // size) if self.cfg.code_bits else torch.zeros_like(cells_valid)
@@ -319,10 +316,8 @@ class TreeQuery:
             share = math.log(REFINE_SHARE)
             gain = kept_gain(lb, cfg.eps)
             skip, _ = greedy_skip(ub.double(), log_budget + share, valid, None if gain is None else gain + share)
-            self.record_skipped(skip, torch.ones_like(tokens), ub)
+            log_spent = self.record_skipped(skip, torch.ones_like(tokens), ub)
             valid = valid & ~skip
-            log_mass = torch.where(skip.unsqueeze(-1), ub.double(), torch.full_like(ub, -math.inf, dtype=torch.float64))
-            log_spent = torch.logsumexp(log_mass, dim=1)
         else:                                                # cannot reach the budget_tokens best
             lower = torch.where(valid, lb.amax(-1), torch.full_like(lb[..., 0], -math.inf))
             floor = topk_floor(lower, valid.long(), cfg.budget_tokens)

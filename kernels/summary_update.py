@@ -1,12 +1,12 @@
 """Summary and code update after a KV write: cell boxes, token codes, union boxes above.
 
-Twin: vllm_hsr.core.paged.PagedSummaries.update (torch). Tokens of a sequence arrive in
-order, so for each cell written this step the program of its last written token takes
-min/max over the step's keys of that cell, joined with the stored box unless the cell
-starts in this step (a recycled block carries an old box). A cell that fills is then
-quantised from the cache (its earlier tokens were written in earlier steps). Boxes are
-stored in the key dtype here, where min/max are exact; a narrower summary dtype (with
-outward rounding) is the torch path's.
+Twin: vllm_hsr.core.paged.PagedSummaries.apply (torch). Only complete cells have
+summaries (the partial last cell of a sequence is always read exactly), so the program
+of a token that fills its cell reads the whole cell back from the cache (its earlier
+tokens may come from earlier steps), writes its box and quantises its codes; every
+other program returns at once. A box is written whole, so a recycled block's old
+content never leaks. Boxes are stored in the cache dtype here, where min/max are
+exact; a narrower summary dtype (with outward rounding) is the torch path's.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import triton.language as tl
 
 @triton.jit
 def _cell_update_kernel(
-    keys_ptr, slots_ptr, positions_ptr, seq_start_ptr, seq_end_ptr, boxes_ptr, codes_ptr, cache_ptr,
-    key_offsets_ptr,
-    stride_key_n, stride_key_h,
+    slots_ptr, positions_ptr, boxes_ptr, codes_ptr, cache_ptr, key_offsets_ptr,
     box_stride_block, box_stride_slot, box_stride_side, box_stride_h,
     code_stride_block, code_stride_t, code_stride_h,
     block_stride, head_stride,
@@ -29,57 +27,43 @@ def _cell_update_kernel(
 ):
     i = tl.program_id(0)                    # token index in this step
     h = tl.program_id(1)                    # kv head
-    end = tl.load(seq_end_ptr + i)          # one past the last token of i's sequence in this step
     pos = tl.load(positions_ptr + i)
-    last_in_cell = (i + 1 == end) | ((pos + 1) % CELL == 0)
-    if last_in_cell:
-        first = tl.maximum(i - pos % CELL, tl.load(seq_start_ptr + i))
+    if (pos + 1) % CELL == 0:
+        slot = tl.load(slots_ptr + i).to(tl.int64)
+        block = slot // BLOCK_SIZE
+        first_offset = slot % BLOCK_SIZE - (CELL - 1)
         j = tl.arange(0, CELL)
         d = tl.arange(0, HEAD_DIM_PAD)
         d_ok = d < HEAD_DIM
-        rows_ok = (first + j) <= i
-        tile = rows_ok[:, None] & d_ok[None, :]
-        k = tl.load(keys_ptr + (first + j).to(tl.int64)[:, None] * stride_key_n + h * stride_key_h + d[None, :],
-                    mask=tile, other=0.0)                                               # [CELL, HEAD_DIM_PAD]
-        lo = tl.min(tl.where(tile, k, float("inf")), axis=0)
-        hi = tl.max(tl.where(tile, k, float("-inf")), axis=0)
-        slot = tl.load(slots_ptr + i).to(tl.int64)
-        block = slot // BLOCK_SIZE
-        offset = slot % BLOCK_SIZE
-        box = boxes_ptr + block * box_stride_block + (offset // CELL) * box_stride_slot + h * box_stride_h + d
-        cell_start = (pos - (i - first)) % CELL == 0
-        if not cell_start:
-            lo = tl.minimum(lo, tl.load(box, mask=d_ok, other=0.0))
-            hi = tl.maximum(hi, tl.load(box + box_stride_side, mask=d_ok, other=0.0))
+        k_off = tl.load(key_offsets_ptr + (first_offset + j)[:, None] * HEAD_DIM + d[None, :],
+                        mask=d_ok[None, :], other=0)
+        k = tl.load(cache_ptr + block * block_stride + h.to(tl.int64) * head_stride + k_off,
+                    mask=d_ok[None, :], other=0.0)                                      # [CELL, HEAD_DIM_PAD]
+        lo = tl.min(k, axis=0)
+        hi = tl.max(k, axis=0)
+        box = boxes_ptr + block * box_stride_block + (first_offset // CELL) * box_stride_slot + h * box_stride_h + d
         tl.store(box, lo, mask=d_ok)
         tl.store(box + box_stride_side, hi, mask=d_ok)
         if BITS > 0:
-            if (pos + 1) % CELL == 0:
-                # the whole cell, from the cache (earlier steps wrote part of it)
-                first_offset = offset - (CELL - 1)
-                k_off = tl.load(key_offsets_ptr + (first_offset + j)[:, None] * HEAD_DIM + d[None, :],
-                                mask=d_ok[None, :], other=0)
-                cell_keys = tl.load(cache_ptr + block * block_stride + h.to(tl.int64) * head_stride + k_off,
-                                    mask=d_ok[None, :], other=0.0).to(tl.float32)    # [CELL, HEAD_DIM_PAD]
-                lo32 = lo.to(tl.float32)
-                step = (hi.to(tl.float32) - lo32) / ((1 << BITS) - 1)
-                scaled = (cell_keys - lo32[None, :]) / step[None, :]
-                finite = (scaled == scaled) & (tl.abs(scaled) < float("inf"))
-                scaled = tl.where(finite, scaled, 0.0)
-                code = tl.minimum(tl.maximum(tl.floor(scaled + 0.5), 0.0), (1 << BITS) - 1).to(tl.int32)
-                code = tl.where(d_ok[None, :], code, 0)
-                # planes of PLANE_BITS, most significant first, each packing 8 // PLANE_BITS codes per
-                # byte: byte b of a plane holds channels b*per .. b*per + per - 1
-                PER: tl.constexpr = 8 // PLANE_BITS
-                byte = tl.arange(0, HEAD_DIM_PAD // PER)
-                shifts = (tl.arange(0, PER) * PLANE_BITS)[None, None, :]
-                row = codes_ptr + block * code_stride_block + (first_offset + j).to(tl.int64)[:, None] * code_stride_t \
-                    + h * code_stride_h + byte[None, :]
-                for plane in tl.static_range(BITS // PLANE_BITS):
-                    part = (code >> (PLANE_BITS * (BITS // PLANE_BITS - 1 - plane))) & ((1 << PLANE_BITS) - 1)
-                    grouped = tl.reshape(part, [CELL, HEAD_DIM_PAD // PER, PER])
-                    packed = tl.sum(grouped << shifts, axis=2).to(tl.uint8)              # [CELL, HEAD_DIM_PAD // PER]
-                    tl.store(row + plane * PLANE_BYTES, packed, mask=(byte < PLANE_BYTES)[None, :])
+            lo32 = lo.to(tl.float32)
+            step = (hi.to(tl.float32) - lo32) / ((1 << BITS) - 1)
+            scaled = (k.to(tl.float32) - lo32[None, :]) / step[None, :]
+            finite = (scaled == scaled) & (tl.abs(scaled) < float("inf"))
+            scaled = tl.where(finite, scaled, 0.0)
+            code = tl.minimum(tl.maximum(tl.floor(scaled + 0.5), 0.0), (1 << BITS) - 1).to(tl.int32)
+            code = tl.where(d_ok[None, :], code, 0)
+            # planes of PLANE_BITS, most significant first, each packing 8 // PLANE_BITS codes per
+            # byte: byte b of a plane holds channels b*per .. b*per + per - 1
+            PER: tl.constexpr = 8 // PLANE_BITS
+            byte = tl.arange(0, HEAD_DIM_PAD // PER)
+            shifts = (tl.arange(0, PER) * PLANE_BITS)[None, None, :]
+            row = codes_ptr + block * code_stride_block + (first_offset + j).to(tl.int64)[:, None] * code_stride_t \
+                + h * code_stride_h + byte[None, :]
+            for plane in tl.static_range(BITS // PLANE_BITS):
+                part = (code >> (PLANE_BITS * (BITS // PLANE_BITS - 1 - plane))) & ((1 << PLANE_BITS) - 1)
+                grouped = tl.reshape(part, [CELL, HEAD_DIM_PAD // PER, PER])
+                packed = tl.sum(grouped << shifts, axis=2).to(tl.uint8)                  # [CELL, HEAD_DIM_PAD // PER]
+                tl.store(row + plane * PLANE_BYTES, packed, mask=(byte < PLANE_BYTES)[None, :])
 
 
 @triton.jit
@@ -115,29 +99,26 @@ def _union_kernel(
     tl.store(dst + box_stride_side, hi, mask=d_ok)
 
 
-def update_cells(keys: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, seq_start: torch.Tensor,
-                 seq_end: torch.Tensor, boxes: torch.Tensor, codes: torch.Tensor | None, cache: torch.Tensor,
-                 block_stride: int, head_stride: int, key_offsets: torch.Tensor, cell_size: int,
-                 code_bits: int, plane_bits: int) -> None:
-    """keys: [n, H, D] (the step's, in the boxes' dtype); slots, positions: [n];
-    seq_start/seq_end: [n] index range of each token's sequence within this step;
-    boxes: [num_blocks, num_slots, 2, H, D] (cells first); codes: [num_blocks, block_size, H, bytes] uint8,
-    code_bits // plane_bits planes of plane_bits per channel each.
+def update_cells(slots: torch.Tensor, positions: torch.Tensor, boxes: torch.Tensor, codes: torch.Tensor | None,
+                 cache: torch.Tensor, block_stride: int, head_stride: int, key_offsets: torch.Tensor,
+                 cell_size: int, code_bits: int, plane_bits: int) -> None:
+    """Summarise the cells this step's write fills. slots, positions: [n] of the written tokens;
+    boxes: [num_blocks, num_slots, 2, H, D] (cells first) in the cache dtype; cache: flat;
+    codes: [num_blocks, block_size, H, bytes] uint8, code_bits // plane_bits planes of plane_bits each.
     """
-    if keys.dtype != boxes.dtype:
-        raise ValueError(f"summary kernel stores boxes in the key dtype ({keys.dtype}), got {boxes.dtype}")
-    n, num_kv_heads, head_dim = keys.shape
+    if boxes.dtype != cache.dtype:
+        raise ValueError(f"summary kernel stores boxes in the cache dtype ({cache.dtype}), got {boxes.dtype}")
+    n = slots.numel()
     if n == 0:
         return
+    num_kv_heads, head_dim = boxes.shape[3], boxes.shape[4]
     block_size = key_offsets.shape[0]
-    head_dim_pad = triton.next_power_of_2(head_dim)
     codes_arg = codes if codes is not None else boxes
     code_strides = (codes.stride(0), codes.stride(1), codes.stride(2)) if codes is not None else (0, 0, 0)
     _cell_update_kernel[(n, num_kv_heads)](
-        keys, slots, positions, seq_start, seq_end, boxes, codes_arg, cache, key_offsets.contiguous(),
-        keys.stride(0), keys.stride(1), *boxes.stride()[:4], *code_strides, block_stride, head_stride,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CELL=cell_size, BLOCK_SIZE=block_size,
-        BITS=code_bits, PLANE_BITS=max(plane_bits, 1),
+        slots, positions, boxes, codes_arg, cache, key_offsets.contiguous(), *boxes.stride()[:4], *code_strides,
+        block_stride, head_stride, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        CELL=cell_size, BLOCK_SIZE=block_size, BITS=code_bits, PLANE_BITS=max(plane_bits, 1),
         PLANE_BYTES=codes.shape[-1] // (code_bits // plane_bits) if codes is not None else 1)
 
 

@@ -60,8 +60,8 @@ class PagedBatch:
         for h in range(self.key_view.shape[1]):
             self.key_view[blocks, h, offsets] = self.keys[seq][start:end, h]
             self.value_view[blocks, h, offsets] = self.values[seq][start:end, h]
-        update_summaries(self.summaries, self.keys[seq][start:end], slots, positions,
-                         torch.full((end - start,), seq), self.block_table, flat_view(self.cache), self.layout)
+        write = self.summaries.plan_write(slots, positions, torch.full((end - start,), seq), self.block_table)
+        update_summaries(self.summaries, write, self.block_table, flat_view(self.cache), self.layout)
 
     def fill(self, chunks=(0.5,)) -> None:
         """Prefill each sequence in chunks (fractions of its length), then decode the rest token by token."""

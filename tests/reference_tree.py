@@ -4,10 +4,9 @@ built at once from contiguous keys (DenseCellTree) or read from paged summaries
 
 Node i of level l covers the tokens [i * span(l), (i + 1) * span(l)), span(l) =
 cell_size * fanout**l, whatever the KV block size, so the dense and the paged trees
-of a sequence are the same tree. Level 0 (cells) includes the partial last cell;
-levels above hold complete nodes only, and the tokens past the last complete node
-of a level are covered by the levels below ("tail" nodes). Only complete cells
-have token codes: the partial cell's codes would go stale as it grows.
+of a sequence are the same tree. Every level holds complete nodes only (the partial
+last cell has no summary: it is always read exactly), and the tokens past the last
+complete node of a level are covered by the levels below ("tail" nodes).
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ class CellTree:
         return self.cell_size * self.fanout ** level
 
     def num_nodes(self, level: int) -> int:
-        if level == 0:
-            return -(-self.num_tokens // self.cell_size)
         return self.num_tokens // self.span(level)
 
     def num_coded_cells(self) -> int:

@@ -18,7 +18,7 @@ import torch
 
 from vllm_hsr import _vllm
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view
+from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view
 from vllm_hsr.core.paged import summary_dtype
 from vllm_hsr.ops import hsr_decode, update_summaries
 from vllm_hsr.plugin import BACKEND_NAME
@@ -32,7 +32,10 @@ class HSRMetadata:
     """One step's batch, decode rows first.
 
     sparse_rows / dense_rows: decode rows (one token each) served by HSR / by the dense kernel;
-    dense_decode, prefill: the dense backend's metadata for dense_rows and for the prefill rows.
+    dense_decode, prefill: the dense backend's metadata for dense_rows and for the prefill rows;
+    dense_all: the dense metadata of the whole batch when no row is sparse (one dense call, as the
+    dense backend alone would make; dense_decode and prefill are then None).
+    summary_write: the step's SummaryWrite, planned by the first layer and shared by the others.
     """
 
     num_actual_tokens: int
@@ -46,6 +49,8 @@ class HSRMetadata:
     dense_rows: torch.Tensor
     dense_decode: object | None
     prefill: object | None
+    dense_all: object | None = None
+    summary_write: SummaryWrite | None = None
 
 
 def _subset(common, rows: torch.Tensor):
@@ -74,6 +79,21 @@ def _tail(common, first_row: int, first_token: int):
         is_prefilling=None if common.is_prefilling is None else common.is_prefilling[first_row:])
 
 
+def _token_rows_and_positions(common) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each scheduled token's request row and sequence position, on the metadata's device."""
+    n, device = common.num_actual_tokens, common.query_start_loc.device
+    query_lens = common.query_start_loc[1:] - common.query_start_loc[:-1]
+    if common.max_query_len == 1:     # decode only: token i is request i's last token
+        token_rows = torch.arange(n, device=device)
+    else:
+        token_rows = torch.repeat_interleave(torch.arange(common.num_reqs, device=device), query_lens,
+                                             output_size=n)
+    if common.positions is not None:
+        return token_rows, common.positions[:n]
+    offset = torch.arange(n, device=device) - common.query_start_loc[token_rows]
+    return token_rows, (common.seq_lens - query_lens)[token_rows] + offset
+
+
 class HSRMetadataBuilder(_vllm.CPUAttentionMetadataBuilder):
     # Decode rows first, so the batch splits into [decodes | prefills].
     reorder_batch_threshold = 1
@@ -91,20 +111,26 @@ class HSRMetadataBuilder(_vllm.CPUAttentionMetadataBuilder):
         num_decodes, num_prefills, num_decode_tokens, _ = _vllm.split_decodes_and_prefills(
             common, decode_threshold=1)
         n = common.num_actual_tokens
-        query_lens = common.query_start_loc_cpu[1:] - common.query_start_loc_cpu[:-1]
-        token_rows = torch.repeat_interleave(torch.arange(common.num_reqs), query_lens)[:n]
-        first_pos = (common.seq_lens.cpu() - query_lens)[token_rows]
-        positions = first_pos + torch.arange(n) - common.query_start_loc_cpu[token_rows]
-        long_enough = common.seq_lens[:num_decodes].cpu() >= self.min_sparse_tokens
-        sparse_rows = torch.nonzero(long_enough).flatten()
-        dense_rows = torch.nonzero(~long_enough).flatten()
-        return HSRMetadata(
+        token_rows, positions = _token_rows_and_positions(common)
+        if common.max_seq_len < self.min_sparse_tokens:     # no decode row is long enough: skip the split
+            sparse_rows = dense_rows = torch.zeros(0, dtype=torch.long)
+        else:
+            long_enough = common.seq_lens[:num_decodes].cpu() >= self.min_sparse_tokens
+            sparse_rows = torch.nonzero(long_enough).flatten()
+            dense_rows = torch.nonzero(~long_enough).flatten()
+        metadata = HSRMetadata(
             num_actual_tokens=n, num_decode_tokens=num_decode_tokens,
             slot_mapping=common.slot_mapping[:n], positions=positions, token_rows=token_rows,
             block_table=common.block_table_tensor, seq_lens=common.seq_lens,
-            sparse_rows=sparse_rows, dense_rows=dense_rows,
-            dense_decode=super().build(0, _subset(common, dense_rows)) if dense_rows.numel() else None,
-            prefill=super().build(0, _tail(common, num_decodes, num_decode_tokens)) if num_prefills else None)
+            sparse_rows=sparse_rows, dense_rows=dense_rows, dense_decode=None, prefill=None)
+        if not sparse_rows.numel():
+            metadata.dense_all = super().build(common_prefix_len, common, fast_build)
+        else:
+            if dense_rows.numel():
+                metadata.dense_decode = super().build(0, _subset(common, dense_rows))
+            if num_prefills:
+                metadata.prefill = super().build(0, _tail(common, num_decodes, num_decode_tokens))
+        return metadata
 
 
 class HSRAttentionBackend(_vllm.CPUAttentionBackend):
@@ -193,8 +219,11 @@ class HSRAttentionImpl(_vllm.CPUAttentionBackendImpl):
         n, num_decode = m.num_actual_tokens, m.num_decode_tokens
         if self.hsr_supported:
             summaries = self._index(layer, kv_cache)
-            update_summaries(summaries, key[:n], m.slot_mapping.long(), m.positions, m.token_rows,
-                             m.block_table, flat_view(kv_cache), self.layout)
+            if m.summary_write is None:
+                m.summary_write = summaries.plan_write(m.slot_mapping, m.positions, m.token_rows, m.block_table)
+            update_summaries(summaries, m.summary_write, m.block_table, flat_view(kv_cache), self.layout)
+        if m.dense_all is not None:
+            super().forward(layer, query, key, value, kv_cache, m.dense_all, output)
         if m.prefill is not None:
             super().forward(layer, query[num_decode:n], key[num_decode:n], value[num_decode:n], kv_cache,
                             m.prefill, output[num_decode:n])

@@ -16,7 +16,7 @@ import torch
 from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.attention import HSRStats
 from vllm_hsr.core.decode import decode_candidates
-from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view
+from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view
 from vllm_hsr.core.query import Candidates, RowBounds, TreeQuery, TreeRows, cell_tokens
 from vllm_hsr.core.summaries import code_planes, code_slacks, margin_terms
 
@@ -34,34 +34,23 @@ def use_triton(device: torch.device) -> bool:
     return choice == "triton"
 
 
-def update_summaries(summaries: PagedSummaries, keys: torch.Tensor, slot_mapping: torch.Tensor,
-                     positions: torch.Tensor, token_rows: torch.Tensor, block_table: torch.Tensor,
+def update_summaries(summaries: PagedSummaries, write: SummaryWrite, block_table: torch.Tensor,
                      flat_cache: torch.Tensor, layout: PagedKVLayout) -> None:
-    """After a KV write: bring cell boxes, token codes and union boxes up to date.
-
-    keys: [n, num_kv_heads, head_dim]; slot_mapping, positions, token_rows: [n] (token_rows: each
-    token's row of block_table, tokens of a row contiguous and in order).
-    The kernels keep boxes in the key dtype; a different summary dtype uses the torch path.
+    """After a KV write: summarise the cells it filled (read back from the cache) and the union boxes
+    it completed. write: the step's SummaryWrite (summaries.plan_write), whose token_rows index
+    block_table. The kernels keep boxes in the cache dtype; a different summary dtype uses the torch path.
     """
-    if not (use_triton(keys.device) and keys.dtype == summaries.boxes.dtype):
-        summaries.update(keys, slot_mapping, positions, token_rows, block_table, flat_cache, layout)
+    if not (use_triton(flat_cache.device) and flat_cache.dtype == summaries.boxes.dtype):
+        summaries.apply(write, flat_cache, layout)
         return
     from vllm_hsr.kernels.summary_update import update_cells, update_union
-    # each token's sequence as the index range [seq_start, seq_end) of this step's tokens
-    n = keys.shape[0]
-    new_row = torch.ones(n, dtype=torch.bool, device=keys.device)
-    new_row[1:] = token_rows[1:] != token_rows[:-1]
-    starts = torch.arange(n, device=keys.device)[new_row]
-    ends = torch.cat([starts[1:], starts.new_tensor([n])])
-    sequence = torch.cumsum(new_row.long(), 0) - 1
-    seq_start, seq_end = starts[sequence], ends[sequence]
-    cfg = summaries.cfg
-    update_cells(keys.contiguous(), slot_mapping, positions, seq_start, seq_end, summaries.boxes, summaries.codes,
-                 flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets, cfg.cell_size,
-                 cfg.code_bits, code_planes(cfg.code_bits)[0] if cfg.code_bits else 0)
+    cfg, positions = summaries.cfg, write.positions
+    update_cells(write.slot_mapping, positions, summaries.boxes, summaries.codes, flat_cache, layout.block_stride,
+                 layout.head_stride, layout.key_offsets, cfg.cell_size, cfg.code_bits,
+                 code_planes(cfg.code_bits)[0] if cfg.code_bits else 0)
     for level in range(1, cfg.tree_levels + 1):
         done = (positions + 1) % summaries.span(level) == 0
-        update_union(summaries.boxes, (positions[done] + 1) // summaries.span(level) - 1, token_rows[done],
+        update_union(summaries.boxes, (positions[done] + 1) // summaries.span(level) - 1, write.token_rows[done],
                      block_table, summaries.span(level - 1), summaries.slots[level - 1][0], summaries.span(level),
                      summaries.slots[level][0], cfg.fanout, summaries.block_size)
 

@@ -3,7 +3,9 @@
 Node i of tree level l (span S = cell_size * fanout**l tokens) is stored with the
 physical block that holds its last token, in slot (last % block_size) // S of
 that level, so a summary is a pure function of block contents: prefix caching
-shares it, and a recycled block is re-summarised by its first write.
+shares it. A node is summarised when the write that completes it lands (a cell's box
+and codes from its keys in the cache), so a recycled block's old summaries are
+overwritten before they are read; the partial last cell has none and is read exactly.
 """
 
 from __future__ import annotations
@@ -117,6 +119,40 @@ def level_slots(cfg: HSRConfig, block_size: int) -> list[tuple[int, int]]:
     return slots
 
 
+@dataclasses.dataclass
+class SummaryWrite:
+    """What one step's KV write changes in the summaries: the cells it fills and the tree nodes
+    it completes. It depends on slots and positions only, so it is planned once per step and
+    applied to every layer. Empty parts are None (checked on the host: the torch path's syncs)."""
+
+    slot_mapping: torch.Tensor        # [n] int64 cache slot of each written token
+    positions: torch.Tensor           # [n] sequence position of each token
+    token_rows: torch.Tensor          # [n] block-table row of each token
+    filled_blocks: torch.Tensor | None    # [c] block and first in-block offset of each cell that fills now
+    filled_offsets: torch.Tensor | None
+    levels: list[tuple[torch.Tensor, torch.Tensor]]   # per level >= 1 with completed nodes: (last
+    # position of each completed node [m], its block-table row [m, max_blocks]); empty once a level has none
+
+    @classmethod
+    def plan(cls, slot_mapping: torch.Tensor, positions: torch.Tensor, token_rows: torch.Tensor,
+             block_table: torch.Tensor, block_size: int, cfg: HSRConfig) -> SummaryWrite:
+        slot_mapping = slot_mapping.long()
+        size = cfg.cell_size
+        filled = (positions + 1) % size == 0
+        if not filled.any():    # most decode steps: nothing to summarise
+            return cls(slot_mapping, positions, token_rows, None, None, [])
+        slots = slot_mapping[filled]
+        levels = []             # a node above cells completes only where a cell does
+        block_rows = block_table.long()[token_rows[filled]]
+        for level in range(1, cfg.tree_levels + 1):
+            done = (positions[filled] + 1) % (size * cfg.fanout ** level) == 0
+            if not done.any():
+                break
+            levels.append((positions[filled][done], block_rows[done]))
+        return cls(slot_mapping, positions, token_rows, slots // block_size, slots % block_size - (size - 1),
+                   levels)
+
+
 class PagedSummaries:
     """Boxes and token codes of every physical KV block of one attention layer.
 
@@ -167,47 +203,44 @@ class PagedSummaries:
         lo = ((blocks * num_slots + slots) * 2) * num_kv_heads + kv_heads
         return rows[lo], rows[lo + num_kv_heads]
 
-    def update(self, keys: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
-               token_rows: torch.Tensor, block_table: torch.Tensor, flat_cache: torch.Tensor,
-               layout: PagedKVLayout) -> None:
-        """Bring the summaries of every node touched by this step's KV write up to date.
+    def plan_write(self, slot_mapping: torch.Tensor, positions: torch.Tensor, token_rows: torch.Tensor,
+                   block_table: torch.Tensor) -> SummaryWrite:
+        """What a KV write of tokens at slot_mapping changes here (the same for every layer of a step)."""
+        return SummaryWrite.plan(slot_mapping, positions, token_rows, block_table, self.block_size, self.cfg)
 
-        keys: [n, num_kv_heads, head_dim] (already written to the cache at slot_mapping);
-        positions: [n] sequence positions; token_rows: [n] each token's row of block_table.
-        Tokens of a sequence arrive in order, so a cell whose first token is written now is reset
-        first (a recycled block carries an old box) and then grown by min/max.
+    def update(self, slot_mapping: torch.Tensor, positions: torch.Tensor, token_rows: torch.Tensor,
+               block_table: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout) -> None:
+        """Summarise what a KV write (already in the cache) completed: plan_write, then apply.
+
+        positions: [n] sequence positions of the written tokens; token_rows: [n] their block_table rows.
         """
-        bs, size = self.block_size, self.cfg.cell_size
-        blocks, offsets = slot_mapping // bs, slot_mapping % bs
-        cell_slots = blocks * self.boxes.shape[1] + offsets // size
-        flat = self.boxes.view(-1, 2, *self.boxes.shape[3:])                  # [blocks * slots, 2, H, D]
-        starts = cell_slots[offsets % size == 0]
-        flat[starts, 0] = torch.inf
-        flat[starts, 1] = -torch.inf
-        lo, hi = round_outward(keys.float(), keys.float(), self.boxes.dtype)
-        index = cell_slots.view(-1, 1, 1).expand_as(lo)
-        flat[:, 0].scatter_reduce_(0, index, lo, "amin")
-        flat[:, 1].scatter_reduce_(0, index, hi, "amax")
+        self.apply(self.plan_write(slot_mapping, positions, token_rows, block_table), flat_cache, layout)
 
-        filled = offsets % size == size - 1
-        if self.codes is not None and filled.any():
-            self._quantize_cells(blocks[filled], offsets[filled] - (size - 1), flat_cache, layout)
-        block_rows = block_table.long()[token_rows]
-        for level in range(1, self.cfg.tree_levels + 1):
-            done = (positions + 1) % self.span(level) == 0
-            if done.any():
-                self._union_children(level, positions[done], block_rows[done])
+    def apply(self, write: SummaryWrite, flat_cache: torch.Tensor, layout: PagedKVLayout) -> None:
+        """Box and codes of every cell `write` fills, read from the cache, then the union boxes it completes.
 
-    def _quantize_cells(self, blocks: torch.Tensor, first_offsets: torch.Tensor, flat_cache: torch.Tensor,
-                        layout: PagedKVLayout) -> None:
+        Only complete cells have summaries: the partial last cell of a sequence is always read
+        exactly, so a box is written once, when its cell fills, whatever the block held before.
+        """
+        if write.filled_blocks is not None:
+            self._summarise_cells(write.filled_blocks, write.filled_offsets, flat_cache, layout)
+        for level, (positions, block_rows) in enumerate(write.levels, start=1):
+            self._union_children(level, positions, block_rows)
+
+    def _summarise_cells(self, blocks: torch.Tensor, first_offsets: torch.Tensor, flat_cache: torch.Tensor,
+                         layout: PagedKVLayout) -> None:
         size, bits = self.cfg.cell_size, self.cfg.code_bits
         tokens = first_offsets.unsqueeze(1) + torch.arange(size, device=blocks.device)     # [c, T]
         cell_blocks = blocks.unsqueeze(1).expand_as(tokens)
-        box = self.boxes[blocks, first_offsets // size]                                     # [c, 2, H, D]
+        slots = first_offsets // size
         for kv_head in range(self.boxes.shape[3]):
-            keys, _ = layout.gather(flat_cache, cell_blocks.flatten(), tokens.flatten(), kv_head)
-            codes = quantize_keys(keys.view(*tokens.shape, -1), box[:, 0, kv_head], box[:, 1, kv_head], bits)
-            self.codes[cell_blocks, tokens, kv_head] = pack_codes(codes, bits)
+            keys, _ = layout.gather(flat_cache, cell_blocks, tokens, kv_head, values=False)  # [c, T, D]
+            keys = keys.float()
+            lo, hi = round_outward(keys.amin(1), keys.amax(1), self.boxes.dtype)
+            self.boxes[blocks, slots, 0, kv_head] = lo
+            self.boxes[blocks, slots, 1, kv_head] = hi
+            if self.codes is not None:
+                self.codes[cell_blocks, tokens, kv_head] = pack_codes(quantize_keys(keys, lo, hi, bits), bits)
 
     def _union_children(self, level: int, positions: torch.Tensor, block_rows: torch.Tensor) -> None:
         fanout = self.cfg.fanout

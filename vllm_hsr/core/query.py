@@ -154,8 +154,7 @@ class TreeQuery:
         return self.cfg.cell_size * self.cfg.fanout ** level
 
     def num_nodes(self, level: int) -> torch.Tensor:
-        if level == 0:
-            return -(-self.rows.num_tokens // self.cfg.cell_size)
+        """Complete nodes of `level` per row: only they have summaries (the partial cell is a seed)."""
         return self.rows.num_tokens // self.span(level)
 
     def node_width(self) -> int | None:
@@ -197,12 +196,16 @@ class TreeQuery:
         return beam, beam_valid
 
     def seeds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens read before selecting: sink, window and (softmax) the seed cells.
+        """Tokens read before selecting: the partial last cell (it has no summary), and outside relu
+        mode the sink, the window and (softmax) the seed cells.
         -> ascending unique tokens [R, K] (padding: max_tokens) and valid [R, K]"""
         cfg, n = self.cfg, self.rows.num_tokens.unsqueeze(1)
-        sink = torch.arange(cfg.sink_tokens, device=self.device).expand(n.shape[0], -1)
-        window = n - cfg.window_tokens + torch.arange(cfg.window_tokens, device=self.device)
-        parts = [(sink, sink < n), (window, window >= 0)]
+        partial = n // cfg.cell_size * cfg.cell_size + torch.arange(cfg.cell_size - 1, device=self.device)
+        parts = [(partial, partial < n)]
+        if cfg.mode != "relu":
+            sink = torch.arange(cfg.sink_tokens, device=self.device).expand(n.shape[0], -1)
+            window = n - cfg.window_tokens + torch.arange(cfg.window_tokens, device=self.device)
+            parts += [(sink, sink < n), (window, window >= 0)]
         if cfg.mode == "softmax" and cfg.seed_cells:
             cells, cells_valid = self.seed_cells()
             tokens = cell_tokens(cells, cfg.cell_size).flatten(1)
@@ -276,21 +279,20 @@ class TreeQuery:
         return kept, kept_valid, ub, lb, remaining_log_budget(log_budget, spent)
 
     def token_bounds(self, cells, cells_valid, cell_ub, cell_lb):
-        """Bounds of the tokens of the kept cells: the first code plane where present, else the cell box.
-        -> tokens [R, C*T], valid, coded, ub, lb [R, C*T, G]"""
+        """Bounds of the tokens of the kept (complete) cells: the first code plane where codes are on,
+        else the cell box. -> tokens [R, C*T], valid, coded, ub, lb [R, C*T, G]"""
         size = self.cfg.cell_size
-        n = self.rows.num_tokens.unsqueeze(1)
         tokens = cell_tokens(cells, size)                                                      # [R, C, T]
         ub = cell_ub.unsqueeze(2).expand(-1, -1, size, -1)
         lb = cell_lb.unsqueeze(2).expand(-1, -1, size, -1)
-        coded = cells_valid & (cells < n // size) if self.cfg.code_bits else torch.zeros_like(cells_valid)
+        coded = cells_valid if self.cfg.code_bits else torch.zeros_like(cells_valid)
         if self.cfg.code_bits:
             self.counters["code_cells_read"] += coded.sum()
             code_ub, code_lb = self.code_bounds(cells, 1)
             use = coded.view(*coded.shape, 1, 1)
             ub = torch.where(use, torch.minimum(code_ub, ub), ub)
             lb = torch.where(use, torch.maximum(code_lb, lb), lb)
-        valid = cells_valid.unsqueeze(2) & (tokens < n.unsqueeze(2))
+        valid = cells_valid.unsqueeze(2).expand(-1, -1, size)
         coded = coded.unsqueeze(2).expand(-1, -1, size)
         return tokens.flatten(1), valid.flatten(1), coded.flatten(1), ub.flatten(1, 2), lb.flatten(1, 2)
 
@@ -348,17 +350,13 @@ class TreeQuery:
 
     def run(self) -> Candidates:
         rows, cfg = self.rows, self.cfg
-        if cfg.mode == "relu":
-            seeds = torch.zeros(rows.q.shape[0], 0, dtype=torch.long, device=self.device)
-            seeds_valid = torch.zeros_like(seeds, dtype=torch.bool)
-        else:
-            seeds, seeds_valid = self.seeds()
+        seeds, seeds_valid = self.seeds()
         log_budget = self.log_budget(seeds, seeds_valid)
         cells, cells_valid, cell_ub, cell_lb, token_budget = self.walk(seeds, log_budget)
         tokens, valid, coded, ub, lb = self.token_bounds(cells, cells_valid, cell_ub, cell_lb)
         seeded = torch.searchsorted(seeds, tokens).clamp(max=max(seeds.shape[1] - 1, 0))
         if seeds.shape[1]:
-            valid &= seeds.gather(1, seeded) != tokens
+            valid = valid & (seeds.gather(1, seeded) != tokens)
         log_spent = None
         if cfg.code_bits and code_planes(cfg.code_bits)[1] > 1:
             valid, ub, lb, log_spent = self.refine(cells, tokens, valid, coded, ub, lb, token_budget)

@@ -39,7 +39,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size, cfg,
                                         summary_dtype(cfg, k.dtype))
     flat = flat_view(cache)
-    summaries.update(k, positions + block_size, positions, torch.zeros_like(positions), table, flat, layout)
+    summaries.update(positions + block_size, positions, torch.zeros_like(positions), table, flat, layout)
 
     seq_lens = torch.tensor([num_tokens])
     rows = TreeRows.from_batch(q.unsqueeze(0), summaries, table, seq_lens, scale)

@@ -18,10 +18,11 @@ _PATHS = {
     "CpuPlatform": "vllm.platforms.cpu:CpuPlatform",
     "builtin_cpu_platform_plugin": "vllm.platforms:cpu_platform_plugin",
     # backend and engine side
-    "CPUAttentionBackend": "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend",
-    "CPUAttentionBackendImpl": "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl",
-    "CPUAttentionMetadataBuilder": "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder",
+    "current_platform": "vllm.platforms:current_platform",
     "AttentionType": "vllm.v1.attention.backend:AttentionType",
+    "AttentionCGSupport": "vllm.v1.attention.backend:AttentionCGSupport",
+    "CommonAttentionMetadata": "vllm.v1.attention.backend:CommonAttentionMetadata",
+    "is_quantized_kv_cache": "vllm.utils.torch_utils:is_quantized_kv_cache",
     "Attention": "vllm.model_executor.layers.attention:Attention",
     "get_layers_from_vllm_config": "vllm.config:get_layers_from_vllm_config",
     "split_decodes_and_prefills": "vllm.v1.attention.backends.utils:split_decodes_and_prefills",
@@ -29,6 +30,24 @@ _PATHS = {
     "init_logger": "vllm.logger:init_logger",
     "cli_main": "vllm.entrypoints.cli.main:main",
 }
+
+
+# The dense backends HSR composes with: (backend, metadata builder, impl) of each.
+DENSE_PARTNERS = {
+    "CPU_ATTN": ("vllm.v1.attention.backends.cpu_attn",
+                 ("CPUAttentionBackend", "CPUAttentionMetadataBuilder", "CPUAttentionBackendImpl")),
+    "FLASH_ATTN": ("vllm.v1.attention.backends.flash_attn",
+                   ("FlashAttentionBackend", "FlashAttentionMetadataBuilder", "FlashAttentionImpl")),
+    "TRITON_ATTN": ("vllm.v1.attention.backends.triton_attn",
+                    ("TritonAttentionBackend", "TritonAttentionMetadataBuilder", "TritonAttentionImpl")),
+}
+
+
+def dense_partner(name: str) -> tuple[type, type, type]:
+    """(backend, metadata builder, impl) classes of the dense backend `name` (a DENSE_PARTNERS key)."""
+    module, names = DENSE_PARTNERS[name]
+    loaded = importlib.import_module(module)
+    return tuple(getattr(loaded, attr) for attr in names)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,30 +1,60 @@
 """HSR attention backend for vLLM: the platform's dense backend, with HSR decode.
 
-The dense impl (CPU_ATTN here) writes the KV cache and computes prefill; decode rows
-with enough context go through HSR over the same paged cache. Summaries live beside
-each layer's cache and are brought up to date after every KV write, prefill chunks
-included. Settings: `--additional-config '{"hsr": {...}}'` and VLLM_HSR_<FIELD>.
+The dense partner (CPU_ATTN on CPU; FLASH_ATTN, or TRITON_ATTN with
+VLLM_HSR_DENSE_BACKEND=TRITON_ATTN, on CUDA) writes the KV cache and computes prefill;
+decode rows with enough context go through HSR over the same paged cache. Summaries
+live beside each layer's cache and are brought up to date after every KV write,
+prefill chunks included. Settings: `--additional-config '{"hsr": {...}}'` and
+VLLM_HSR_<FIELD>.
 
-CUDA graphs: not supported yet (the torch decode path syncs with the host);
-the builder declares so through the dense builder it extends.
+The partner is picked when this module loads (vLLM asks for the backend's classes
+before any engine config exists), so it is an environment setting only. The classes
+below are the partner's own, subclassed: `HSRAttentionBackend` is the partner's
+backend with HSR's builder and impl.
+
+CUDA graphs: declared NEVER. The decode is written to be capturable (fixed-width lists
+with `max_candidates`, overflow to dense, no data-dependent shapes in the kernels), but
+the dense/sparse row split, the per-step stats and the summary update's union step
+read values on the host, and none of it has run on a GPU. vLLM then keeps attention
+outside its captured graphs (piecewise mode).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 
 from vllm_hsr import _vllm
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view
-from vllm_hsr.core.paged import summary_dtype
+from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view, summary_dtype
 from vllm_hsr.ops import hsr_decode, update_summaries
 from vllm_hsr.plugin import BACKEND_NAME
 from vllm_hsr.stats import DecodeStatsLog
 
 logger = _vllm.init_logger(__name__)
+
+DENSE_BACKEND_ENV = "VLLM_HSR_DENSE_BACKEND"
+# Partners whose pages hold each (token, KV head)'s K then V as plain rows; CPU_ATTN's
+# packing depends on dtype and ISA and is learned through its own cache-write op.
+SPLIT_PAGE_PARTNERS = ("FLASH_ATTN", "TRITON_ATTN")
+# CommonAttentionMetadata fields of features HSR's row split does not carry over: a batch
+# that sets one runs through the dense partner whole.
+UNSPLIT_FIELDS = ("encoder_seq_lens", "dcp_local_seq_lens", "mm_req_doc_ranges", "rswa_prefix_lens",
+                  "replayssm_decode_base_cpu", "logits_indices_padded")
+
+
+def dense_partner_name(environ=os.environ) -> str:
+    """VLLM_HSR_DENSE_BACKEND: auto (CPU_ATTN on CPU, FLASH_ATTN elsewhere) or a DENSE_PARTNERS name."""
+    choice = environ.get(DENSE_BACKEND_ENV, "auto")
+    if choice == "auto":
+        return "CPU_ATTN" if _vllm.current_platform.is_cpu() else "FLASH_ATTN"
+    if choice not in _vllm.DENSE_PARTNERS:
+        raise ValueError(f"{DENSE_BACKEND_ENV}={choice!r} is invalid: allowed values are auto, "
+                         f"{', '.join(_vllm.DENSE_PARTNERS)}")
+    return choice
 
 
 @dataclasses.dataclass
@@ -47,36 +77,31 @@ class HSRMetadata:
     seq_lens: torch.Tensor            # [num_reqs]
     sparse_rows: torch.Tensor
     dense_rows: torch.Tensor
-    dense_decode: object | None
-    prefill: object | None
+    dense_decode: object | None = None
+    prefill: object | None = None
     dense_all: object | None = None
     summary_write: SummaryWrite | None = None
 
 
-def _subset(common, rows: torch.Tensor):
-    """CommonAttentionMetadata of decode rows `rows` (each one query token)."""
-    n = rows.numel()
-    start = torch.arange(n + 1, dtype=common.query_start_loc.dtype)
-    seq_lens = common.seq_lens[rows]
-    return dataclasses.replace(
-        common, query_start_loc=start, query_start_loc_cpu=start, seq_lens=seq_lens, num_reqs=n,
-        num_actual_tokens=n, max_query_len=1, max_seq_len=int(seq_lens.max()),
-        block_table_tensor=common.block_table_tensor[rows], slot_mapping=common.slot_mapping[rows],
-        positions=None, is_prefilling=None)
-
-
-def _tail(common, first_row: int, first_token: int):
-    """CommonAttentionMetadata of rows [first_row, num_reqs) (the prefill rows)."""
-    start = common.query_start_loc[first_row:] - first_token
-    start_cpu = common.query_start_loc_cpu[first_row:] - first_token
-    seq_lens = common.seq_lens[first_row:]
-    return dataclasses.replace(
-        common, query_start_loc=start, query_start_loc_cpu=start_cpu, seq_lens=seq_lens,
-        num_reqs=common.num_reqs - first_row, num_actual_tokens=common.num_actual_tokens - first_token,
-        max_seq_len=int(seq_lens.max()), block_table_tensor=common.block_table_tensor[first_row:],
-        slot_mapping=common.slot_mapping[first_token:common.num_actual_tokens],
-        positions=None if common.positions is None else common.positions[first_token:common.num_actual_tokens],
-        is_prefilling=None if common.is_prefilling is None else common.is_prefilling[first_row:])
+def request_subset(common, rows: torch.Tensor):
+    """CommonAttentionMetadata of the requests `rows` (ascending host indices) and their tokens."""
+    starts = common.query_start_loc_cpu
+    query_lens = (starts[1:] - starts[:-1])[rows]
+    new_starts = torch.zeros(rows.numel() + 1, dtype=starts.dtype)
+    torch.cumsum(query_lens, 0, out=new_starts[1:])
+    tokens = torch.repeat_interleave(starts[rows] - new_starts[:-1], query_lens) + torch.arange(int(new_starts[-1]))
+    device = common.query_start_loc.device
+    rows_dev, tokens_dev = rows.to(device), tokens.to(device)
+    upper = common.seq_lens_cpu_upper_bound
+    seq_lens_cpu = upper[rows] if upper is not None else common.seq_lens[rows_dev].cpu()
+    pick = lambda value, index: None if value is None else value[index]  # noqa: E731
+    return _vllm.CommonAttentionMetadata(
+        query_start_loc=new_starts.to(device), query_start_loc_cpu=new_starts, seq_lens=common.seq_lens[rows_dev],
+        num_reqs=rows.numel(), num_actual_tokens=tokens.numel(), max_query_len=int(query_lens.max()),
+        max_seq_len=int(seq_lens_cpu.max()), block_table_tensor=common.block_table_tensor[rows_dev],
+        slot_mapping=common.slot_mapping[tokens_dev], causal=common.causal,
+        positions=pick(common.positions, tokens_dev), is_prefilling=pick(common.is_prefilling, rows_dev),
+        seq_lens_cpu_upper_bound=pick(upper, rows))
 
 
 def _token_rows_and_positions(common) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,17 +119,26 @@ def _token_rows_and_positions(common) -> tuple[torch.Tensor, torch.Tensor]:
     return token_rows, (common.seq_lens - query_lens)[token_rows] + offset
 
 
-class HSRMetadataBuilder(_vllm.CPUAttentionMetadataBuilder):
-    # Decode rows first, so the batch splits into [decodes | prefills].
-    reorder_batch_threshold = 1
+class _HSRBuilder:
+    """HSR's part of the metadata builder; composed in front of the partner's builder."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Decode rows first, so the batch splits into [decodes | prefills] (after the partner's
+        # __init__, which may set its own threshold).
+        self.reorder_batch_threshold = 1
         self.hsr = HSRConfig.from_vllm(vllm_config.additional_config)
         layers = _vllm.get_layers_from_vllm_config(vllm_config, _vllm.Attention, layer_names)
         # One metadata serves the whole group: if any layer cannot use HSR, every decode row is dense.
         self.min_sparse_tokens = self.hsr.dense_below_tokens if all(
             getattr(layer.impl, "hsr_supported", False) for layer in layers.values()) else math.inf
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        return _vllm.AttentionCGSupport.NEVER     # see the module docstring
+
+    def _splittable(self, common) -> bool:
+        return isinstance(common.causal, bool) and not any(getattr(common, name, None) for name in UNSPLIT_FIELDS)
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> HSRMetadata:
         common = common_attn_metadata
@@ -112,9 +146,10 @@ class HSRMetadataBuilder(_vllm.CPUAttentionMetadataBuilder):
             common, decode_threshold=1)
         n = common.num_actual_tokens
         token_rows, positions = _token_rows_and_positions(common)
-        if common.max_seq_len < self.min_sparse_tokens:     # no decode row is long enough: skip the split
-            sparse_rows = dense_rows = torch.zeros(0, dtype=torch.long)
-        else:
+        no_rows = torch.zeros(0, dtype=torch.long)
+        sparse_rows = dense_rows = no_rows
+        # no decode row long enough (or a batch the split cannot carry): skip the split
+        if common.max_seq_len >= self.min_sparse_tokens and self._splittable(common):
             long_enough = common.seq_lens[:num_decodes].cpu() >= self.min_sparse_tokens
             sparse_rows = torch.nonzero(long_enough).flatten()
             dense_rows = torch.nonzero(~long_enough).flatten()
@@ -122,35 +157,19 @@ class HSRMetadataBuilder(_vllm.CPUAttentionMetadataBuilder):
             num_actual_tokens=n, num_decode_tokens=num_decode_tokens,
             slot_mapping=common.slot_mapping[:n], positions=positions, token_rows=token_rows,
             block_table=common.block_table_tensor, seq_lens=common.seq_lens,
-            sparse_rows=sparse_rows, dense_rows=dense_rows, dense_decode=None, prefill=None)
+            sparse_rows=sparse_rows.to(common.seq_lens.device), dense_rows=dense_rows.to(common.seq_lens.device))
         if not sparse_rows.numel():
             metadata.dense_all = super().build(common_prefix_len, common, fast_build)
-        else:
-            if dense_rows.numel():
-                metadata.dense_decode = super().build(0, _subset(common, dense_rows))
-            if num_prefills:
-                metadata.prefill = super().build(0, _tail(common, num_decodes, num_decode_tokens))
+            return metadata
+        if dense_rows.numel():
+            metadata.dense_decode = super().build(0, request_subset(common, dense_rows))
+        if num_prefills:
+            metadata.prefill = super().build(0, request_subset(common, torch.arange(num_decodes, common.num_reqs)))
         return metadata
 
 
-class HSRAttentionBackend(_vllm.CPUAttentionBackend):
-    """Registered as HSR (and CUSTOM); CPU_ATTN's KV-cache layout, prefill and KV writes."""
-
-    @staticmethod
-    def get_name() -> str:
-        return BACKEND_NAME
-
-    @staticmethod
-    def get_builder_cls():
-        return HSRMetadataBuilder
-
-    @staticmethod
-    def get_impl_cls():
-        return HSRAttentionImpl
-
-
 def learn_layout(write_kv, num_kv_heads: int, block_size: int, head_dim: int,
-                 dtype: torch.dtype) -> PagedKVLayout:
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> PagedKVLayout:
     """Find where the dense backend's cache-write op puts each (token, channel) of K and V.
 
     Writes one scratch block once per bit of an element id (values 0 and 1 are exact in
@@ -158,27 +177,39 @@ def learn_layout(write_kv, num_kv_heads: int, block_size: int, head_dim: int,
     are learned as well as plain strided ones.
     """
     count = block_size * head_dim
-    ids = torch.arange(1, 2 * count + 1).view(2, block_size, 1, head_dim).expand(-1, -1, num_kv_heads, -1)
-    scratch = torch.zeros(1, num_kv_heads, block_size, 2 * head_dim, dtype=dtype)
-    found = torch.zeros(scratch.numel(), dtype=torch.long)
-    slots = torch.arange(block_size)
+    ids = torch.arange(1, 2 * count + 1, device=device).view(2, block_size, 1, head_dim)
+    ids = ids.expand(-1, -1, num_kv_heads, -1)
+    scratch = torch.zeros(1, num_kv_heads, block_size, 2 * head_dim, dtype=dtype, device=device)
+    found = torch.zeros(scratch.numel(), dtype=torch.long, device=device)
+    slots = torch.arange(block_size, device=device)
     for bit in range(int(2 * count).bit_length()):
         scratch.zero_()
         bits = ((ids >> bit) & 1).to(dtype)
         write_kv(bits[0].contiguous(), bits[1].contiguous(), scratch, slots)
         found |= (scratch.flatten() != 0).long() << bit
-    per_head = found.view(num_kv_heads, -1)
+    per_head = found.cpu().view(num_kv_heads, -1)
     if not torch.equal(per_head, per_head[:1].expand_as(per_head)):
         raise RuntimeError("HSR: the KV cache layout differs between KV heads; cannot index it")
     where = torch.full((2 * count + 1,), -1, dtype=torch.long)
     where[per_head[0]] = torch.arange(per_head.shape[1])
     if (where[1:] < 0).any():
         raise RuntimeError("HSR: could not locate every key/value element of the KV cache layout")
-    offsets = where[1:].view(2, block_size, head_dim)
+    offsets = where[1:].view(2, block_size, head_dim).to(device)
     return PagedKVLayout(scratch.stride(0), scratch.stride(1), offsets[0], offsets[1])
 
 
-class HSRAttentionImpl(_vllm.CPUAttentionBackendImpl):
+def split_page_layout(kv_cache: torch.Tensor, head_dim: int) -> PagedKVLayout:
+    """The layout of [num_blocks, num_kv_heads, block_size, 2 * head_dim] pages holding K then V
+    per row, as FLASH_ATTN and TRITON_ATTN split them."""
+    keys, values = kv_cache.split(head_dim, dim=-1)
+    return PagedKVLayout.from_views(kv_cache, keys, values)
+
+
+class _HSRImpl:
+    """HSR's part of the attention impl; composed in front of the partner's impl."""
+
+    learned_layout = True     # set per partner by compose()
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         vllm_config = _vllm.get_current_vllm_config()
@@ -186,23 +217,29 @@ class HSRAttentionImpl(_vllm.CPUAttentionBackendImpl):
         self.summaries: PagedSummaries | None = None
         self.layout: PagedKVLayout | None = None
         self.stats_log = DecodeStatsLog.shared()
-        # Features HSR does not model: such a layer stays fully dense.
+        # Features HSR does not model: such a layer stays fully dense. Partners spell "none"
+        # differently (CPU_ATTN: None or -1; FLASH_ATTN/TRITON_ATTN: (-1, -1), soft-cap 0).
         self.hsr_supported = (
-            self.attn_type == _vllm.AttentionType.DECODER and self.sliding_window in (None, -1)
-            and self.alibi_slopes is None and not self.logits_soft_cap and self.sinks is None
-            and not self.is_fp8_kv_cache)
+            self.attn_type == _vllm.AttentionType.DECODER
+            and getattr(self, "sliding_window", None) in (None, -1, (-1, -1))
+            and getattr(self, "alibi_slopes", None) is None and not getattr(self, "logits_soft_cap", None)
+            and getattr(self, "sinks", None) is None
+            and not _vllm.is_quantized_kv_cache(getattr(self, "kv_cache_dtype", "auto")))
         if not self.hsr_supported:
             logger.warning("HSR: a layer uses a feature HSR does not model (sliding window, ALiBi, "
-                           "soft-cap, sinks, fp8 KV or encoder attention); it runs dense")
+                           "soft-cap, sinks, quantized KV or encoder attention); it runs dense")
 
     def _index(self, layer, kv_cache: torch.Tensor) -> PagedSummaries:
         """Summaries beside this layer's cache, allocated on first use (vLLM zeroes only the KV view)."""
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         if self.summaries is None or self.summaries.boxes.shape[0] != num_blocks:
             head_dim = self.head_size
-            self.layout = learn_layout(
-                lambda k, v, cache, slots: self.do_kv_cache_update(layer, k, v, cache, slots),
-                num_kv_heads, block_size, head_dim, kv_cache.dtype)
+            if self.learned_layout:
+                self.layout = learn_layout(
+                    lambda k, v, cache, slots: self.do_kv_cache_update(layer, k, v, cache, slots),
+                    num_kv_heads, block_size, head_dim, kv_cache.dtype, kv_cache.device)
+            else:
+                self.layout = split_page_layout(kv_cache, head_dim)
             self.summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size, self.hsr,
                                                      summary_dtype(self.hsr, kv_cache.dtype), kv_cache.device)
         return self.summaries
@@ -241,3 +278,25 @@ class HSRAttentionImpl(_vllm.CPUAttentionBackendImpl):
         if num_decode:
             self.stats_log.record(stats, num_sparse_rows=m.sparse_rows.numel(), num_dense_rows=m.dense_rows.numel())
         return output
+
+
+def compose(partner: str) -> type:
+    """The HSR backend over dense partner `partner` (a DENSE_PARTNERS name): its backend class,
+    whose get_builder_cls / get_impl_cls give the partner's builder and impl with HSR's parts."""
+    backend, builder, impl = _vllm.dense_partner(partner)
+    module = {"__module__": __name__}
+    builder_cls = type("HSRMetadataBuilder", (_HSRBuilder, builder), dict(module))
+    impl_cls = type("HSRAttentionImpl", (_HSRImpl, impl),
+                    dict(module, learned_layout=partner not in SPLIT_PAGE_PARTNERS))
+    return type("HSRAttentionBackend", (backend,), dict(
+        module, __doc__=f"Registered as {BACKEND_NAME} (and CUSTOM): {partner}'s KV-cache layout, prefill and "
+                        "KV writes, HSR decode.",
+        dense_partner=partner,
+        get_name=staticmethod(lambda: BACKEND_NAME),
+        get_builder_cls=staticmethod(lambda: builder_cls),
+        get_impl_cls=staticmethod(lambda: impl_cls)))
+
+
+HSRAttentionBackend = compose(dense_partner_name())
+HSRMetadataBuilder = HSRAttentionBackend.get_builder_cls()
+HSRAttentionImpl = HSRAttentionBackend.get_impl_cls()

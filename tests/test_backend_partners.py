@@ -1,0 +1,143 @@
+"""The HSR backend composed with each dense partner, and the metadata split, without an engine.
+
+FLASH_ATTN and TRITON_ATTN cannot run on this CPU machine, but their classes load: the
+composed backend, builder and impl are checked here, and the composed impl's HSR decode
+(which calls no partner kernel when every row is sparse) runs over a cache in their page
+layout against the float64 dense reference.
+"""
+
+import math
+
+import pytest
+import torch
+
+from reference import dense64
+from vllm_hsr import _vllm
+from vllm_hsr import backend as hsr_backend
+from vllm_hsr.backend import HSRMetadata, compose, dense_partner_name, request_subset
+from vllm_hsr.stats import DecodeStatsLog
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 8, 2, 64, 16
+
+
+def test_default_partner_on_cpu_is_cpu_attn():
+    assert hsr_backend.HSRAttentionBackend.dense_partner == "CPU_ATTN"
+    assert issubclass(hsr_backend.HSRAttentionBackend, _vllm.dense_partner("CPU_ATTN")[0])
+
+
+def test_partner_choice_is_validated():
+    assert dense_partner_name({"VLLM_HSR_DENSE_BACKEND": "TRITON_ATTN"}) == "TRITON_ATTN"
+    with pytest.raises(ValueError, match="VLLM_HSR_DENSE_BACKEND='FLASHINFER' is invalid"):
+        dense_partner_name({"VLLM_HSR_DENSE_BACKEND": "FLASHINFER"})
+
+
+@pytest.mark.parametrize("partner", tuple(_vllm.DENSE_PARTNERS))
+def test_composed_classes_extend_the_partner(partner):
+    backend_cls, builder_cls, impl_cls = _vllm.dense_partner(partner)
+    hsr = compose(partner)
+    assert hsr.get_name() == "HSR" and issubclass(hsr, backend_cls)
+    assert issubclass(hsr.get_builder_cls(), builder_cls) and issubclass(hsr.get_impl_cls(), impl_cls)
+    # Inherited support would be wrong: HSR's decode does not claim graph capture.
+    assert hsr.get_builder_cls().get_cudagraph_support(None, None) == _vllm.AttentionCGSupport.NEVER
+
+
+def _impl(partner: str, **overrides):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    settings = dict(num_heads=NUM_HEADS, head_size=HEAD_DIM, scale=HEAD_DIM ** -0.5, num_kv_heads=NUM_KV_HEADS,
+                    alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None)
+    config = VllmConfig()
+    config.additional_config = {"hsr": {"eps": 1e-3, "dense_below_tokens": 0, "window_tokens": 16}}
+    with set_current_vllm_config(config):
+        return compose(partner).get_impl_cls()(**(settings | overrides))
+
+
+@pytest.mark.parametrize("partner", ("FLASH_ATTN", "TRITON_ATTN"))
+def test_unmodelled_features_stay_dense(partner):
+    assert _impl(partner).hsr_supported
+    assert not _impl(partner, sliding_window=128).hsr_supported
+    assert not _impl(partner, logits_soft_cap=30.0).hsr_supported
+
+
+@pytest.mark.parametrize("partner", ("FLASH_ATTN", "TRITON_ATTN"))
+def test_sparse_decode_over_the_partner_page_layout(partner):
+    """Two decode rows, ragged lengths, shuffled blocks: out equals dense within the certificate."""
+    gen = torch.Generator().manual_seed(0)
+    seq_lens = [300, 77]
+    num_blocks = 1 + sum(-(-n // BLOCK_SIZE) for n in seq_lens)
+    # FLASH_ATTN / TRITON_ATTN pages: [blocks, kv heads, block_size, K | V]; vLLM fills them through
+    # kv_cache.transpose(1, 2).split(head_size, -1), as here
+    kv_cache = torch.full((num_blocks, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM), math.nan)
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(HEAD_DIM, dim=-1)
+    physical = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    table = torch.zeros(len(seq_lens), max(-(-n // BLOCK_SIZE) for n in seq_lens), dtype=torch.int32)
+    keys, values, slots, positions, rows = [], [], [], [], []
+    for row, n in enumerate(seq_lens):
+        blocks = [physical.pop() for _ in range(-(-n // BLOCK_SIZE))]
+        table[row, :len(blocks)] = torch.tensor(blocks)
+        k = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+        k[n // 3] *= 4                          # a heavy key far from the window
+        v = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+        pos = torch.arange(n)
+        slot = table[row].long()[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        key_cache[slot // BLOCK_SIZE, slot % BLOCK_SIZE] = k         # [blocks, block_size, kv heads, D]
+        value_cache[slot // BLOCK_SIZE, slot % BLOCK_SIZE] = v
+        keys.append(k), values.append(v), slots.append(slot), positions.append(pos)
+        rows.append(torch.full((n,), row))
+    impl = _impl(partner)
+    impl.stats_log = DecodeStatsLog()
+    q = 6 * torch.randn(len(seq_lens), NUM_HEADS, HEAD_DIM, generator=gen)    # peaked attention: skippable
+    # The whole history as one write (the summaries see it), then the decode step itself.
+    history = HSRMetadata(num_actual_tokens=0, num_decode_tokens=0, slot_mapping=torch.cat(slots),
+                          positions=torch.cat(positions), token_rows=torch.cat(rows), block_table=table,
+                          seq_lens=torch.tensor(seq_lens), sparse_rows=torch.zeros(0, dtype=torch.long),
+                          dense_rows=torch.zeros(0, dtype=torch.long))
+    impl.forward(None, q[:0], None, None, kv_cache, history, torch.empty(0, NUM_HEADS, HEAD_DIM))
+    step = HSRMetadata(num_actual_tokens=2, num_decode_tokens=2, slot_mapping=torch.stack([s[-1] for s in slots]),
+                       positions=torch.tensor(seq_lens) - 1, token_rows=torch.arange(2), block_table=table,
+                       seq_lens=torch.tensor(seq_lens), sparse_rows=torch.arange(2),
+                       dense_rows=torch.zeros(0, dtype=torch.long))
+    step.summary_write = impl.summaries.plan_write(step.slot_mapping, step.positions, step.token_rows, table)
+    output = torch.full((2, NUM_HEADS, HEAD_DIM), math.nan)
+    impl.forward(None, q, None, None, kv_cache, step, output)
+    stats = impl.stats_log
+    assert stats.sparse_rows == 2 and stats.keys_read < stats.dense_keys       # something was skipped
+    for row in range(2):
+        want = dense64(q[row], keys[row], values[row], mode="softmax", scale=impl.scale)
+        # |out - dense| <= 2 * certificate * max |v| (DESIGN.md §2)
+        tolerance = 2 * stats.max_error_bound * values[row].norm(dim=-1).max() + 1e-5
+        assert (output[row].double() - want).norm(dim=-1).max() <= tolerance, row
+
+
+def _common(query_lens, seq_lens, positions=True):
+    starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    starts[1:] = torch.tensor(query_lens).cumsum(0)
+    n = int(starts[-1])
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    pos = torch.cat([torch.arange(s - q, s) for q, s in zip(query_lens, seq_lens)])
+    return _vllm.CommonAttentionMetadata(
+        query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=seq, num_reqs=len(query_lens),
+        num_actual_tokens=n, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        block_table_tensor=torch.arange(len(query_lens) * 3).view(-1, 3), slot_mapping=torch.arange(100, 100 + n),
+        positions=pos if positions else None, seq_lens_cpu_upper_bound=seq.clone())
+
+
+def test_request_subset_slices_every_per_request_and_per_token_field():
+    common = _common([1, 1, 1, 5, 3], [40, 9, 70, 5, 12])
+    part = request_subset(common, torch.tensor([0, 2, 4]))
+    assert part.num_reqs == 3 and part.num_actual_tokens == 5 and part.max_query_len == 3 and part.max_seq_len == 70
+    assert part.query_start_loc_cpu.tolist() == [0, 1, 2, 5]
+    assert part.seq_lens.tolist() == [40, 70, 12] and part.seq_lens_cpu_upper_bound.tolist() == [40, 70, 12]
+    assert part.block_table_tensor.tolist() == [[0, 1, 2], [6, 7, 8], [12, 13, 14]]
+    # tokens: request 0 -> 0, request 2 -> 2, request 4 -> 8, 9, 10
+    assert part.slot_mapping.tolist() == [100, 102, 108, 109, 110]
+    assert part.positions.tolist() == [39, 69, 9, 10, 11]
+
+
+def test_positions_are_derived_when_the_runner_gives_none():
+    from vllm_hsr.backend import _token_rows_and_positions
+    for query_lens, seq_lens in (([1, 1, 4], [10, 3, 8]), ([1, 1], [5, 6])):
+        rows, positions = _token_rows_and_positions(_common(query_lens, seq_lens, positions=False))
+        want = _common(query_lens, seq_lens).positions
+        assert positions.tolist() == want.tolist()
+        assert rows.tolist() == torch.repeat_interleave(torch.arange(len(query_lens)),
+                                                        torch.tensor(query_lens)).tolist()

@@ -157,7 +157,8 @@ class PagedSummaries:
     """Boxes and token codes of every physical KV block of one attention layer.
 
     boxes: [num_blocks, num_slots, 2, num_kv_heads, head_dim] (lo, hi) in the summary dtype
-    codes: [num_blocks, block_size, num_kv_heads, ceil(head_dim * code_bits / 8)] uint8, or None
+    codes: [num_blocks, block_size, num_kv_heads, ceil(head_dim * code_bits / 8)] uint8, or None: a view of
+        head-major storage, so the codes of one cell and KV head are one contiguous run
     """
 
     def __init__(self, boxes: torch.Tensor, codes: torch.Tensor | None, cfg: HSRConfig, block_size: int):
@@ -173,7 +174,8 @@ class PagedSummaries:
         if cfg.code_bits:
             width = code_planes(cfg.code_bits)[1] * plane_bytes(head_dim, cfg.code_bits)
             # only complete cells' codes are ever read, and each is written when its cell fills
-            codes = torch.empty(num_blocks, block_size, num_kv_heads, width, dtype=torch.uint8, device=device)
+            codes = torch.empty(num_blocks, num_kv_heads, block_size, width, dtype=torch.uint8, device=device)
+            codes = codes.permute(0, 2, 1, 3)
         return cls(boxes, codes, cfg, block_size)
 
     @property
@@ -202,6 +204,17 @@ class PagedSummaries:
         rows = self.boxes.view(-1, self.head_dim)   # one row per (block, slot, side, kv head)
         lo = ((blocks * num_slots + slots) * 2) * num_kv_heads + kv_heads
         return rows[lo], rows[lo + num_kv_heads]
+
+    def cell_codes(self, blocks: torch.Tensor, slots: torch.Tensor, kv_heads: torch.Tensor,
+                   planes: int | None = None) -> torch.Tensor:
+        """The first `planes` code planes (None: all) of the cells at (blocks, slots, kv_heads)
+        (broadcast), contiguous: [..., cell_size, planes * plane_bytes]"""
+        num_blocks, block_size, num_kv_heads, width = self.codes.shape
+        size = self.cfg.cell_size
+        width_read = width if planes is None else planes * plane_bytes(self.head_dim, self.cfg.code_bits)
+        runs = self.codes.permute(0, 2, 1, 3).reshape(-1, size, width)   # one row per (block, head, cell): a view
+        rows = (blocks * num_kv_heads + kv_heads) * (block_size // size) + slots
+        return runs[:, :, :width_read].index_select(0, rows.flatten()).view(*rows.shape, size, width_read)
 
     def plan_write(self, slot_mapping: torch.Tensor, positions: torch.Tensor, token_rows: torch.Tensor,
                    block_table: torch.Tensor) -> SummaryWrite:

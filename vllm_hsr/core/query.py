@@ -103,12 +103,10 @@ class RowBounds:
         """Token bounds from the first `planes` code planes (None: all) of complete cells.
         cells: [R, C] -> ub, lb: [R, C, T, G] fp32"""
         rows, summaries = self.rows, self.rows.summaries
-        bs = summaries.block_size
-        tokens = cell_tokens(cells, summaries.cfg.cell_size)                                 # [R, C, T]
-        blocks = rows.tables.gather(1, (tokens // bs).flatten(1)).view_as(tokens)
-        packed = summaries.codes[blocks, tokens % bs, rows.kv_heads.view(-1, 1, 1)]          # [R, C, T, bytes]
         blocks, slots = summaries.locate(0, cells, rows.tables.unsqueeze(1).expand(-1, cells.shape[1], -1))
-        lo, hi = summaries.box_corners(blocks, slots, rows.kv_heads.unsqueeze(1))            # [R, C, D]
+        kv_heads = rows.kv_heads.unsqueeze(1)
+        packed = summaries.cell_codes(blocks, slots, kv_heads, planes)                       # [R, C, T, bytes]
+        lo, hi = summaries.box_corners(blocks, slots, kv_heads)                              # [R, C, D]
         return code_bounds(rows.q, lo, hi, packed, summaries.cfg.code_bits, rows.scale, planes)
 
 

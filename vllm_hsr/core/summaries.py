@@ -157,11 +157,34 @@ def box_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
             _finite_or(scale * lower - margin, -torch.inf))
 
 
+def _code_dot(packed: torch.Tensor, weights: torch.Tensor, bits: int, planes: int) -> torch.Tensor:
+    """<weights, known code> of every token: the value of the first `planes` planes, as an integer,
+    dotted with per-cell weights.
+
+    packed: [..., c, T, bytes] (at least the planes read); weights: [..., c, G, D] fp32 -> [..., c, T, G] fp32
+    4-bit planes are read a nibble at a time: a byte's low nibble is channel 2j, its high nibble
+    channel 2j + 1, and plane p weighs 16**(planes - 1 - p); so all planes take two matmuls on the
+    bytes (weights scaled by exact powers of two), with no unpacked copy of the codes.
+    """
+    plane_bits, _ = code_planes(bits)
+    head_dim = weights.shape[-1]
+    width = plane_bytes(head_dim, bits)
+    packed = packed[..., :planes * width]
+    if plane_bits != 4:
+        return unpack_codes(packed, planes * plane_bits, head_dim).float() @ weights.mT
+    pad = torch.nn.functional.pad(weights, (0, 2 * width - head_dim)).unflatten(-1, (width, 2))  # [..., c, G, W, 2]
+    place = torch.tensor([16.0 ** (planes - 1 - p) for p in range(planes)], device=weights.device)
+    scaled = (pad.unsqueeze(-3) * place.view(-1, 1, 1)).flatten(-3, -2)                     # [..., c, G, P*W, 2]
+    even, odd = scaled[..., 0].mT.contiguous(), scaled[..., 1].mT.contiguous()               # [..., c, P*W, G]
+    return (packed & 15).float() @ even + (packed >> 4).float() @ odd
+
+
 def code_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: torch.Tensor,
                 bits: int, scale: float, planes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Max and min of s*<q,k> over each token's code box, from the first `planes` planes of its
     code (None: all). Known high bits v of a code leave it in [v * 2^u, v * 2^u + 2^u - 1] (u
-    unknown bits): a box of half width (2^u - 1/2) steps around lo + (v * 2^u + (2^u - 1)/2) * step.
+    unknown bits): a box of half width (2^u - 1/2) steps around lo + (v * 2^u + (2^u - 1)/2) * step,
+    whose centre scores <q, lo> + (2^u - 1)/2 * <q, step> + 2^u * <q * step, v>.
 
     q: [..., G, D] fp32; lo, hi: [..., c, D] (the cells' boxes); packed: [..., c, T, bytes] (pack_codes,
     at least the planes read) returns ub, lb: [..., c, T, G] fp32
@@ -175,10 +198,9 @@ def code_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: tor
     step_slack, magnitude_slack, abs_slack = code_slacks()
     half = step * (0.5 + unknown / 2 + step_slack) + magnitude * magnitude_slack + abs_slack
     step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
-    known = unpack_codes(packed[..., :planes * plane_bytes(q.shape[-1], bits)], planes * plane_bits, q.shape[-1])
-    middle = known.float() * float(unknown + 1) + unknown / 2                         # [..., c, T, D]
-    centre_key = lo32.unsqueeze(-2) + middle * step.unsqueeze(-2)
-    center = (centre_key.flatten(-3, -2) @ q.mT).unflatten(-2, known.shape[-3:-1])     # [..., c, T, G]
+    cell_part = lo32 @ q.mT + (unknown / 2) * (step @ q.mT)                               # [..., c, G]
+    weights = q.unsqueeze(-3) * step.unsqueeze(-2)                                        # [..., c, G, D]
+    center = cell_part.unsqueeze(-2) + (unknown + 1) * _code_dot(packed, weights, bits, planes)   # [..., c, T, G]
     q_abs = q.abs()
     width = (half @ q_abs.mT).unsqueeze(-2)                             # [..., c, 1, G]
     margin = _margin(q_abs, magnitude + half, scale).unsqueeze(-2)

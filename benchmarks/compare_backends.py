@@ -5,10 +5,14 @@
         [--latency] [--json PATH] [--plot PATH] [--render-only]
 
 Every point runs `vllm bench throughput` (random dataset, exact lengths) once per backend
-through the `vllm-hsr` command line, in its own process; with --latency also `vllm bench
-latency` at batch size 1 for output_len and for 1 token, giving the time per output token
-tpot = (latency(output_len) - latency(1)) / (output_len - 1). The dense baseline is
-FLASH_ATTN on CUDA and CPU_ATTN on CPU. Without --model the tiny local model is built.
+through the `vllm-hsr` command line, in its own process, and once more with one output
+token: that run is all prefill, so decode tok/s = prompts * (output_len - 1) / (elapsed -
+prefill elapsed) isolates what HSR changes, and dense elapsed / dense prefill elapsed is the
+ceiling of the output-throughput ratio any decode-side speedup can reach (Amdahl). With
+--latency also `vllm bench latency` at batch size 1 for output_len and for 1 token, giving
+the time per output token tpot = (latency(output_len) - latency(1)) / (output_len - 1). The
+dense baseline is FLASH_ATTN on CUDA and CPU_ATTN on CPU. Without --model the tiny local
+model is built.
 """
 
 from __future__ import annotations
@@ -54,13 +58,19 @@ def run_point(model: str, backend: str, input_len: int, args, log: Path) -> dict
               "--max-model-len", str(input_len + args.output_len + 16), "--seed", "0"]
     if backend == "HSR":
         engine += ["--additional-config", json.dumps({"hsr": json.loads(args.hsr)})]
-    throughput = _vllm(["bench", "throughput", *engine, "--dataset-name", "random",
-                        "--random-input-len", str(input_len), "--random-output-len", str(args.output_len),
-                        "--num-prompts", str(args.num_prompts)], log)
+
+    def throughput(output_len: int) -> dict:
+        return _vllm(["bench", "throughput", *engine, "--dataset-name", "random", "--random-input-len",
+                      str(input_len), "--random-output-len", str(output_len), "--num-prompts",
+                      str(args.num_prompts)], log)
+    full, prefill = throughput(args.output_len), throughput(1)
+    decode_s = full["elapsed_time"] - prefill["elapsed_time"]
     record = {
         "backend": backend, "input_len": input_len, "output_len": args.output_len,
-        "num_prompts": args.num_prompts, "requests_per_s": throughput["requests_per_second"],
-        "output_tokens_per_s": throughput["num_requests"] * args.output_len / throughput["elapsed_time"],
+        "num_prompts": args.num_prompts, "requests_per_s": full["requests_per_second"],
+        "output_tokens_per_s": full["num_requests"] * args.output_len / full["elapsed_time"],
+        "elapsed_s": full["elapsed_time"], "prefill_s": prefill["elapsed_time"],
+        "decode_tokens_per_s": full["num_requests"] * (args.output_len - 1) / decode_s if decode_s > 0 else None,
         "tpot_ms": None, "hsr_mode": json.loads(args.hsr).get("mode", "softmax") if backend == "HSR" else None,
         "hsr_settings": json.loads(args.hsr) if backend == "HSR" else None, "device": machine(),
     }
@@ -74,14 +84,25 @@ def run_point(model: str, backend: str, input_len: int, args, log: Path) -> dict
 
 
 def table(records: list[dict]) -> str:
-    rows = [f"{'backend':<10}{'input':>7}{'output':>7}{'req/s':>9}{'out tok/s':>11}{'tpot ms':>9}{'vs dense':>10}"]
+    """One row per point; ratios against the dense backend at the same input length. The dense row's
+    ceiling is the best output-throughput ratio a decode-only change could give there."""
+    rows = [f"{'backend':<10}{'input':>7}{'output':>7}{'req/s':>9}{'out tok/s':>11}{'vs dense':>10}"
+            f"{'decode tok/s':>14}{'vs dense':>10}{'tpot ms':>9}{'ceiling':>9}"]
     dense = {r["input_len"]: r for r in records if r["backend"] != "HSR"}
-    for r in records:
+
+    def ratio(r: dict, key: str) -> str:
         base = dense.get(r["input_len"])
-        ratio = r["output_tokens_per_s"] / base["output_tokens_per_s"] if base else float("nan")
+        if not base or r.get(key) is None or not base.get(key):
+            return "-"
+        return f"{r[key] / base[key]:.2f}x"
+
+    for r in records:
         tpot = f"{r['tpot_ms']:.2f}" if r["tpot_ms"] is not None else "-"
+        decode = f"{r['decode_tokens_per_s']:.1f}" if r.get("decode_tokens_per_s") else "-"
+        ceiling = f"{r['elapsed_s'] / r['prefill_s']:.2f}x" if r["backend"] != "HSR" and r.get("prefill_s") else "-"
         rows.append(f"{r['backend']:<10}{r['input_len']:>7}{r['output_len']:>7}{r['requests_per_s']:>9.3f}"
-                    f"{r['output_tokens_per_s']:>11.1f}{tpot:>9}{ratio:>9.2f}x")
+                    f"{r['output_tokens_per_s']:>11.1f}{ratio(r, 'output_tokens_per_s'):>10}{decode:>14}"
+                    f"{ratio(r, 'decode_tokens_per_s'):>10}{tpot:>9}{ceiling:>9}")
     return "\n".join(rows)
 
 
@@ -89,13 +110,16 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for backend in sorted({r["backend"] for r in records}):
-        pts = sorted((r for r in records if r["backend"] == backend), key=lambda r: r["input_len"])
-        ax.plot([p["input_len"] for p in pts], [p["output_tokens_per_s"] for p in pts], "o-", label=backend)
-    ax.set(xscale="log", xlabel="input tokens per request", ylabel="output tokens / s")
-    ax.set_title(f"vllm bench throughput\n{records[0]['device']}", fontsize=9)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "output_tokens_per_s", "output tokens / s (whole run)"),
+                           (axes[1], "decode_tokens_per_s", "decode tokens / s (prefill run subtracted)")):
+        for backend in sorted({r["backend"] for r in records}):
+            pts = sorted((r for r in records if r["backend"] == backend and r.get(key)), key=lambda r: r["input_len"])
+            ax.plot([p["input_len"] for p in pts], [p[key] for p in pts], "o-", label=backend)
+        ax.set(xscale="log", yscale="log", xlabel="input tokens per request", ylabel=label)
+        ax.legend()
+    fig.suptitle(f"vllm bench throughput, {records[0]['output_len']} output tokens, {records[0]['num_prompts']} "
+                 f"prompts\n{records[0]['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -4,7 +4,9 @@
 
 The workload: prompts of mixed lengths spanning several KV blocks, two prompts sharing a
 long prefix (prefix caching), chunked prefill (small token budget), greedy decoding.
-Prints {"tokens": [[...]], "logprobs": [[...]], "hsr": worker HSR totals or null, "preemptions": n}.
+Prints {"tokens": [[...]], "logprobs": [[...]], "hsr": worker HSR totals or null, "preemptions": n,
+"num_blocks": KV blocks the engine allocated, "summaries_in_pages": per HSR layer, whether its
+summaries live in the KV cache's storage (or null)}.
 """
 
 import argparse
@@ -24,9 +26,16 @@ def prompts(vocab: int, lengths) -> list[list[int]]:
     return rand + shared
 
 
-def hsr_totals(model):
+def worker_report(model):
+    """The worker's HSR totals, and for each HSR layer whether its summaries share the KV storage."""
     from vllm_hsr.stats import DecodeStatsLog
-    return dict(DecodeStatsLog.shared().totals)
+    in_pages = []
+    for module in model.modules():
+        summaries = getattr(getattr(module, "impl", None), "summaries", None)
+        if summaries is not None:
+            cache = module.kv_cache[0] if isinstance(module.kv_cache, list) else module.kv_cache
+            in_pages.append(summaries.boxes.untyped_storage().data_ptr() == cache.untyped_storage().data_ptr())
+    return dict(DecodeStatsLog.shared().totals), in_pages
 
 
 def main() -> None:
@@ -48,11 +57,13 @@ def main() -> None:
     vocab = llm.llm_engine.model_config.get_vocab_size()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, logprobs=0, ignore_eos=True)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts(vocab, map(int, args.prompt_lens.split(",")))], params)
-    from run_workload import hsr_totals as totals  # by module name, so the worker can unpickle it
+    from run_workload import worker_report  # by module name, so the worker can unpickle it
+    hsr, in_pages = llm.apply_model(worker_report)[0] if args.attention_backend != "CPU_ATTN" else (None, None)
     result = {
         "tokens": [o.outputs[0].token_ids for o in outs],
         "logprobs": [[next(iter(step.values())).logprob for step in o.outputs[0].logprobs] for o in outs],
-        "hsr": llm.apply_model(totals)[0] if args.attention_backend != "CPU_ATTN" else None,
+        "hsr": hsr, "summaries_in_pages": in_pages,
+        "num_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
         "preemptions": sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"),
     }
     print("RESULT " + json.dumps(result))

@@ -141,3 +141,20 @@ def test_positions_are_derived_when_the_runner_gives_none():
         assert positions.tolist() == want.tolist()
         assert rows.tolist() == torch.repeat_interleave(torch.arange(len(query_lens)),
                                                         torch.tensor(query_lens)).tolist()
+
+
+@pytest.mark.parametrize("partner", tuple(_vllm.DENSE_PARTNERS))
+def test_customize_spec_pads_each_page_for_its_summaries(partner):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+    from vllm_hsr import HSRConfig
+    from vllm_hsr.core.paged import page_layout
+    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM,
+                             dtype=torch.bfloat16)
+    hsr = compose(partner)
+    padded = hsr.customize_spec(spec)
+    want = page_layout(spec.page_size_bytes, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, HSRConfig(), torch.bfloat16).end
+    assert padded.page_size_bytes == want > spec.page_size_bytes
+    assert hsr.customize_spec(padded) == padded                      # applying it twice changes nothing
+    window = SlidingWindowSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM,
+                               dtype=torch.bfloat16, sliding_window=128)
+    assert hsr.customize_spec(window) == window                      # layers HSR leaves dense

@@ -53,3 +53,59 @@ def test_paged_decode_equals_dense_interface(mode, block_size, layout):
         if mode == "relu":
             ref = dense64(q[seq], k, v, mode="relu", scale=scale, alpha=cfg.alpha, bias=cfg.bias)
             torch.testing.assert_close(out[seq].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,code_bits", ((torch.float32, 8), (torch.bfloat16, 4), (torch.float32, 0)))
+def test_summaries_in_page_padding_equal_side_tensors(dtype, code_bits):
+    """Summaries in the KV pages' padding (as customize_spec sizes them) read and decode like side
+    tensors, and never touch the KV bytes of their page."""
+    from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view, page_layout
+    from vllm_hsr.ops import update_summaries
+    cfg = HSRConfig(mode="topk", budget_tokens=32, cell_size=16, fanout=2, tree_levels=2, code_bits=code_bits)
+    num_blocks, num_kv_heads, block_size, head_dim = 12, 2, 32, 64
+    item = dtype.itemsize
+    dense_bytes = num_kv_heads * block_size * 2 * head_dim * item
+    end = page_layout(dense_bytes, block_size, num_kv_heads, head_dim, cfg, dtype).end
+    pages = torch.full((num_blocks, end // item), torch.nan, dtype=dtype)
+    kv_cache = pages[:, :dense_bytes // item].view(num_blocks, num_kv_heads, block_size, 2 * head_dim)
+    keys_view, values_view = kv_cache.split(head_dim, dim=-1)
+    layout = PagedKVLayout.from_views(kv_cache, keys_view, values_view)
+    padded = PagedSummaries.in_pages(kv_cache, dense_bytes, head_dim, cfg, dtype)
+    side = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size, cfg, dtype)
+    assert padded.boxes.untyped_storage().data_ptr() == kv_cache.untyped_storage().data_ptr()
+    assert PagedSummaries.in_pages(kv_cache.contiguous(), dense_bytes, head_dim, cfg, dtype) is None   # no room
+
+    gen = torch.Generator().manual_seed(1)
+    seq_lens = (150, 77)
+    table = (torch.randperm(num_blocks - 1, generator=gen)[:10] + 1).view(2, 5)
+    seqs = []
+    for row, n in enumerate(seq_lens):
+        keys = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+        values = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
+        positions = torch.arange(n)
+        blocks, offsets = table[row][positions // block_size], positions % block_size
+        keys_view[blocks, :, offsets], values_view[blocks, :, offsets] = keys, values
+        seqs.append((keys, values))
+        for start, stop in ((0, n // 2), *((p, p + 1) for p in range(n // 2, n))):   # a prefill chunk, then decode
+            part = positions[start:stop]
+            write = SummaryWrite.plan(blocks[start:stop] * block_size + offsets[start:stop], part,
+                                      torch.full_like(part, row), table, block_size, cfg)
+            for summaries in (padded, side):
+                update_summaries(summaries, write, table, flat_view(kv_cache), layout)
+    for row, (keys, values) in enumerate(seqs):         # the KV bytes are untouched
+        n = seq_lens[row]
+        positions = torch.arange(n)
+        blocks, offsets = table[row][positions // block_size], positions % block_size
+        assert torch.equal(keys_view[blocks, :, offsets], keys) and torch.equal(values_view[blocks, :, offsets], values)
+        trees = [PagedCellTree(s, table[row], n) for s in (padded, side)]
+        for level in range(cfg.tree_levels + 1):
+            nodes = torch.arange(trees[0].num_nodes(level))
+            for head in range(num_kv_heads):
+                for got, want in zip(trees[0].boxes(level, nodes, head), trees[1].boxes(level, nodes, head)):
+                    assert torch.equal(got, want)
+    q = torch.randn(2, 4 * num_kv_heads, head_dim, generator=gen).to(dtype)
+    runs = [hsr_decode(q, kv_cache, layout, s, table, torch.tensor(seq_lens), cfg, head_dim ** -0.5,
+                       record_tokens=True) for s in (padded, side)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.isfinite(runs[0][0].float()).all()
+    for got, want in zip(runs[0][2].tokens_read, runs[1][2].tokens_read):
+        assert torch.equal(got, want)

@@ -47,6 +47,21 @@ def test_eps_zero_tokens_equal_cpu_attn(tiny_model):
     assert stats["keys_read"] == stats["dense_keys"] and stats["max_error_bound"] == 0
 
 
+def test_summaries_live_in_the_kv_pages_vllm_sizes(tiny_model):
+    """customize_spec pads every page for its summaries: the same KV memory holds fewer blocks,
+    by the page ratio of core.paged.page_layout, and every HSR layer's summaries share its storage."""
+    import torch
+    from vllm_hsr import HSRConfig
+    from vllm_hsr.core.paged import page_layout
+    dense, hsr = result(tiny_model, "CPU_ATTN"), result(tiny_model, "HSR", EXACT)
+    assert hsr["summaries_in_pages"] and all(hsr["summaries_in_pages"])
+    config = json.loads((tiny_model / "config.json").read_text())
+    kv_heads, head_dim, block_size = config["num_key_value_heads"], config["head_dim"], 128
+    page = kv_heads * block_size * 2 * head_dim * 4
+    padded = page_layout(page, block_size, kv_heads, head_dim, HSRConfig(**EXACT), torch.float32).end
+    assert abs(hsr["num_blocks"] / dense["num_blocks"] - page / padded) < 0.01
+
+
 def test_eps_zero_tokens_equal_under_preemption(tiny_model):
     dense, hsr = result(tiny_model, "CPU_ATTN", extra=PREEMPT), result(tiny_model, "HSR", EXACT, PREEMPT)
     assert dense["preemptions"] > 0 and hsr["preemptions"] > 0

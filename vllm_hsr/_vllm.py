@@ -27,6 +27,8 @@ _PATHS = {
     "get_layers_from_vllm_config": "vllm.config:get_layers_from_vllm_config",
     "split_decodes_and_prefills": "vllm.v1.attention.backends.utils:split_decodes_and_prefills",
     "get_current_vllm_config": "vllm.config:get_current_vllm_config",
+    "get_current_vllm_config_or_none": "vllm.config:get_current_vllm_config_or_none",
+    "FullAttentionSpec": "vllm.v1.kv_cache_interface:FullAttentionSpec",
     "init_logger": "vllm.logger:init_logger",
     "cli_main": "vllm.entrypoints.cli.main:main",
 }

@@ -29,7 +29,7 @@ import torch
 
 from vllm_hsr import _vllm
 from vllm_hsr.config import HSRConfig
-from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view, summary_dtype
+from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view, page_layout, summary_dtype
 from vllm_hsr.ops import hsr_decode, update_summaries
 from vllm_hsr.plugin import BACKEND_NAME
 from vllm_hsr.stats import DecodeStatsLog
@@ -168,34 +168,40 @@ class _HSRBuilder:
         return metadata
 
 
-def learn_layout(write_kv, num_kv_heads: int, block_size: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> PagedKVLayout:
-    """Find where the dense backend's cache-write op puts each (token, channel) of K and V.
+def learn_layout(write_kv, kv_cache: torch.Tensor, head_dim: int) -> PagedKVLayout:
+    """Find where the dense backend's cache-write op puts each (token, channel) of K and V in a
+    page of `kv_cache` [num_blocks, num_kv_heads, block_size, 2 * head_dim] (padding included).
 
-    Writes one scratch block once per bit of an element id (values 0 and 1 are exact in
-    every float dtype) and reads the ids back, so packed layouts (e.g. AMX's VNNI tiles)
-    are learned as well as plain strided ones.
+    Writes one scratch page, strided like kv_cache's, once per bit of an element id (values 0
+    and 1 are exact in every float dtype) and reads the ids back, so packed layouts (e.g. AMX's
+    VNNI tiles) are learned as well as plain strided ones.
     """
+    _, num_kv_heads, block_size, _ = kv_cache.shape
+    dtype, device, strides = kv_cache.dtype, kv_cache.device, kv_cache.stride()
     count = block_size * head_dim
     ids = torch.arange(1, 2 * count + 1, device=device).view(2, block_size, 1, head_dim)
     ids = ids.expand(-1, -1, num_kv_heads, -1)
-    scratch = torch.zeros(1, num_kv_heads, block_size, 2 * head_dim, dtype=dtype, device=device)
-    found = torch.zeros(scratch.numel(), dtype=torch.long, device=device)
+    page = torch.zeros(strides[0], dtype=dtype, device=device)
+    scratch = page.as_strided((1, *kv_cache.shape[1:]), strides)
+    found = torch.zeros(page.numel(), dtype=torch.long, device=device)
     slots = torch.arange(block_size, device=device)
     for bit in range(int(2 * count).bit_length()):
-        scratch.zero_()
+        page.zero_()
         bits = ((ids >> bit) & 1).to(dtype)
         write_kv(bits[0].contiguous(), bits[1].contiguous(), scratch, slots)
-        found |= (scratch.flatten() != 0).long() << bit
-    per_head = found.cpu().view(num_kv_heads, -1)
-    if not torch.equal(per_head, per_head[:1].expand_as(per_head)):
-        raise RuntimeError("HSR: the KV cache layout differs between KV heads; cannot index it")
+        found |= (page != 0).long() << bit
+    found = found.cpu()
+    heads_end = num_kv_heads * strides[1]
+    per_head = found[:heads_end].view(num_kv_heads, -1)
+    if not torch.equal(per_head, per_head[:1].expand_as(per_head)) or found[heads_end:].any():
+        raise RuntimeError("HSR: the KV cache layout differs between KV heads or spills into the page padding; "
+                           "cannot index it")
     where = torch.full((2 * count + 1,), -1, dtype=torch.long)
     where[per_head[0]] = torch.arange(per_head.shape[1])
     if (where[1:] < 0).any():
         raise RuntimeError("HSR: could not locate every key/value element of the KV cache layout")
     offsets = where[1:].view(2, block_size, head_dim).to(device)
-    return PagedKVLayout(scratch.stride(0), scratch.stride(1), offsets[0], offsets[1])
+    return PagedKVLayout(strides[0], strides[1], offsets[0], offsets[1])
 
 
 def split_page_layout(kv_cache: torch.Tensor, head_dim: int) -> PagedKVLayout:
@@ -230,18 +236,25 @@ class _HSRImpl:
                            "soft-cap, sinks, quantized KV or encoder attention); it runs dense")
 
     def _index(self, layer, kv_cache: torch.Tensor) -> PagedSummaries:
-        """Summaries beside this layer's cache, allocated on first use (vLLM zeroes only the KV view)."""
+        """This layer's summaries, set up on first use: in the padding customize_spec added to every
+        KV page (memory vLLM counts), or beside the cache where the pages have no room for them."""
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         if self.summaries is None or self.summaries.boxes.shape[0] != num_blocks:
             head_dim = self.head_size
             if self.learned_layout:
                 self.layout = learn_layout(
-                    lambda k, v, cache, slots: self.do_kv_cache_update(layer, k, v, cache, slots),
-                    num_kv_heads, block_size, head_dim, kv_cache.dtype, kv_cache.device)
+                    lambda k, v, cache, slots: self.do_kv_cache_update(layer, k, v, cache, slots), kv_cache, head_dim)
             else:
                 self.layout = split_page_layout(kv_cache, head_dim)
-            self.summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size, self.hsr,
-                                                     summary_dtype(self.hsr, kv_cache.dtype), kv_cache.device)
+            dtype = summary_dtype(self.hsr, kv_cache.dtype)
+            self.summaries = PagedSummaries.in_pages(kv_cache, kv_cache[0].numel() * kv_cache.element_size(),
+                                                     head_dim, self.hsr, dtype)
+            if self.summaries is None:
+                logger.warning_once("HSR: the KV pages have no room for the summaries (settings differ from those "
+                                    "the cache was sized with?); they are allocated beside the cache, outside "
+                                    "vLLM's memory accounting")
+                self.summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size, self.hsr,
+                                                         dtype, kv_cache.device)
         return self.summaries
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -280,6 +293,25 @@ class _HSRImpl:
         return output
 
 
+class _HSRBackend:
+    """HSR's part of the backend class; composed in front of the partner's backend."""
+
+    @classmethod
+    def customize_spec(cls, spec):
+        """The partner's spec with each KV page padded to hold its summaries (see core.paged.page_layout),
+        so vLLM counts them when it sizes the cache. Settings come from the engine's config when one
+        is current; a layer that ends up needing more falls back to side tensors (and says so)."""
+        spec = super().customize_spec(spec)
+        if type(spec) is not _vllm.FullAttentionSpec or spec.state_content_bytes is not None:
+            return spec        # sliding window, packed or quantized pages: HSR leaves those layers dense
+        config = _vllm.get_current_vllm_config_or_none()
+        hsr = HSRConfig.from_vllm(config.additional_config if config is not None else None)
+        # from the unpadded page, so applying it twice changes nothing
+        layout = page_layout(spec.unpadded_page_size_bytes, spec.block_size, spec.num_kv_heads, spec.head_size, hsr,
+                             summary_dtype(hsr, spec.dtype))
+        return dataclasses.replace(spec, page_size_padded=layout.end)
+
+
 def compose(partner: str) -> type:
     """The HSR backend over dense partner `partner` (a DENSE_PARTNERS name): its backend class,
     whose get_builder_cls / get_impl_cls give the partner's builder and impl with HSR's parts."""
@@ -288,9 +320,9 @@ def compose(partner: str) -> type:
     builder_cls = type("HSRMetadataBuilder", (_HSRBuilder, builder), dict(module))
     impl_cls = type("HSRAttentionImpl", (_HSRImpl, impl),
                     dict(module, learned_layout=partner not in SPLIT_PAGE_PARTNERS))
-    return type("HSRAttentionBackend", (backend,), dict(
+    return type("HSRAttentionBackend", (_HSRBackend, backend), dict(
         module, __doc__=f"Registered as {BACKEND_NAME} (and CUSTOM): {partner}'s KV-cache layout, prefill and "
-                        "KV writes, HSR decode.",
+                        "KV writes, HSR decode, summaries in the KV pages.",
         dense_partner=partner,
         get_name=staticmethod(lambda: BACKEND_NAME),
         get_builder_cls=staticmethod(lambda: builder_cls),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -107,6 +108,40 @@ def summary_dtype(cfg: HSRConfig, key_dtype: torch.dtype) -> torch.dtype:
     return key_dtype if key_dtype in _SUMMARY_DTYPES.values() else torch.float32
 
 
+def code_width(head_dim: int, code_bits: int) -> int:
+    """Bytes of one token's codes, every plane."""
+    return code_planes(code_bits)[1] * plane_bytes(head_dim, code_bits)
+
+
+def _storage_rows(view: torch.Tensor, row: int) -> tuple[torch.Tensor, int]:
+    """The whole storage under `view` as [n, row] rows of its dtype (what box/code reads index)."""
+    count = view.untyped_storage().nbytes() // view.element_size() // row
+    return view.as_strided((count, row), (row, 1), 0), row
+
+
+@dataclasses.dataclass(frozen=True)
+class PageLayout:
+    """Byte offsets, within one KV page, of the summaries kept in its padding."""
+
+    boxes: int
+    codes: int
+    end: int     # the padded page size that holds them
+
+
+def page_layout(dense_page_bytes: int, block_size: int, num_kv_heads: int, head_dim: int, cfg: HSRConfig,
+                dtype: torch.dtype) -> PageLayout:
+    """Boxes then codes after the dense KV bytes, each region starting at a whole row of
+    what is read from it (a box side; one cell's codes), the page a multiple of both."""
+    box_row = head_dim * dtype.itemsize
+    code_row = cfg.cell_size * code_width(head_dim, cfg.code_bits) if cfg.code_bits else 1
+    align = math.lcm(box_row, code_row, 64)
+    num_slots = sum(count for _, count in level_slots(cfg, block_size))
+    boxes = -(-dense_page_bytes // align) * align
+    codes = boxes + -(-num_slots * 2 * num_kv_heads * box_row // align) * align
+    end = codes + (block_size * num_kv_heads * code_width(head_dim, cfg.code_bits) if cfg.code_bits else 0)
+    return PageLayout(boxes, codes, -(-end // align) * align)
+
+
 def level_slots(cfg: HSRConfig, block_size: int) -> list[tuple[int, int]]:
     """(first slot, slots per block) of each tree level in a block's box storage."""
     if block_size % cfg.cell_size:
@@ -159,11 +194,20 @@ class PagedSummaries:
     boxes: [num_blocks, num_slots, 2, num_kv_heads, head_dim] (lo, hi) in the summary dtype
     codes: [num_blocks, block_size, num_kv_heads, ceil(head_dim * code_bits / 8)] uint8, or None: a view of
         head-major storage, so the codes of one cell and KV head are one contiguous run
+    Either side tensors (`allocate`) or views into the padding of the KV pages (`in_pages`): reads go
+    through the storage in rows (one box side, one cell's codes), so both need their strides and
+    offsets to be whole rows.
     """
 
     def __init__(self, boxes: torch.Tensor, codes: torch.Tensor | None, cfg: HSRConfig, block_size: int):
         self.boxes, self.codes, self.cfg, self.block_size = boxes, codes, cfg, block_size
         self.slots = level_slots(cfg, block_size)
+        box_row, code_row = self.head_dim, cfg.cell_size * (codes.shape[-1] if codes is not None else 0)
+        if any(x % box_row for x in (*boxes.stride()[:4], boxes.storage_offset())) or boxes.stride(4) != 1:
+            raise ValueError("HSR: box storage must hold whole [head_dim] rows")
+        if codes is not None and (any(x % code_row for x in (codes.stride(0), codes.stride(2), codes.storage_offset()))
+                                  or codes.stride(1) != codes.shape[-1] or codes.stride(3) != 1):
+            raise ValueError("HSR: code storage must hold each cell's codes of one KV head as one run")
 
     @classmethod
     def allocate(cls, num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int, cfg: HSRConfig,
@@ -172,11 +216,40 @@ class PagedSummaries:
         boxes = torch.empty(num_blocks, num_slots, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
         codes = None
         if cfg.code_bits:
-            width = code_planes(cfg.code_bits)[1] * plane_bytes(head_dim, cfg.code_bits)
+            width = code_width(head_dim, cfg.code_bits)
             # only complete cells' codes are ever read, and each is written when its cell fills
             codes = torch.empty(num_blocks, num_kv_heads, block_size, width, dtype=torch.uint8, device=device)
             codes = codes.permute(0, 2, 1, 3)
         return cls(boxes, codes, cfg, block_size)
+
+    @classmethod
+    def in_pages(cls, kv_cache: torch.Tensor, dense_page_bytes: int, head_dim: int, cfg: HSRConfig,
+                 dtype: torch.dtype) -> PagedSummaries | None:
+        """Views into the padding past the first `dense_page_bytes` of every block of kv_cache
+        [num_blocks, num_kv_heads, block_size, ...], laid out as `page_layout` says; None if the
+        pages have no room for them (or not at whole rows)."""
+        num_blocks, num_kv_heads, block_size = kv_cache.shape[:3]
+        layout = page_layout(dense_page_bytes, block_size, num_kv_heads, head_dim, cfg, dtype)
+        page = kv_cache.stride(0) * kv_cache.element_size()
+        base = kv_cache.storage_offset() * kv_cache.element_size()
+        box_bytes = dtype.itemsize
+        if page < layout.end or (base + layout.boxes) % box_bytes or page % box_bytes:
+            return None
+        storage, device = kv_cache.untyped_storage(), kv_cache.device
+        num_slots = sum(count for _, count in level_slots(cfg, block_size))
+        boxes = torch.empty(0, dtype=dtype, device=device).set_(
+            storage, (base + layout.boxes) // box_bytes, (num_blocks, num_slots, 2, num_kv_heads, head_dim),
+            (page // box_bytes, 2 * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim, 1))
+        codes = None
+        if cfg.code_bits:
+            width = code_width(head_dim, cfg.code_bits)
+            codes = torch.empty(0, dtype=torch.uint8, device=device).set_(
+                storage, base + layout.codes, (num_blocks, num_kv_heads, block_size, width),
+                (page, block_size * width, width, 1)).permute(0, 2, 1, 3)
+        try:
+            return cls(boxes, codes, cfg, block_size)
+        except ValueError:
+            return None
 
     @property
     def head_dim(self) -> int:
@@ -200,21 +273,23 @@ class PagedSummaries:
     def box_corners(self, blocks: torch.Tensor, slots: torch.Tensor,
                     kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """lo, hi of the boxes at (blocks, slots, kv_heads) (broadcast): [..., head_dim] each"""
-        num_slots, num_kv_heads = self.boxes.shape[1], self.boxes.shape[3]
-        rows = self.boxes.view(-1, self.head_dim)   # one row per (block, slot, side, kv head)
-        lo = ((blocks * num_slots + slots) * 2) * num_kv_heads + kv_heads
-        return rows[lo], rows[lo + num_kv_heads]
+        rows, row = _storage_rows(self.boxes, self.head_dim)
+        block, slot, side, head = (stride // row for stride in self.boxes.stride()[:4])
+        lo = self.boxes.storage_offset() // row + blocks * block + slots * slot + kv_heads * head
+        return rows[lo], rows[lo + side]
 
     def cell_codes(self, blocks: torch.Tensor, slots: torch.Tensor, kv_heads: torch.Tensor,
                    planes: int | None = None) -> torch.Tensor:
         """The first `planes` code planes (None: all) of the cells at (blocks, slots, kv_heads)
         (broadcast), contiguous: [..., cell_size, planes * plane_bytes]"""
-        num_blocks, block_size, num_kv_heads, width = self.codes.shape
+        width = self.codes.shape[-1]
         size = self.cfg.cell_size
         width_read = width if planes is None else planes * plane_bytes(self.head_dim, self.cfg.code_bits)
-        runs = self.codes.permute(0, 2, 1, 3).reshape(-1, size, width)   # one row per (block, head, cell): a view
-        rows = (blocks * num_kv_heads + kv_heads) * (block_size // size) + slots
-        return runs[:, :, :width_read].index_select(0, rows.flatten()).view(*rows.shape, size, width_read)
+        runs, row = _storage_rows(self.codes, size * width)       # one row per (block, head, cell)
+        index = (self.codes.storage_offset() + blocks * self.codes.stride(0) + kv_heads * self.codes.stride(2)) // row
+        index = index + slots
+        picked = runs.view(-1, size, width)[:, :, :width_read].index_select(0, index.flatten())
+        return picked.view(*index.shape, size, width_read)
 
     def plan_write(self, slot_mapping: torch.Tensor, positions: torch.Tensor, token_rows: torch.Tensor,
                    block_table: torch.Tensor) -> SummaryWrite:

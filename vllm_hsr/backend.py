@@ -286,7 +286,7 @@ class _HSRImpl:
         if m.sparse_rows.numel():
             rows = m.sparse_rows
             out, _, stats = hsr_decode(query[rows], kv_cache, self.layout, self.summaries, m.block_table[rows],
-                                       m.seq_lens[rows], self.hsr, self.scale)
+                                       m.seq_lens[rows], self.hsr, self.scale, host_stats=False)
             output[rows] = out.view_as(output[rows])
         if num_decode:
             self.stats_log.record(stats, num_sparse_rows=m.sparse_rows.numel(), num_dense_rows=m.dense_rows.numel())

@@ -94,14 +94,15 @@ def query_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVL
 
 def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
                block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
-               record_tokens: bool = False,
-               max_seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
+               record_tokens: bool = False, max_seq_len: int | None = None,
+               host_stats: bool = True) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
     """HSR attention of one decode query per sequence over a paged KV cache.
 
     q: [batch, num_q_heads, head_dim]; cache: the layer's KV cache (indexed through `layout`);
     block_table: [batch, max_blocks]; seq_lens: [batch] cached tokens, this step's included.
     record_tokens: fill stats.tokens_read (one list per sequence and KV head; a host sync).
     max_seq_len: the longest seq_len if the caller knows it (saves the decode kernel a host sync).
+    host_stats: False leaves the stats' counters as 0-dim device tensors (no host sync).
     returns out [batch, num_q_heads, head_dim] (q's dtype), error_bound [batch, num_q_heads], stats
     """
     flat_cache = flat_view(cache)
@@ -115,10 +116,11 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
     else:
         out, bound = decode_candidates(q, flat_cache, layout, block_table, seq_lens, found.tokens, found.counts,
                                        found.dense, found.skipped, cfg, scale)
-    stats = found.stats()
+    stats = found.stats(host_stats)
     head_dim = q.shape[-1]
+    dense_tokens = seq_lens.long().sum() * summaries.boxes.shape[3]
     stats.set_bytes(2 * head_dim * summaries.boxes.element_size(), cfg, head_dim, 2 * cache.element_size(),
-                    int(seq_lens.sum()) * summaries.boxes.shape[3])
+                    int(dense_tokens) if host_stats else dense_tokens)
     stats.error_bound = bound
     if record_tokens:
         stats.tokens_read = found.token_lists(seq_lens)

@@ -6,8 +6,11 @@ launch (vLLM then collects every process's metrics); `vllm-hsr serve` sets it.
 
 from __future__ import annotations
 
+import math
 import os
 import time
+
+import torch
 
 from vllm_hsr import _vllm
 from vllm_hsr.core.attention import HSRStats
@@ -34,17 +37,25 @@ class _Metrics:
 
 
 class DecodeStatsLog:
-    """Accumulates HSR decode stats of one worker process and logs them every `interval_s`."""
+    """Accumulates HSR decode stats of one worker process and logs them every `interval_s`.
+
+    Per-step counters may be device tensors (hsr_decode with host_stats=False): they are summed
+    on the device and read on the host once per `flush_interval_s` (one sync), when the
+    Prometheus series advance, not once per layer and step.
+    """
 
     _shared: DecodeStatsLog | None = None
     _COUNTERS = ("bytes_read", "dense_bytes", "keys_read", "dense_keys", "sparse_rows", "dense_rows",
                  "overflow_rows")
 
-    def __init__(self, interval_s: float = 10.0):
-        self.interval_s = interval_s
+    def __init__(self, interval_s: float = 10.0, flush_interval_s: float = 1.0):
+        self.interval_s, self.flush_interval_s = interval_s, flush_interval_s
         self.last_log = time.monotonic()
+        self.last_flush = -math.inf
+        self.pending: dict[str, object] = {}
         self.reset()
-        self.totals: dict[str, float] = dict.fromkeys(self._COUNTERS, 0)
+        self._totals: dict[str, float] = dict.fromkeys(self._COUNTERS, 0)
+        self._totals["max_error_bound"] = 0.0
         self.metrics = _Metrics()
 
     @classmethod
@@ -54,35 +65,62 @@ class DecodeStatsLog:
         return cls._shared
 
     def reset(self) -> None:
+        """Start a new log interval."""
         for name in self._COUNTERS:
             setattr(self, name, 0)
         self.max_error_bound = 0.0
 
+    @property
+    def totals(self) -> dict[str, float]:
+        """Everything recorded so far (flushed first)."""
+        self.flush()
+        return self._totals
+
     def record(self, stats: HSRStats | None, num_sparse_rows: int, num_dense_rows: int) -> None:
         """stats: the step's hsr_decode call (None if none) over num_sparse_rows decode rows;
         num_dense_rows: decode rows of the step served by the dense kernel."""
-        step = dict.fromkeys(self._COUNTERS, 0)
-        step.update(sparse_rows=num_sparse_rows, dense_rows=num_dense_rows)
+        step = dict(sparse_rows=num_sparse_rows, dense_rows=num_dense_rows)
         if stats is not None:
             step.update(bytes_read=stats.bytes_read, dense_bytes=stats.dense_bytes, keys_read=stats.keys_read,
-                        dense_keys=stats.dense_keys, overflow_rows=stats.overflow_rows)
-            self.max_error_bound = max(self.max_error_bound, float(stats.error_bound.max()))
+                        dense_keys=stats.dense_keys, overflow_rows=stats.overflow_rows,
+                        max_error_bound=stats.error_bound.max())
         for name, value in step.items():
-            setattr(self, name, getattr(self, name) + value)
-            self.totals[name] += value
-        self.totals["max_error_bound"] = max(self.totals.get("max_error_bound", 0.0), self.max_error_bound)
-        if self.metrics.enabled:
-            self.metrics.bytes_read.inc(step["bytes_read"])
-            self.metrics.dense_bytes.inc(step["dense_bytes"])
-            self.metrics.rows.labels(path="hsr").inc(step["sparse_rows"])
-            self.metrics.rows.labels(path="dense").inc(step["dense_rows"])
-            self.metrics.overflows.inc(step["overflow_rows"])
-            self.metrics.max_error_bound.set(self.max_error_bound)
+            old = self.pending.get(name)
+            if old is None:
+                self.pending[name] = value
+            elif name == "max_error_bound":
+                self.pending[name] = torch.maximum(old, value)
+            else:
+                self.pending[name] = old + value
         now = time.monotonic()
+        if now - self.last_flush >= self.flush_interval_s:
+            self.flush()
         if now - self.last_log >= self.interval_s:
+            self.flush()
             logger.info(self.summary())
             self.last_log = now
             self.reset()
+
+    def flush(self) -> None:
+        """Read the pending counters on the host and advance the interval, totals and metrics."""
+        self.last_flush = time.monotonic()
+        pending, self.pending = self.pending, {}
+        if not pending:
+            return
+        bound = float(pending.pop("max_error_bound", 0.0))
+        step = {name: int(value) for name, value in pending.items()}
+        for name, value in step.items():
+            setattr(self, name, getattr(self, name) + value)
+            self._totals[name] += value
+        self.max_error_bound = max(self.max_error_bound, bound)
+        self._totals["max_error_bound"] = max(self._totals["max_error_bound"], bound)
+        if self.metrics.enabled:
+            self.metrics.bytes_read.inc(step.get("bytes_read", 0))
+            self.metrics.dense_bytes.inc(step.get("dense_bytes", 0))
+            self.metrics.rows.labels(path="hsr").inc(step.get("sparse_rows", 0))
+            self.metrics.rows.labels(path="dense").inc(step.get("dense_rows", 0))
+            self.metrics.overflows.inc(step.get("overflow_rows", 0))
+            self.metrics.max_error_bound.set(self.max_error_bound)
 
     def summary(self) -> str:
         fraction = self.bytes_read / self.dense_bytes if self.dense_bytes else 0.0

@@ -40,9 +40,10 @@ class Candidates:
     skipped: torch.Tensor   # [B, Hq] fp32 ln of the skipped mass bound (-inf: nothing skipped)
     counters: dict[str, torch.Tensor]   # HSRStats counters, on the device until stats() reads them
 
-    def stats(self) -> HSRStats:
-        """The counters as HSRStats (a host sync: the query itself has none with a fixed capacity)."""
-        return HSRStats(**{name: int(value) for name, value in self.counters.items()})
+    def stats(self, host: bool = True) -> HSRStats:
+        """The counters as HSRStats: host ints (a sync: the query itself has none with a fixed
+        capacity), or with host=False the 0-dim device tensors themselves."""
+        return HSRStats(**{name: int(value) if host else value for name, value in self.counters.items()})
 
     def token_lists(self, seq_lens: torch.Tensor) -> list[torch.Tensor]:
         """The tokens each (sequence, KV head) reads, in row order (a host sync)."""

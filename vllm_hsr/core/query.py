@@ -156,6 +156,13 @@ class TreeQuery:
         """Complete nodes of `level` per row: only they have summaries (the partial cell is a seed)."""
         return self.rows.num_tokens // self.span(level)
 
+    @property
+    def top_level(self) -> int:
+        """The highest level a row can have a complete node on (static: from the table width); the
+        walks start there, since the levels above hold no node and keep nothing."""
+        return max([0] + [level for level in range(1, self.cfg.tree_levels + 1)
+                          if self.span(level) <= self.rows.max_tokens])
+
     def node_width(self) -> int | None:
         return None if self.capacity is None else max(1, self.capacity // self.cfg.cell_size)
 
@@ -186,7 +193,7 @@ class TreeQuery:
         """Cells with the highest upper bound (max over the group), by a beam down the tree."""
         beam = torch.zeros(self.rows.q.shape[0], 0, dtype=torch.long, device=self.device)
         beam_valid = torch.zeros_like(beam, dtype=torch.bool)
-        for level in range(self.cfg.tree_levels, -1, -1):
+        for level in range(self.top_level, -1, -1):
             nodes, valid = self.frontier(level, beam, beam_valid)
             ub = self.box_bounds(level, nodes, valid)[0].amax(-1)
             ub = torch.where(valid, ub, torch.full_like(ub, -math.inf))
@@ -263,7 +270,7 @@ class TreeQuery:
         n = self.rows.num_tokens.unsqueeze(1)
         kept = torch.zeros(num_rows, 0, dtype=torch.long, device=self.device)
         kept_valid = torch.zeros_like(kept, dtype=torch.bool)
-        for level in range(cfg.tree_levels, -1, -1):
+        for level in range(self.top_level, -1, -1):
             nodes, valid = self.frontier(level, kept, kept_valid)
             span = self.span(level)
             start, end = nodes * span, torch.minimum((nodes + 1) * span, n)

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--plot", type=Path, default=RESULTS / "compare_backends.png")
     parser.add_argument("--log", type=Path, default=RESULTS / "compare_backends.log")
     parser.add_argument("--render-only", action="store_true", help="run nothing: redraw --plot from --json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the records already in --json, replacing those of the points run now")
     args = parser.parse_args(argv)
     if args.render_only:
         records = json.loads(args.json.read_text())
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from vllm_hsr.tiny_model import build_tiny_model
         model = str(build_tiny_model(Path(".tiny-model/bench"), max_position=32768, vocab_size=LATENCY_PROMPT_IDS))
     args.log.parent.mkdir(parents=True, exist_ok=True)
-    args.log.write_text("")
+    if not args.merge:
+        args.log.write_text("")
     input_lens = [int(x) for x in args.input_lens.split(",")]
     points = [(n, b) for n in input_lens for b in ("HSR", dense_backend())]
     records = []
@@ -158,6 +161,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         record = run_point(model, backend, input_len, args, args.log)
         records.append(record)
         print(f"{record['output_tokens_per_s']:.1f} out tok/s ({time.monotonic() - start:.0f}s)", flush=True)
+    if args.merge and args.json.exists():
+        ran = {(r["backend"], r["input_len"], r["output_len"]) for r in records}
+        kept = [r for r in json.loads(args.json.read_text())
+                if (r["backend"], r["input_len"], r["output_len"]) not in ran]
+        records = sorted(kept + records, key=lambda r: (r["input_len"], r["backend"] != "HSR"))
     print(f"\n# {machine()}; HSR settings {args.hsr}\n" + table(records))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(records, indent=1))

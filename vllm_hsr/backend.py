@@ -142,9 +142,12 @@ class _HSRBuilder:
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> HSRMetadata:
         common = common_attn_metadata
-        num_decodes, num_prefills, num_decode_tokens, _ = _vllm.split_decodes_and_prefills(
-            common, decode_threshold=1)
         n = common.num_actual_tokens
+        if common.max_query_len == 1:     # decode only
+            num_decodes, num_prefills, num_decode_tokens = common.num_reqs, 0, n
+        else:
+            num_decodes, num_prefills, num_decode_tokens, _ = _vllm.split_decodes_and_prefills(
+                common, decode_threshold=1)
         token_rows, positions = _token_rows_and_positions(common)
         no_rows = torch.zeros(0, dtype=torch.long)
         sparse_rows = dense_rows = no_rows
@@ -271,7 +274,8 @@ class _HSRImpl:
             summaries = self._index(layer, kv_cache)
             if m.summary_write is None:
                 m.summary_write = summaries.plan_write(m.slot_mapping, m.positions, m.token_rows, m.block_table)
-            update_summaries(summaries, m.summary_write, m.block_table, flat_view(kv_cache), self.layout)
+            if m.summary_write.filled_blocks is not None:     # most decode steps fill no cell
+                update_summaries(summaries, m.summary_write, m.block_table, flat_view(kv_cache), self.layout)
         if m.dense_all is not None:
             super().forward(layer, query, key, value, kv_cache, m.dense_all, output)
         if m.prefill is not None:

@@ -318,17 +318,18 @@ class PagedSummaries:
     def _summarise_cells(self, blocks: torch.Tensor, first_offsets: torch.Tensor, flat_cache: torch.Tensor,
                          layout: PagedKVLayout) -> None:
         size, bits = self.cfg.cell_size, self.cfg.code_bits
-        tokens = first_offsets.unsqueeze(1) + torch.arange(size, device=blocks.device)     # [c, T]
-        cell_blocks = blocks.unsqueeze(1).expand_as(tokens)
+        num_kv_heads = self.boxes.shape[3]
+        tokens = (first_offsets.unsqueeze(1) + torch.arange(size, device=blocks.device)).unsqueeze(1)   # [c, 1, T]
+        heads = torch.arange(num_kv_heads, device=blocks.device).view(1, -1, 1)
+        keys, _ = layout.gather(flat_cache, blocks.view(-1, 1, 1), tokens, heads, values=False)       # [c, H, T, D]
+        keys = keys.float()
+        lo, hi = round_outward(keys.amin(2), keys.amax(2), self.boxes.dtype)                           # [c, H, D]
         slots = first_offsets // size
-        for kv_head in range(self.boxes.shape[3]):
-            keys, _ = layout.gather(flat_cache, cell_blocks, tokens, kv_head, values=False)  # [c, T, D]
-            keys = keys.float()
-            lo, hi = round_outward(keys.amin(1), keys.amax(1), self.boxes.dtype)
-            self.boxes[blocks, slots, 0, kv_head] = lo
-            self.boxes[blocks, slots, 1, kv_head] = hi
-            if self.codes is not None:
-                self.codes[cell_blocks, tokens, kv_head] = pack_codes(quantize_keys(keys, lo, hi, bits), bits)
+        self.boxes[blocks, slots, 0] = lo
+        self.boxes[blocks, slots, 1] = hi
+        if self.codes is not None:
+            codes = quantize_keys(keys.transpose(1, 2), lo, hi, bits)                                  # [c, T, H, D]
+            self.codes[blocks.view(-1, 1), tokens.squeeze(1)] = pack_codes(codes, bits)
 
     def _union_children(self, level: int, positions: torch.Tensor, block_rows: torch.Tensor) -> None:
         fanout = self.cfg.fanout

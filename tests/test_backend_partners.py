@@ -159,3 +159,14 @@ def test_customize_spec_pads_each_page_for_its_summaries(partner):
     window = SlidingWindowSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM,
                                dtype=torch.bfloat16, sliding_window=128)
     assert hsr.customize_spec(window) == window                      # layers HSR leaves dense
+
+
+def test_batches_with_features_the_split_drops_stay_whole():
+    """A batch carrying per-request state HSR's split would lose (here encoder lengths) is not split."""
+    import dataclasses
+    from vllm_hsr.backend import _HSRBuilder
+    common = _common([1, 1, 5], [40, 9, 12])
+    assert _HSRBuilder._splittable(None, common)
+    assert _HSRBuilder._splittable(None, dataclasses.replace(common, mm_req_doc_ranges={}))
+    assert not _HSRBuilder._splittable(None, dataclasses.replace(common, encoder_seq_lens=torch.tensor([3, 4, 5])))
+    assert not _HSRBuilder._splittable(None, dataclasses.replace(common, causal=torch.ones(3, dtype=torch.bool)))

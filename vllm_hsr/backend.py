@@ -3,9 +3,9 @@
 The dense partner (CPU_ATTN on CPU; FLASH_ATTN, or TRITON_ATTN with
 VLLM_HSR_DENSE_BACKEND=TRITON_ATTN, on CUDA) writes the KV cache and computes prefill;
 decode rows with enough context go through HSR over the same paged cache. Summaries
-live beside each layer's cache and are brought up to date after every KV write,
-prefill chunks included. Settings: `--additional-config '{"hsr": {...}}'` and
-VLLM_HSR_<FIELD>.
+live in the padding customize_spec adds to every KV page (so vLLM counts them) and are
+brought up to date after every KV write, prefill chunks included. Settings:
+`--additional-config '{"hsr": {...}}'` and VLLM_HSR_<FIELD>.
 
 The partner is picked when this module loads (vLLM asks for the backend's classes
 before any engine config exists), so it is an environment setting only. The classes
@@ -138,7 +138,10 @@ class _HSRBuilder:
         return _vllm.AttentionCGSupport.NEVER     # see the module docstring
 
     def _splittable(self, common) -> bool:
-        return isinstance(common.causal, bool) and not any(getattr(common, name, None) for name in UNSPLIT_FIELDS)
+        def is_set(value) -> bool:
+            return value is not None and not (isinstance(value, (dict, list, tuple)) and not value)
+        return isinstance(common.causal, bool) and not any(is_set(getattr(common, name, None))
+                                                           for name in UNSPLIT_FIELDS)
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> HSRMetadata:
         common = common_attn_metadata

@@ -1,6 +1,15 @@
-"""Shared fixtures: the tiny local model, built once per checkout and reused."""
+"""Shared fixtures: the tiny local model, built once per checkout and reused.
 
+The Triton kernels run in Triton's interpreter here. TRITON_INTERPRET is read when a
+triton.jit function is defined, and importing vLLM (some test modules do, at collection)
+imports triton; so it is set before any test module is imported. Engines and servers
+started by tests run without it.
+"""
+
+import os
 from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 

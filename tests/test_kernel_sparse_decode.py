@@ -1,18 +1,14 @@
 """kernels/sparse_decode.py under TRITON_INTERPRET=1 against its torch twin (core.decode)."""
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"   # before the kernel module is imported: triton.jit reads it then
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from paged_cache import make_cache  # noqa: E402
-from reference import dense64  # noqa: E402
-from vllm_hsr import HSRConfig  # noqa: E402
-from vllm_hsr.core.decode import decode_candidates  # noqa: E402
-from vllm_hsr.core.paged import flat_view  # noqa: E402
-from vllm_hsr.kernels.sparse_decode import sparse_decode  # noqa: E402
+from paged_cache import make_cache
+from reference import dense64
+from vllm_hsr import HSRConfig
+from vllm_hsr.core.decode import decode_candidates
+from vllm_hsr.core.paged import flat_view
+from vllm_hsr.kernels.sparse_decode import sparse_decode
 
 SEQ_LENS = (1, 37, 1025, 2011)
 

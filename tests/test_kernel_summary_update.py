@@ -1,15 +1,11 @@
 """kernels/summary_update.py under TRITON_INTERPRET=1 against its torch twin (PagedSummaries.update)."""
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"   # before the kernel module is imported: triton.jit reads it then
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from paged_cache import PagedBatch  # noqa: E402
-from vllm_hsr import HSRConfig  # noqa: E402
-from reference_tree import PagedCellTree  # noqa: E402
+from paged_cache import PagedBatch
+from vllm_hsr import HSRConfig
+from reference_tree import PagedCellTree
 
 
 @pytest.mark.parametrize("layout,block_size,cell_size", (("flash", 16, 16), ("cpu", 32, 16), ("flash", 128, 32)))

@@ -1,20 +1,16 @@
 """kernels/tree_query.py under TRITON_INTERPRET=1 against its torch twin (core.query.RowBounds),
 alone and inside the whole query, and the int64 offsets of the decode path's kernels."""
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"   # before the kernel module is imported: triton.jit reads it then
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from paged_cache import PagedBatch  # noqa: E402
-from vllm_hsr import HSRConfig  # noqa: E402
-from vllm_hsr.core.decode import decode_candidates  # noqa: E402
-from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view  # noqa: E402
-from vllm_hsr.core.query import RowBounds, TreeRows  # noqa: E402
-from vllm_hsr.kernels.sparse_decode import sparse_decode  # noqa: E402
-from vllm_hsr.ops import TritonRowBounds, hsr_decode  # noqa: E402
+from paged_cache import PagedBatch
+from vllm_hsr import HSRConfig
+from vllm_hsr.core.decode import decode_candidates
+from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, flat_view
+from vllm_hsr.core.query import RowBounds, TreeRows
+from vllm_hsr.kernels.sparse_decode import sparse_decode
+from vllm_hsr.ops import TritonRowBounds, hsr_decode
 
 SEQ_LENS = (1, 37, 1025, 2011)
 

@@ -9,23 +9,35 @@ from vllm_hsr.core.attention import HSRStats
 from vllm_hsr.stats import DecodeStatsLog
 
 
-def _step(keys: int, bound: float) -> HSRStats:
-    as_tensor = lambda value: torch.tensor(value)  # noqa: E731 (what hsr_decode(host_stats=False) returns)
+def _step(keys: int, bound: float, device: str = "cpu") -> HSRStats:
+    as_tensor = lambda value: torch.tensor(value, device=device)  # noqa: E731 (hsr_decode(host_stats=False))
     return HSRStats(keys_read=as_tensor(keys), dense_keys=as_tensor(100), bytes_read=as_tensor(10 * keys),
                     dense_bytes=as_tensor(1000), overflow_rows=as_tensor(1),
                     error_bound=torch.tensor([[bound, bound / 2]]))
 
 
-def test_counters_wait_for_the_flush_interval_then_add_up(monkeypatch):
+def test_device_counters_wait_for_the_flush_interval_then_add_up(monkeypatch):
+    """Meta tensors stand in for an accelerator's: any host read of them would raise."""
     lines = []
     monkeypatch.setattr(stats_module.logger, "info", lines.append)
     log = DecodeStatsLog(interval_s=math.inf, flush_interval_s=math.inf)
     log.last_flush = 0.0                       # as if just flushed: nothing is read on the host
+    log.record(_step(10, 1e-4, "meta"), num_sparse_rows=2, num_dense_rows=1)
+    log.record(_step(30, 3e-4, "meta"), num_sparse_rows=2, num_dense_rows=0)
+    log.record(None, num_sparse_rows=0, num_dense_rows=3)
+    assert log.keys_read == 0 and log.pending["keys_read"].device.type == "meta"
+
+
+def test_cpu_counters_add_up_at_once(monkeypatch):
+    lines = []
+    monkeypatch.setattr(stats_module.logger, "info", lines.append)
+    log = DecodeStatsLog(interval_s=math.inf, flush_interval_s=math.inf)
+    log.last_flush = 0.0
     log.record(_step(10, 1e-4), num_sparse_rows=2, num_dense_rows=1)
+    assert log.keys_read == 10                 # no sync to save on the host: /metrics stays current
     log.record(_step(30, 3e-4), num_sparse_rows=2, num_dense_rows=0)
     log.record(None, num_sparse_rows=0, num_dense_rows=3)
-    assert log.keys_read == 0 and isinstance(log.pending["keys_read"], torch.Tensor)
-    totals = log.totals                        # reading the totals flushes
+    totals = log.totals
     assert (totals["keys_read"], totals["dense_keys"], totals["bytes_read"]) == (40, 200, 400)
     assert (totals["sparse_rows"], totals["dense_rows"], totals["overflow_rows"]) == (4, 4, 2)
     assert math.isclose(totals["max_error_bound"], 3e-4, rel_tol=1e-6) and not lines

@@ -39,9 +39,10 @@ class _Metrics:
 class DecodeStatsLog:
     """Accumulates HSR decode stats of one worker process and logs them every `interval_s`.
 
-    Per-step counters may be device tensors (hsr_decode with host_stats=False): they are summed
-    on the device and read on the host once per `flush_interval_s` (one sync), when the
-    Prometheus series advance, not once per layer and step.
+    Per-step counters may be device tensors (hsr_decode with host_stats=False): on an
+    accelerator they are summed there and read on the host once per `flush_interval_s` (one
+    sync), when the Prometheus series advance, not once per layer and step; CPU tensors cost
+    no sync and are read at once, so /metrics is current.
     """
 
     _shared: DecodeStatsLog | None = None
@@ -93,7 +94,9 @@ class DecodeStatsLog:
             else:
                 self.pending[name] = old + value
         now = time.monotonic()
-        if now - self.last_flush >= self.flush_interval_s:
+        on_accelerator = any(isinstance(value, torch.Tensor) and value.device.type != "cpu"
+                             for value in self.pending.values())
+        if not on_accelerator or now - self.last_flush >= self.flush_interval_s:
             self.flush()
         if now - self.last_log >= self.interval_s:
             self.flush()

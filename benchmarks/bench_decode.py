@@ -60,10 +60,9 @@ class PagedSequence:
         self.summaries = PagedSummaries.allocate(num_blocks, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, cfg, dtype)
         for start in range(0, num_tokens, chunk):
             end = min(num_tokens, start + chunk)
-            table = self.row.unsqueeze(0)
             write = self.summaries.plan_write(slots[start:end], positions[start:end],
-                                              torch.zeros(end - start, dtype=torch.long), table)
-            update_summaries(self.summaries, write, table, self.cache.view(-1), self.layout)
+                                              torch.zeros(end - start, dtype=torch.long))
+            update_summaries(self.summaries, write, self.row.unsqueeze(0), self.cache.view(-1), self.layout)
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense read through the block table: K, V [N, Hkv, D]."""

@@ -60,7 +60,7 @@ class PagedBatch:
         for h in range(self.key_view.shape[1]):
             self.key_view[blocks, h, offsets] = self.keys[seq][start:end, h]
             self.value_view[blocks, h, offsets] = self.values[seq][start:end, h]
-        write = self.summaries.plan_write(slots, positions, torch.full((end - start,), seq), self.block_table)
+        write = self.summaries.plan_write(slots, positions, torch.full((end - start,), seq))
         update_summaries(self.summaries, write, self.block_table, flat_view(self.cache), self.layout)
 
     def fill(self, chunks=(0.5,)) -> None:

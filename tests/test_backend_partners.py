@@ -96,7 +96,7 @@ def test_sparse_decode_over_the_partner_page_layout(partner):
                        positions=torch.tensor(seq_lens) - 1, token_rows=torch.arange(2), block_table=table,
                        seq_lens=torch.tensor(seq_lens), sparse_rows=torch.arange(2),
                        dense_rows=torch.zeros(0, dtype=torch.long))
-    step.summary_write = impl.summaries.plan_write(step.slot_mapping, step.positions, step.token_rows, table)
+    step.summary_write = impl.summaries.plan_write(step.slot_mapping, step.positions, step.token_rows)
     output = torch.full((2, NUM_HEADS, HEAD_DIM), math.nan)
     impl.forward(None, q, None, None, kv_cache, step, output)
     stats = impl.stats_log

@@ -89,7 +89,7 @@ def test_summaries_in_page_padding_equal_side_tensors(dtype, code_bits):
         for start, stop in ((0, n // 2), *((p, p + 1) for p in range(n // 2, n))):   # a prefill chunk, then decode
             part = positions[start:stop]
             write = SummaryWrite.plan(blocks[start:stop] * block_size + offsets[start:stop], part,
-                                      torch.full_like(part, row), table, block_size, cfg)
+                                      torch.full_like(part, row), block_size, cfg)
             for summaries in (padded, side):
                 update_summaries(summaries, write, table, flat_view(kv_cache), layout)
     for row, (keys, values) in enumerate(seqs):         # the KV bytes are untouched

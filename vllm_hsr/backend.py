@@ -106,17 +106,16 @@ def request_subset(common, rows: torch.Tensor):
 
 def _token_rows_and_positions(common) -> tuple[torch.Tensor, torch.Tensor]:
     """Each scheduled token's request row and sequence position, on the metadata's device."""
-    n, device = common.num_actual_tokens, common.query_start_loc.device
-    query_lens = common.query_start_loc[1:] - common.query_start_loc[:-1]
+    n, device, starts = common.num_actual_tokens, common.query_start_loc.device, common.query_start_loc
     if common.max_query_len == 1:     # decode only: token i is request i's last token
         token_rows = torch.arange(n, device=device)
     else:
-        token_rows = torch.repeat_interleave(torch.arange(common.num_reqs, device=device), query_lens,
+        token_rows = torch.repeat_interleave(torch.arange(common.num_reqs, device=device), starts[1:] - starts[:-1],
                                              output_size=n)
     if common.positions is not None:
         return token_rows, common.positions[:n]
-    offset = torch.arange(n, device=device) - common.query_start_loc[token_rows]
-    return token_rows, (common.seq_lens - query_lens)[token_rows] + offset
+    # a request's last scheduled token sits at position seq_len - 1
+    return token_rows, common.seq_lens[token_rows] - (starts[token_rows + 1] - torch.arange(n, device=device))
 
 
 class _HSRBuilder:
@@ -276,7 +275,7 @@ class _HSRImpl:
         if self.hsr_supported:
             summaries = self._index(layer, kv_cache)
             if m.summary_write is None:
-                m.summary_write = summaries.plan_write(m.slot_mapping, m.positions, m.token_rows, m.block_table)
+                m.summary_write = summaries.plan_write(m.slot_mapping, m.positions, m.token_rows)
             if m.summary_write.filled_blocks is not None:     # most decode steps fill no cell
                 update_summaries(summaries, m.summary_write, m.block_table, flat_view(kv_cache), self.layout)
         if m.dense_all is not None:

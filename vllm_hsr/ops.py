@@ -41,18 +41,17 @@ def update_summaries(summaries: PagedSummaries, write: SummaryWrite, block_table
     block_table. The kernels keep boxes in the cache dtype; a different summary dtype uses the torch path.
     """
     if not (use_triton(flat_cache.device) and flat_cache.dtype == summaries.boxes.dtype):
-        summaries.apply(write, flat_cache, layout)
+        summaries.apply(write, block_table, flat_cache, layout)
         return
     from vllm_hsr.kernels.summary_update import update_cells, update_union
-    cfg, positions = summaries.cfg, write.positions
-    update_cells(write.slot_mapping, positions, summaries.boxes, summaries.codes, flat_cache, layout.block_stride,
-                 layout.head_stride, layout.key_offsets, cfg.cell_size, cfg.code_bits,
+    cfg = summaries.cfg
+    update_cells(write.slot_mapping, write.positions, summaries.boxes, summaries.codes, flat_cache,
+                 layout.block_stride, layout.head_stride, layout.key_offsets, cfg.cell_size, cfg.code_bits,
                  code_planes(cfg.code_bits)[0] if cfg.code_bits else 0)
-    for level in range(1, cfg.tree_levels + 1):
-        done = (positions + 1) % summaries.span(level) == 0
-        update_union(summaries.boxes, (positions[done] + 1) // summaries.span(level) - 1, write.token_rows[done],
-                     block_table, summaries.span(level - 1), summaries.slots[level - 1][0], summaries.span(level),
-                     summaries.slots[level][0], cfg.fanout, summaries.block_size)
+    for level, (nodes, rows) in enumerate(write.levels, start=1):
+        update_union(summaries.boxes, nodes, rows, block_table, summaries.span(level - 1),
+                     summaries.slots[level - 1][0], summaries.span(level), summaries.slots[level][0], cfg.fanout,
+                     summaries.block_size)
 
 
 class TritonRowBounds(RowBounds):

@@ -165,25 +165,25 @@ class SummaryWrite:
     token_rows: torch.Tensor          # [n] block-table row of each token
     filled_blocks: torch.Tensor | None    # [c] block and first in-block offset of each cell that fills now
     filled_offsets: torch.Tensor | None
-    levels: list[tuple[torch.Tensor, torch.Tensor]]   # per level >= 1 with completed nodes: (last
-    # position of each completed node [m], its block-table row [m, max_blocks]); empty once a level has none
+    levels: list[tuple[torch.Tensor, torch.Tensor]]   # per level >= 1 with completed nodes: (the nodes
+    # completed [m], the block-table row of each [m]); empty once a level has none
 
     @classmethod
-    def plan(cls, slot_mapping: torch.Tensor, positions: torch.Tensor, token_rows: torch.Tensor,
-             block_table: torch.Tensor, block_size: int, cfg: HSRConfig) -> SummaryWrite:
+    def plan(cls, slot_mapping: torch.Tensor, positions: torch.Tensor, token_rows: torch.Tensor, block_size: int,
+             cfg: HSRConfig) -> SummaryWrite:
         slot_mapping = slot_mapping.long()
         size = cfg.cell_size
         filled = (positions + 1) % size == 0
         if not filled.any():    # most decode steps: nothing to summarise
             return cls(slot_mapping, positions, token_rows, None, None, [])
-        slots = slot_mapping[filled]
+        slots, ends, rows = slot_mapping[filled], positions[filled] + 1, token_rows[filled]
         levels = []             # a node above cells completes only where a cell does
-        block_rows = block_table.long()[token_rows[filled]]
         for level in range(1, cfg.tree_levels + 1):
-            done = (positions[filled] + 1) % (size * cfg.fanout ** level) == 0
+            span = size * cfg.fanout ** level
+            done = ends % span == 0
             if not done.any():
                 break
-            levels.append((positions[filled][done], block_rows[done]))
+            levels.append((ends[done] // span - 1, rows[done]))
         return cls(slot_mapping, positions, token_rows, slots // block_size, slots % block_size - (size - 1),
                    levels)
 
@@ -291,10 +291,10 @@ class PagedSummaries:
         picked = runs.view(-1, size, width)[:, :, :width_read].index_select(0, index.flatten())
         return picked.view(*index.shape, size, width_read)
 
-    def plan_write(self, slot_mapping: torch.Tensor, positions: torch.Tensor, token_rows: torch.Tensor,
-                   block_table: torch.Tensor) -> SummaryWrite:
+    def plan_write(self, slot_mapping: torch.Tensor, positions: torch.Tensor,
+                   token_rows: torch.Tensor) -> SummaryWrite:
         """What a KV write of tokens at slot_mapping changes here (the same for every layer of a step)."""
-        return SummaryWrite.plan(slot_mapping, positions, token_rows, block_table, self.block_size, self.cfg)
+        return SummaryWrite.plan(slot_mapping, positions, token_rows, self.block_size, self.cfg)
 
     def update(self, slot_mapping: torch.Tensor, positions: torch.Tensor, token_rows: torch.Tensor,
                block_table: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout) -> None:
@@ -302,9 +302,10 @@ class PagedSummaries:
 
         positions: [n] sequence positions of the written tokens; token_rows: [n] their block_table rows.
         """
-        self.apply(self.plan_write(slot_mapping, positions, token_rows, block_table), flat_cache, layout)
+        self.apply(self.plan_write(slot_mapping, positions, token_rows), block_table, flat_cache, layout)
 
-    def apply(self, write: SummaryWrite, flat_cache: torch.Tensor, layout: PagedKVLayout) -> None:
+    def apply(self, write: SummaryWrite, block_table: torch.Tensor, flat_cache: torch.Tensor,
+              layout: PagedKVLayout) -> None:
         """Box and codes of every cell `write` fills, read from the cache, then the union boxes it completes.
 
         Only complete cells have summaries: the partial last cell of a sequence is always read
@@ -312,8 +313,8 @@ class PagedSummaries:
         """
         if write.filled_blocks is not None:
             self._summarise_cells(write.filled_blocks, write.filled_offsets, flat_cache, layout)
-        for level, (positions, block_rows) in enumerate(write.levels, start=1):
-            self._union_children(level, positions, block_rows)
+        for level, (nodes, rows) in enumerate(write.levels, start=1):
+            self._union_children(level, nodes, block_table.long()[rows])
 
     def _summarise_cells(self, blocks: torch.Tensor, first_offsets: torch.Tensor, flat_cache: torch.Tensor,
                          layout: PagedKVLayout) -> None:
@@ -331,9 +332,8 @@ class PagedSummaries:
             codes = quantize_keys(keys.transpose(1, 2), lo, hi, bits)                                  # [c, T, H, D]
             self.codes[blocks.view(-1, 1), tokens.squeeze(1)] = pack_codes(codes, bits)
 
-    def _union_children(self, level: int, positions: torch.Tensor, block_rows: torch.Tensor) -> None:
+    def _union_children(self, level: int, nodes: torch.Tensor, block_rows: torch.Tensor) -> None:
         fanout = self.cfg.fanout
-        nodes = (positions + 1) // self.span(level) - 1
         children = nodes.unsqueeze(1) * fanout + torch.arange(fanout, device=nodes.device)  # [n, f]
         rows = block_rows.unsqueeze(1).expand(-1, fanout, -1)
         child = self.boxes[self.locate(level - 1, children, rows)]                           # [n, f, 2, H, D]

@@ -329,7 +329,9 @@ class TreeQuery:
         else:                                                # cannot reach the budget_tokens best
             lower = torch.where(valid, lb.amax(-1), torch.full_like(lb[..., 0], -math.inf))
             floor = topk_floor(lower, valid.long(), cfg.budget_tokens)
-            valid = valid & (ub.amax(-1) >= floor.unsqueeze(1))
+            reach = ub.amax(-1) >= floor.unsqueeze(1)
+            self.record_skipped(valid & ~reach, torch.ones_like(tokens), ub)   # unread: the certificate counts them
+            valid = valid & reach
         size = cfg.cell_size
         refine = (valid & coded).view(*cells.shape, size)                                     # [R, C, T]
         cell_index = torch.arange(cells.shape[1], device=self.device).expand_as(cells)

@@ -3,12 +3,17 @@
 Two stages: the cell-tree query (vllm_hsr.core.query, with its bound evaluations in
 kernels/tree_query.py or their torch twins) writes each (sequence, KV head)'s reported
 tokens and skipped mass; then attention over those candidate lists runs as the Triton
-split-K kernel (kernels/sparse_decode.py) or its torch twin (vllm_hsr.core.decode). Which one: VLLM_HSR_KERNELS=auto (default: Triton on CUDA,
-torch elsewhere), torch, or triton (on CPU this needs TRITON_INTERPRET=1: tests only).
+split-K kernel (kernels/sparse_decode.py) or its torch twin (vllm_hsr.core.decode). On the CPU
+both stages run as one compiled kernel (kernels/cpu_decode.py), row by row. Which path:
+VLLM_HSR_KERNELS=auto (default: Triton on CUDA, the compiled kernel on CPU, the torch twin where
+it cannot be built), torch, native (CPU only), or triton (on CPU this needs TRITON_INTERPRET=1:
+tests only).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
@@ -17,21 +22,46 @@ from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.attention import HSRStats
 from vllm_hsr.core.decode import decode_candidates
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view
-from vllm_hsr.core.query import Candidates, RowBounds, TreeQuery, TreeRows, cell_tokens
-from vllm_hsr.core.summaries import code_planes, code_slacks, margin_terms
+from vllm_hsr.core.query import REFINE_SHARE, Candidates, RowBounds, TreeQuery, TreeRows, cell_tokens
+from vllm_hsr.core.selection import BUDGET_SLACK, HIST_BINS, HIST_RANGE
+from vllm_hsr.core.summaries import code_planes, code_slacks, margin_terms, plane_bytes
+from vllm_hsr.kernels import cpu_decode
 
-KERNEL_CHOICES = ("auto", "torch", "triton")
+KERNEL_CHOICES = ("auto", "torch", "triton", "native")
+logger = logging.getLogger(__name__)
 
 
-def use_triton(device: torch.device) -> bool:
+@functools.cache
+def _native_builds() -> bool:
+    """Whether the compiled CPU kernel is usable here; says once why not."""
+    try:
+        cpu_decode.library()
+        return True
+    except cpu_decode.NativeBuildError as error:
+        logger.warning("HSR: the compiled CPU kernel is unavailable, decoding with the torch twin: %s", error)
+        return False
+
+
+def kernel_path(device: torch.device) -> str:
+    """Which implementation decodes tensors on `device`: "triton", "native" or "torch"."""
     choice = os.environ.get("VLLM_HSR_KERNELS", "auto")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"VLLM_HSR_KERNELS={choice!r} is invalid: allowed values are {', '.join(KERNEL_CHOICES)}")
     if choice == "auto":
-        return device.type == "cuda"
+        if device.type == "cuda":
+            return "triton"
+        return "native" if device.type == "cpu" and _native_builds() else "torch"
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("VLLM_HSR_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1")
-    return choice == "triton"
+    if choice == "native":
+        if device.type != "cpu":
+            raise ValueError(f"VLLM_HSR_KERNELS=native decodes CPU tensors only, not {device.type}")
+        cpu_decode.library()          # raises NativeBuildError with the compiler's message
+    return choice
+
+
+def use_triton(device: torch.device) -> bool:
+    return kernel_path(device) == "triton"
 
 
 def update_summaries(summaries: PagedSummaries, write: SummaryWrite, block_table: torch.Tensor,
@@ -91,6 +121,54 @@ def query_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVL
     return TreeQuery(rows, cfg, bounds, flat_cache, layout, cfg.max_candidates or None).run()
 
 
+def decode_found(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, found: Candidates, cfg: HSRConfig, scale: float, triton: bool,
+                 max_seq_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the query's candidate lists: the Triton split-K kernel or its torch twin."""
+    if not triton:
+        return decode_candidates(q, flat_cache, layout, block_table, seq_lens, found.tokens, found.counts,
+                                 found.dense, found.skipped, cfg, scale)
+    from vllm_hsr.kernels.sparse_decode import sparse_decode
+    return sparse_decode(q, flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets,
+                         layout.value_offsets, block_table, seq_lens, found.tokens, found.counts, found.dense,
+                         found.skipped, relu=cfg.mode == "relu", alpha=cfg.alpha, bias=cfg.bias, scale=scale,
+                         max_seq_len=max_seq_len)
+
+
+def native_settings(cfg: HSRConfig, head_dim: int) -> dict:
+    """The compiled CPU kernel's keyword arguments for `cfg`: the settings and the numeric constants the
+    torch twin uses (margins, code slacks, histogram)."""
+    bits = cfg.code_bits
+    return dict(mode=cfg.mode, eps=cfg.eps, alpha=cfg.alpha, bias=cfg.bias, budget_tokens=cfg.budget_tokens,
+                cell_size=cfg.cell_size, fanout=cfg.fanout, tree_levels=cfg.tree_levels, code_bits=bits,
+                plane_bits=code_planes(bits)[0] if bits else 0, plane_bytes=plane_bytes(head_dim, bits) if bits else 0,
+                sink_tokens=cfg.sink_tokens, window_tokens=cfg.window_tokens, seed_cells=cfg.seed_cells,
+                capacity=cfg.max_candidates, tree_budget_share=cfg.tree_budget_share, refine_share=REFINE_SHARE,
+                margins=margin_terms(head_dim), code_slacks=code_slacks(),
+                histogram=(HIST_BINS, HIST_RANGE, BUDGET_SLACK))
+
+
+def native_decode(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
+                  block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
+                  candidates: bool = False) -> tuple[torch.Tensor, torch.Tensor, Candidates]:
+    """Query and attention in the compiled CPU kernel. -> out [B, Hq, D] fp32, error_bound [B, Hq], and the
+    Candidates (token lists only with candidates=True; counters as host ints)."""
+    out, bound, counters, found = cpu_decode.hsr_decode_cpu(
+        q, flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets, layout.value_offsets,
+        block_table, seq_lens, summaries.boxes, [first for first, _ in summaries.slots],
+        summaries.codes if cfg.code_bits else None, scale=scale, candidates=candidates,
+        **native_settings(cfg, q.shape[-1]))
+    batch, num_kv_heads = q.shape[0], summaries.boxes.shape[3]
+    if found is None:
+        tokens, counts = torch.empty(batch, num_kv_heads, 0, dtype=torch.int64), torch.zeros(batch, num_kv_heads)
+        dense, skipped = torch.zeros(batch, num_kv_heads, dtype=torch.bool), torch.empty(batch, 0)
+    else:
+        tokens, counts, dense, skipped = found
+        tokens = tokens.view(batch, num_kv_heads, -1)
+        counts, dense = counts.view(batch, num_kv_heads).to(torch.int32), dense.view(batch, num_kv_heads)
+    return out, bound, Candidates(tokens, counts, dense, skipped, counters)
+
+
 def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
                block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
                record_tokens: bool = False, max_seq_len: int | None = None,
@@ -105,16 +183,14 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
     returns out [batch, num_q_heads, head_dim] (q's dtype), error_bound [batch, num_q_heads], stats
     """
     flat_cache = flat_view(cache)
-    found = query_candidates(q, flat_cache, layout, summaries, block_table, seq_lens, cfg, scale)
-    if use_triton(q.device):
-        from vllm_hsr.kernels.sparse_decode import sparse_decode
-        out, bound = sparse_decode(q, flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets,
-                                   layout.value_offsets, block_table, seq_lens, found.tokens, found.counts,
-                                   found.dense, found.skipped, relu=cfg.mode == "relu", alpha=cfg.alpha,
-                                   bias=cfg.bias, scale=scale, max_seq_len=max_seq_len)
+    path = kernel_path(q.device)
+    if path == "native":
+        out, bound, found = native_decode(q, flat_cache, layout, summaries, block_table, seq_lens, cfg, scale,
+                                          candidates=record_tokens)
     else:
-        out, bound = decode_candidates(q, flat_cache, layout, block_table, seq_lens, found.tokens, found.counts,
-                                       found.dense, found.skipped, cfg, scale)
+        found = query_candidates(q, flat_cache, layout, summaries, block_table, seq_lens, cfg, scale)
+        out, bound = decode_found(q, flat_cache, layout, block_table, seq_lens, found, cfg, scale, path == "triton",
+                                  max_seq_len)
     stats = found.stats(host_stats)
     head_dim = q.shape[-1]
     dense_tokens = seq_lens.long().sum() * summaries.boxes.shape[3]

@@ -1,0 +1,1013 @@
+// HSR paged decode on the CPU: the cell-tree query and the attention over the tokens it reports,
+// one (sequence, KV head) row per OpenMP task.
+//
+// Twin: vllm_hsr.core.query.TreeQuery (selection) and vllm_hsr.core.decode.decode_candidates
+// (attention); every rule and bound below is theirs (DESIGN.md §2), and the numeric constants
+// (margins, slacks, histogram) come in through HsrArgs from the same Python definitions.
+// Plain C ABI (loaded with ctypes): no torch headers, so it builds in seconds.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using i64 = int64_t;
+constexpr double NEG_INF = -std::numeric_limits<double>::infinity();
+constexpr float INF_F = std::numeric_limits<float>::infinity();
+constexpr float CERTIFICATE_FLOOR = 1.17549435e-38f;   // smallest normal fp32 (core.attention)
+
+enum Mode : i64 { RELU = 0, SOFTMAX = 1, TOPK = 2 };
+enum DType : i64 { F32 = 0, BF16 = 1, F16 = 2 };
+enum Counter : i64 {
+  KEYS_READ, CELLS_READ, SUMMARY_NODES_READ, CODE_CELLS_READ, REFINED_CELLS, SEED_KEYS_READ,
+  OVERFLOW_ROWS, NUM_COUNTERS
+};
+
+// Every field is 8 bytes wide, so the ctypes mirror (kernels/cpu_decode.py) needs no padding rules.
+struct HsrArgs {
+  i64 batch, num_q_heads, num_kv_heads, head_dim;
+  const float* q;                 // [batch, num_q_heads, head_dim]
+  const i64* block_table;         // [batch, table_width]
+  i64 table_width;
+  const i64* seq_lens;            // [batch]
+  const void* cache;              // flat KV cache
+  i64 cache_dtype, block_stride, head_stride, block_size;
+  const i64* key_offsets;         // [block_size, head_dim]
+  const i64* value_offsets;       // [block_size, head_dim]
+  const void* boxes;              // [blocks, slots, 2 (lo, hi), kv_heads, head_dim] at these strides
+  i64 box_dtype, box_block_stride, box_slot_stride, box_side_stride, box_head_stride;
+  const i64* level_first_slot;    // [tree_levels + 1]
+  const uint8_t* codes;           // token codes: block, kv head, token strides in bytes
+  i64 code_block_stride, code_head_stride, code_token_stride, code_bits, plane_bits, plane_bytes;
+  i64 mode, alpha, budget_tokens, cell_size, fanout, tree_levels, sink_tokens, window_tokens, seed_cells,
+      capacity;
+  double eps, bias, tree_budget_share, refine_share, scale;
+  double margin_rel, margin_abs, step_slack, magnitude_slack, abs_slack;
+  i64 hist_bins;
+  double hist_range, budget_slack;
+  float* out;                     // [batch, num_q_heads, head_dim]
+  float* error_bound;             // [batch, num_q_heads]
+  i64* counters;                  // [batch * num_kv_heads, NUM_COUNTERS]
+  i64* tokens;                    // [batch * num_kv_heads, token_capacity] or null
+  i64 token_capacity;
+  i64* counts;                    // [batch * num_kv_heads] or null
+  uint8_t* dense;                 // [batch * num_kv_heads] or null
+  float* skipped;                 // [batch, num_q_heads] or null
+  i64 num_threads;
+};
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000 | (mantissa << 13);
+  } else if (exponent) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else {                        // zero or subnormal: exact as a float
+    float value = std::ldexp(float(mantissa), -24);
+    return sign ? -value : value;
+  }
+  float value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = uint32_t(h) << 16;
+  float value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
+double logaddexp(double a, double b) {
+  if (a == NEG_INF) return b;
+  if (b == NEG_INF) return a;
+  const double m = std::max(a, b);
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+// exp(x) for x <= 0: a polynomial that vectorizes (libm's exp does not), relative error below 2e-7;
+// inputs below -87 give a tiny positive value, never 0.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float k = std::nearbyint(x * 1.44269504f);
+  const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;     // Cody-Waite: ln 2 in two parts
+  float p = 1.98412698e-4f;
+  p = p * r + 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += int32_t(k) << 23;
+  std::memcpy(&p, &bits, 4);
+  return p;
+}
+constexpr double EXP_SLACK = 1.0 + 1e-5;   // covers exp_nonpositive and fp32 exponents and block sums
+
+// An offset table [block_size, head_dim] that is base + token * token_stride + channel * channel_stride.
+struct Affine {
+  bool affine = false;
+  i64 base = 0, token = 0, channel = 0;
+
+  static Affine of(const i64* offsets, i64 block_size, i64 head_dim) {
+    Affine a;
+    a.base = offsets[0];
+    a.token = block_size > 1 ? offsets[head_dim] - a.base : 0;
+    a.channel = head_dim > 1 ? offsets[1] - a.base : 0;
+    for (i64 t = 0; t < block_size; ++t)
+      for (i64 d = 0; d < head_dim; ++d)
+        if (offsets[t * head_dim + d] != a.base + t * a.token + d * a.channel) return a;
+    a.affine = true;
+    return a;
+  }
+};
+
+// Upper and lower bounds of n nodes or tokens for every query head of a group, head-major: [G, n].
+struct Bounds {
+  std::vector<float> ub, lb;
+  i64 n = 0;
+  void resize(i64 count, i64 group) { n = count; ub.resize(count * group); lb.resize(count * group); }
+};
+
+class Row {
+ public:
+  Row(const HsrArgs& a, const Affine& key_layout, const Affine& value_layout, i64 row)
+      : a_(a), key_layout_(key_layout), value_layout_(value_layout), b_(row / a.num_kv_heads),
+        h_(row % a.num_kv_heads), row_(row), G_(a.num_q_heads / a.num_kv_heads), D_(a.head_dim),
+        n_(a.seq_lens[b_]), table_(a.block_table + b_ * a.table_width), q_(G_ * D_), q_abs_(G_ * D_),
+        skipped_(G_, NEG_INF), counters_(a.counters + row * NUM_COUNTERS) {
+    const float* q = a.q + (b_ * a.num_q_heads + h_ * G_) * D_;
+    for (i64 i = 0; i < G_ * D_; ++i) { q_[i] = q[i]; q_abs_[i] = std::fabs(q[i]); }
+    const i64 pairs = (D_ + 1) / 2;      // q split by channel parity, for the code nibbles
+    q_even_.assign(G_ * pairs, 0.0f);
+    q_odd_.assign(G_ * pairs, 0.0f);
+    for (i64 g = 0; g < G_; ++g)
+      for (i64 d = 0; d < D_; ++d) (d % 2 ? q_odd_ : q_even_)[g * pairs + d / 2] = q[g * D_ + d];
+    for (i64 c = 0; c < NUM_COUNTERS; ++c) counters_[c] = 0;
+  }
+
+  void run() {
+    std::vector<i64> list;
+    const bool dense = !select(list);
+    if (dense) std::fill(skipped_.begin(), skipped_.end(), NEG_INF);
+    const i64 count = dense ? n_ : i64(list.size());
+    counters_[KEYS_READ] = count;
+    counters_[OVERFLOW_ROWS] = dense;
+    counters_[CELLS_READ] = dense ? (n_ + a_.cell_size - 1) / a_.cell_size : distinct_cells(list);
+    if (a_.counts) a_.counts[row_] = count;
+    if (a_.dense) a_.dense[row_] = dense;
+    if (a_.tokens && !dense) std::copy(list.begin(), list.end(), a_.tokens + row_ * a_.token_capacity);
+    if (a_.skipped) for (i64 g = 0; g < G_; ++g) a_.skipped[b_ * a_.num_q_heads + h_ * G_ + g] = float(skipped_[g]);
+    if (dense) {
+      list.resize(n_);
+      for (i64 t = 0; t < n_; ++t) list[t] = t;
+    }
+    attend(list);
+  }
+
+ private:
+  const HsrArgs& a_;
+  const Affine &key_layout_, &value_layout_;
+  const i64 b_, h_, row_, G_, D_, n_;
+  const i64* table_;
+  std::vector<float> q_, q_abs_, q_even_, q_odd_;
+  std::vector<double> skipped_;   // [G] ln of the skipped mass bound
+  i64* counters_;
+  std::vector<i64> seeds_;        // ascending
+  bool overflow_ = false;
+
+  // -- tree shape ------------------------------------------------------------------------------
+  i64 span(i64 level) const {
+    i64 s = a_.cell_size;
+    for (i64 l = 0; l < level; ++l) s *= a_.fanout;
+    return s;
+  }
+  i64 num_nodes(i64 level) const { return n_ / span(level); }
+  i64 max_tokens() const { return a_.table_width * a_.block_size; }
+  i64 top_level() const {
+    i64 top = 0;
+    for (i64 l = 1; l <= a_.tree_levels; ++l) if (span(l) <= max_tokens()) top = l;
+    return top;
+  }
+  i64 node_width() const { return std::max<i64>(1, a_.capacity / a_.cell_size); }
+  bool over_width(size_t kept) {
+    if (a_.capacity > 0 && i64(kept) > node_width()) overflow_ = true;
+    return overflow_;
+  }
+
+  // Nodes of `level` to look at: the children of the kept parents, then the level's tail.
+  std::vector<i64> frontier(i64 level, const std::vector<i64>& kept) const {
+    std::vector<i64> nodes;
+    const i64 first = level == top_level() ? 0 : num_nodes(level + 1) * a_.fanout;
+    nodes.reserve(kept.size() * a_.fanout + a_.fanout);
+    for (i64 parent : kept)
+      for (i64 c = 0; c < a_.fanout; ++c) nodes.push_back(parent * a_.fanout + c);
+    for (i64 node = first; node < num_nodes(level); ++node) nodes.push_back(node);
+    return nodes;
+  }
+
+  // -- summary reads ---------------------------------------------------------------------------
+  static constexpr i64 PREFETCH_CELLS = 4;   // how far ahead of code_bounds a cell's summaries are requested
+  void locate(i64 level, i64 node, i64& block, i64& slot) const {
+    const i64 s = span(level), last = (node + 1) * s - 1;
+    block = table_[std::min(last / a_.block_size, a_.table_width - 1)];
+    slot = a_.level_first_slot[level] + (last % a_.block_size) / s;
+  }
+
+  // Ask for a cell's box and the codes of planes [first, planes) of its tokens ahead of code_bounds: cells lie
+  // in scattered blocks, where the hardware prefetcher cannot follow.
+  void prefetch_cell(i64 cell, i64 first, i64 planes) const {
+    i64 block, slot;
+    locate(0, cell, block, slot);
+    const i64 at = block * a_.box_block_stride + slot * a_.box_slot_stride + h_ * a_.box_head_stride;
+    const char* box = static_cast<const char*>(a_.boxes) + at * (a_.box_dtype == F32 ? 4 : 2);
+    const i64 box_bytes = D_ * (a_.box_dtype == F32 ? 4 : 2), side = a_.box_side_stride * (a_.box_dtype == F32 ? 4 : 2);
+    for (i64 b = 0; b < box_bytes; b += 64) { __builtin_prefetch(box + b); __builtin_prefetch(box + side + b); }
+    const uint8_t* codes = a_.codes + block * a_.code_block_stride + h_ * a_.code_head_stride
+                           + slot * a_.cell_size * a_.code_token_stride + first * a_.plane_bytes;
+    for (i64 t = 0; t < a_.cell_size; ++t)
+      for (i64 b = 0; b < (planes - first) * a_.plane_bytes; b += 64) __builtin_prefetch(codes + t * a_.code_token_stride + b);
+  }
+
+  // lo, hi of a stored box as fp32: in place for fp32 boxes, converted into scratch otherwise
+  void box(i64 block, i64 slot, const float*& lo, const float*& hi) {
+    const i64 at = block * a_.box_block_stride + slot * a_.box_slot_stride + h_ * a_.box_head_stride;
+    if (a_.box_dtype == F32) {
+      lo = static_cast<const float*>(a_.boxes) + at;
+      hi = lo + a_.box_side_stride;
+      return;
+    }
+    lo_.resize(D_);
+    hi_.resize(D_);
+    const uint16_t* p = static_cast<const uint16_t*>(a_.boxes) + at;
+    for (i64 d = 0; d < D_; ++d) {
+      lo_[d] = a_.box_dtype == BF16 ? bf16_to_float(p[d]) : half_to_float(p[d]);
+      hi_[d] = a_.box_dtype == BF16 ? bf16_to_float(p[d + a_.box_side_stride])
+                                    : half_to_float(p[d + a_.box_side_stride]);
+    }
+    lo = lo_.data();
+    hi = hi_.data();
+  }
+  std::vector<float> lo_, hi_;
+
+  float margin(float magnitude) const { return float(a_.scale * a_.margin_rel) * magnitude + float(a_.margin_abs); }
+  static float finite_or(float bound, float value) { return std::isnan(bound) ? value : bound; }
+
+  // Max and min of s*<q,k> over the box of node `node` of `level` (core.summaries.box_bounds), as entry i of b.
+  void box_bounds(i64 level, i64 node, Bounds& b, i64 i) {
+    i64 block, slot;
+    locate(level, node, block, slot);
+    const float *lo, *hi;
+    box(block, slot, lo, hi);
+    const float s = float(a_.scale);
+    for (i64 g = 0; g < G_; ++g) {
+      const float* q = &q_[g * D_];
+      const float* qa = &q_abs_[g * D_];
+      float upper = 0, lower = 0, magnitude = 0;
+      for (i64 d = 0; d < D_; ++d) {
+        const float pos = std::max(q[d], 0.0f), neg = std::min(q[d], 0.0f);
+        upper += hi[d] * pos + lo[d] * neg;
+        lower += lo[d] * pos + hi[d] * neg;
+        magnitude += std::max(std::fabs(lo[d]), std::fabs(hi[d])) * qa[d];
+      }
+      b.ub[g * b.n + i] = finite_or(s * upper + margin(magnitude), INF_F);
+      b.lb[g * b.n + i] = finite_or(s * lower - margin(magnitude), -INF_F);
+    }
+  }
+
+  // Bounds of the tokens of a complete cell from its first `planes` code planes (core.summaries.code_bounds),
+  // written to entries [first, first + cell_size) of tb. dots_ [G, tb.n] holds each token's code dot over
+  // the first `read` planes and gets the planes read here added, so a refinement reads only its new planes.
+  void code_bounds(i64 cell, i64 planes, i64 read, Bounds& tb, i64 first) {
+    i64 block, slot;
+    locate(0, cell, block, slot);
+    const float *lo, *hi;
+    box(block, slot, lo, hi);
+    const i64 bits = a_.code_bits, plane_bits = a_.plane_bits, total_planes = bits / plane_bits;
+    const i64 unknown = (i64(1) << (bits - planes * plane_bits)) - 1;
+    const float levels = float((i64(1) << bits) - 1);
+    const float half_steps = float(0.5 + unknown / 2.0 + a_.step_slack);
+    step_.resize(D_);
+    half_.resize(D_);
+    magnitude_.resize(D_);
+    for (i64 d = 0; d < D_; ++d) {
+      const float st = (hi[d] - lo[d]) / levels;
+      magnitude_[d] = std::max(std::fabs(lo[d]), std::fabs(hi[d]));
+      half_[d] = st * half_steps + magnitude_[d] * float(a_.magnitude_slack) + float(a_.abs_slack);
+      step_[d] = std::isfinite(st) ? st : 0.0f;
+    }
+    // Weights per code byte: a 4-bit plane is read a nibble at a time (low nibble: channel 2j, high: 2j + 1)
+    // and plane p weighs 16^(planes in all - 1 - p) steps, as core.summaries._code_dot does.
+    const bool nibbles = plane_bits == 4;
+    const i64 pairs = (D_ + 1) / 2, width = nibbles ? (planes - read) * a_.plane_bytes : D_;
+    low_weights_.resize(G_ * width);
+    high_weights_.resize(nibbles ? G_ * width : 0);
+    cell_part_.resize(G_);
+    width_.resize(G_);
+    margin_.resize(G_);
+    if (nibbles) {                       // steps split by channel parity, as the nibbles are
+      step_even_.assign(pairs, 0.0f);
+      step_odd_.assign(pairs, 0.0f);
+      for (i64 d = 0; d < D_; ++d) (d % 2 ? step_odd_ : step_even_)[d / 2] = step_[d];
+    }
+    for (i64 g = 0; g < G_; ++g) {
+      const float* q = &q_[g * D_];
+      const float* qa = &q_abs_[g * D_];
+      float base = 0, steps = 0, wide = 0, mag = 0;
+      for (i64 d = 0; d < D_; ++d) {
+        base += lo[d] * q[d];
+        steps += step_[d] * q[d];
+        wide += half_[d] * qa[d];
+        mag += (magnitude_[d] + half_[d]) * qa[d];
+      }
+      cell_part_[g] = base + float(unknown / 2.0) * steps;
+      width_[g] = wide;
+      margin_[g] = margin(mag);
+      if (!nibbles) {                    // one plane: unknown = 0
+        for (i64 d = 0; d < D_; ++d) low_weights_[g * width + d] = q[d] * step_[d];
+        continue;
+      }
+      const float* q_even = &q_even_[g * pairs];
+      const float* q_odd = &q_odd_[g * pairs];
+      for (i64 p = read; p < planes; ++p) {
+        const float place = float(i64(1) << (4 * (total_planes - 1 - p)));
+        float* low = &low_weights_[g * width + (p - read) * a_.plane_bytes];
+        float* high = &high_weights_[g * width + (p - read) * a_.plane_bytes];
+        for (i64 j = 0; j < pairs; ++j) {
+          low[j] = q_even[j] * step_even_[j] * place;
+          high[j] = q_odd[j] * step_odd_[j] * place;
+        }
+      }
+    }
+    const uint8_t* codes = a_.codes + block * a_.code_block_stride + h_ * a_.code_head_stride
+                           + slot * a_.cell_size * a_.code_token_stride + read * a_.plane_bytes;
+#if defined(__AVX512F__)
+    if (nibbles && a_.cell_size == 16 && width % 4 == 0) {
+      for (i64 g = 0; g < G_; g += 2) {
+        if (g + 1 < G_) cell_dots_avx512<2>(codes, width, g, tb, first, read);
+        else cell_dots_avx512<1>(codes, width, g, tb, first, read);
+      }
+      return;
+    }
+#endif
+    const float s = float(a_.scale);
+    value_.resize(D_);
+    for (i64 t = 0; t < a_.cell_size; ++t) {
+      const uint8_t* packed = codes + t * a_.code_token_stride;
+      if (!nibbles) {
+        const i64 per_byte = 8 / plane_bits, mask = (i64(1) << plane_bits) - 1;
+        for (i64 d = 0; d < D_; ++d) value_[d] = float((packed[d / per_byte] >> ((d % per_byte) * plane_bits)) & mask);
+      }
+      for (i64 g = 0; g < G_; ++g) {
+        const float* low = &low_weights_[g * width];
+        float dot = 0;
+        if (nibbles) {
+          const float* high = &high_weights_[g * width];
+          for (i64 k = 0; k < width; ++k) dot += low[k] * float(packed[k] & 15) + high[k] * float(packed[k] >> 4);
+        } else {
+          for (i64 d = 0; d < D_; ++d) dot += low[d] * value_[d];
+        }
+        const i64 at = g * tb.n + first + t;
+        dot += read ? dots_[at] : 0.0f;
+        dots_[at] = dot;
+        const float center = cell_part_[g] + dot;
+        tb.ub[at] = finite_or(s * (center + width_[g]) + margin_[g], INF_F);
+        tb.lb[at] = finite_or(s * (center - width_[g]) - margin_[g], -INF_F);
+      }
+    }
+  }
+  // code_bounds' per-cell scratch
+  std::vector<float> step_, half_, magnitude_, step_even_, step_odd_, low_weights_, high_weights_, cell_part_, width_,
+      margin_, value_;
+  std::vector<float> dots_;       // [G, tokens] code dot of each token over the planes read so far
+
+#if defined(__AVX512F__)
+  // code_bounds for 16-token cells and HEADS query heads from g: one lane per token, so no horizontal sums;
+  // each gather brings 4 code bytes of all 16 tokens, whose nibbles are converted once for the heads.
+  template <int HEADS>
+  void cell_dots_avx512(const uint8_t* codes, i64 width, i64 g, Bounds& tb, i64 first, i64 read) {
+    const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(int32_t(a_.code_token_stride)));
+    const __m512i nibble = _mm512_set1_epi32(15);
+    __m512 acc[HEADS];
+    for (int h = 0; h < HEADS; ++h) acc[h] = _mm512_setzero_ps();
+    for (i64 k = 0; k < width; k += 4) {
+      const __m512i word = _mm512_i32gather_epi32(index, codes + k, 1);
+      for (int j = 0; j < 4; ++j) {
+        const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j), nibble));
+        const __m512 high = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j + 4), nibble));
+        for (int h = 0; h < HEADS; ++h) {
+          acc[h] = _mm512_fmadd_ps(low, _mm512_set1_ps(low_weights_[(g + h) * width + k + j]), acc[h]);
+          acc[h] = _mm512_fmadd_ps(high, _mm512_set1_ps(high_weights_[(g + h) * width + k + j]), acc[h]);
+        }
+      }
+    }
+    const __m512 s = _mm512_set1_ps(float(a_.scale)), inf = _mm512_set1_ps(INF_F);
+    for (int h = 0; h < HEADS; ++h) {
+      const i64 at = (g + h) * tb.n + first;
+      __m512 dot = acc[h];
+      if (read) dot = _mm512_add_ps(dot, _mm512_loadu_ps(&dots_[at]));
+      _mm512_storeu_ps(&dots_[at], dot);
+      const __m512 center = _mm512_add_ps(_mm512_set1_ps(cell_part_[g + h]), dot);
+      const __m512 width_g = _mm512_set1_ps(width_[g + h]), margin_g = _mm512_set1_ps(margin_[g + h]);
+      const __m512 up = _mm512_fmadd_ps(s, _mm512_add_ps(center, width_g), margin_g);
+      const __m512 down = _mm512_fmsub_ps(s, _mm512_sub_ps(center, width_g), margin_g);
+      _mm512_storeu_ps(&tb.ub[at], _mm512_mask_blend_ps(_mm512_cmp_ps_mask(up, up, _CMP_UNORD_Q), up, inf));
+      _mm512_storeu_ps(&tb.lb[at], _mm512_mask_blend_ps(_mm512_cmp_ps_mask(down, down, _CMP_UNORD_Q), down,
+                                                        _mm512_sub_ps(_mm512_setzero_ps(), inf)));
+    }
+  }
+#endif
+
+  // -- selection rules (core.selection); every [G, P] array is head-major --------------------------
+  // The certified greedy skip: log_mass [G, P]; log_gain [G, P] or null; log_spent [G] or null.
+  std::vector<uint8_t> greedy_skip(const std::vector<double>& log_mass, const std::vector<double>& log_budget,
+                                   const std::vector<uint8_t>& valid, const std::vector<double>* log_gain,
+                                   const std::vector<double>* log_spent, std::vector<double>& spent) const {
+    const i64 P = i64(valid.size()), bins = a_.hist_bins;
+    const double per_nat = double(bins) / a_.hist_range;
+    std::vector<uint8_t> skip(P, 1);
+    std::vector<double> hist(bins), gain_hist(log_gain ? bins : 0), rels(G_ * P);
+    std::vector<int32_t> bin(P);
+    spent.assign(G_, 0.0);
+    for (i64 g = 0; g < G_; ++g) {
+      double ref = log_budget[g];
+      if (log_gain) {
+        double total = NEG_INF;
+        for (i64 p = 0; p < P; ++p) if (valid[p]) total = logaddexp(total, (*log_gain)[g * P + p]);
+        ref = logaddexp(log_budget[g], total);
+      }
+      std::fill(hist.begin(), hist.end(), 0.0);
+      std::fill(gain_hist.begin(), gain_hist.end(), 0.0);
+      double* rel = &rels[g * P];
+      for (i64 p = 0; p < P; ++p) {
+        rel[p] = valid[p] ? log_mass[g * P + p] - ref : NEG_INF;
+        const double where = std::floor((rel[p] + a_.hist_range) * per_nat);
+        bin[p] = std::isnan(where) ? 0 : int32_t(std::min<double>(std::max<double>(where, 0.0), double(bins - 1)));
+        if (rel[p] <= 0) hist[bin[p]] += std::exp(rel[p]);
+        if (log_gain && valid[p] && std::isfinite(ref)) gain_hist[bin[p]] += std::exp((*log_gain)[g * P + p] - ref);
+      }
+      double base = 1.0, gains = 0.0;
+      if (log_gain) {
+        const bool finite = std::isfinite(ref);
+        base = finite ? std::exp(log_budget[g] - ref) : 0.0;
+        if (log_spent) base -= finite ? std::exp((*log_spent)[g] - ref) : 0.0;
+        for (double x : gain_hist) gains += x;
+      }
+      i64 allowed = 0;
+      double cumulative = 0.0, gain_cumulative = 0.0;
+      for (i64 k = 0; k < bins; ++k) {
+        cumulative += hist[k];
+        double allowance = 1.0;
+        if (log_gain) {
+          gain_cumulative += gain_hist[k];
+          allowance = base + gains - gain_cumulative;
+        }
+        allowed += cumulative <= (1.0 - a_.budget_slack) * allowance;
+      }
+      // a node is skipped only if every head of the group may skip it
+      for (i64 p = 0; p < P; ++p) skip[p] &= uint8_t(rel[p] <= 0 && bin[p] < allowed);
+    }
+    for (i64 p = 0; p < P; ++p) skip[p] &= valid[p];
+    for (i64 g = 0; g < G_; ++g)        // once the group's decision is known
+      for (i64 p = 0; p < P; ++p) if (skip[p]) spent[g] += std::exp(rels[g * P + p]);
+    return skip;
+  }
+
+  // A score that at least `budget` tokens are known to reach (-inf if fewer exist).
+  static float topk_floor(const std::vector<float>& lower, const std::vector<i64>& counts, i64 budget) {
+    i64 total = 0;
+    for (i64 count : counts) total += count;
+    if (total < budget) return -INF_F;
+    std::vector<std::pair<float, i64>> ranked(lower.size());
+    for (size_t i = 0; i < lower.size(); ++i) ranked[i] = {lower[i], counts[i]};
+    std::sort(ranked.begin(), ranked.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+    i64 reached = 0;
+    for (const auto& [value, count] : ranked) {
+      reached += count;
+      if (reached >= budget) return value;
+    }
+    return -INF_F;
+  }
+
+  // The budget-th largest of values[i] over the valid i (-inf if fewer): topk_floor with unit counts.
+  static float kth_largest(const std::vector<float>& values, const std::vector<uint8_t>& valid, i64 budget) {
+    std::vector<float> kept(values.size());
+    size_t n = 0;
+    for (size_t i = 0; i < values.size(); ++i) {
+      kept[n] = values[i];
+      n += valid[i];
+    }
+    if (i64(n) < budget) return -INF_F;
+    std::nth_element(kept.begin(), kept.begin() + (budget - 1), kept.begin() + n, std::greater<float>());
+    return kept[budget - 1];
+  }
+
+  // Add n * exp(ub) of the dropped entries (counts null: n = 1) to each head's skipped mass; returns the
+  // ln added [G]. ub: [G, P]. Each head's sum runs from its largest term, so every exponent is <= 0; the
+  // token sums are branch-free (`dropped` is as unpredictable as a coin) in fp32 blocks.
+  std::vector<double> record_skipped(const std::vector<uint8_t>& dropped, const std::vector<i64>* counts,
+                                     const std::vector<float>& ub) {
+    const i64 P = i64(dropped.size());
+    std::vector<double> added(G_, NEG_INF);
+    for (i64 g = 0; g < G_; ++g) {
+      const float* x = &ub[g * P];
+      double top = NEG_INF;
+      if (counts) {
+        for (i64 p = 0; p < P; ++p)
+          if (dropped[p]) top = std::max(top, double(x[p]) + std::log(double((*counts)[p])));
+      } else {
+        masked_.resize(P);
+        for (i64 p = 0; p < P; ++p) masked_[p] = dropped[p] ? x[p] : -INF_F;
+        float best = -INF_F;
+        for (i64 p = 0; p < P; ++p) best = std::max(best, masked_[p]);
+        top = best;
+      }
+      if (!std::isfinite(top)) { added[g] = top; continue; }
+      double sum = 0;
+      if (counts) {
+        for (i64 p = 0; p < P; ++p)
+          if (dropped[p]) sum += double((*counts)[p]) * std::exp(double(x[p]) - top);
+      } else {
+        const float top_f = float(top);
+        constexpr i64 BLOCK = 16;
+        for (i64 p0 = 0; p0 < P; p0 += BLOCK) {
+          float block = 0;
+          for (i64 p = p0; p < std::min(p0 + BLOCK, P); ++p)
+            block += float(dropped[p]) * exp_nonpositive(std::min(masked_[p] - top_f, 0.0f));
+          sum += block;
+        }
+        sum *= EXP_SLACK;
+      }
+      added[g] = top + std::log(sum);
+    }
+    for (i64 g = 0; g < G_; ++g) skipped_[g] = logaddexp(skipped_[g], added[g]);
+    return added;
+  }
+
+  std::vector<float> masked_;     // record_skipped's ub of the dropped tokens, -inf elsewhere
+
+  // out[p] = max over the group of x [G, P]
+  void group_max(const std::vector<float>& x, std::vector<float>& out) const {
+    const i64 P = i64(x.size()) / G_;
+    out.assign(x.begin(), x.begin() + P);
+    for (i64 g = 1; g < G_; ++g)
+      for (i64 p = 0; p < P; ++p) out[p] = std::max(out[p], x[g * P + p]);
+  }
+
+  // valid[p] &= some head's ub[p] > bias (relu mode: the others weigh exactly nothing)
+  void keep_above_bias(const std::vector<float>& ub, std::vector<uint8_t>& valid) const {
+    std::vector<float> best;
+    group_max(ub, best);
+    for (size_t p = 0; p < valid.size(); ++p) valid[p] &= uint8_t(double(best[p]) > a_.bias);
+  }
+
+  // -- seeds -----------------------------------------------------------------------------------
+  std::vector<i64> seed_cells() {
+    std::vector<i64> beam;
+    Bounds b;
+    std::vector<float> best_ub;
+    for (i64 level = top_level(); level >= 0; --level) {
+      std::vector<i64> nodes = frontier(level, beam);
+      b.resize(i64(nodes.size()), G_);
+      for (size_t i = 0; i < nodes.size(); ++i) box_bounds(level, nodes[i], b, i64(i));
+      counters_[SUMMARY_NODES_READ] += i64(nodes.size());
+      group_max(b.ub, best_ub);
+      std::vector<std::pair<float, i64>> best(nodes.size());
+      for (size_t i = 0; i < nodes.size(); ++i) best[i] = {best_ub[i], nodes[i]};
+      const size_t k = std::min<size_t>(a_.seed_cells, nodes.size());
+      std::partial_sort(best.begin(), best.begin() + k, best.end(),
+                        [](const auto& x, const auto& y) { return x.first > y.first; });
+      beam.clear();
+      for (size_t i = 0; i < k; ++i) beam.push_back(best[i].second);
+      std::sort(beam.begin(), beam.end());
+    }
+    return beam;
+  }
+
+  void make_seeds() {
+    const i64 cs = a_.cell_size;
+    for (i64 t = n_ / cs * cs; t < n_; ++t) seeds_.push_back(t);             // the partial cell
+    if (a_.mode != RELU) {
+      for (i64 t = 0; t < std::min(a_.sink_tokens, n_); ++t) seeds_.push_back(t);
+      for (i64 t = std::max<i64>(n_ - a_.window_tokens, 0); t < n_; ++t) seeds_.push_back(t);
+    }
+    if (a_.mode == SOFTMAX && a_.seed_cells > 0)
+      for (i64 cell : seed_cells())
+        for (i64 t = cell * cs; t < std::min((cell + 1) * cs, n_); ++t) seeds_.push_back(t);
+    std::sort(seeds_.begin(), seeds_.end());
+    seeds_.erase(std::unique(seeds_.begin(), seeds_.end()), seeds_.end());
+  }
+
+  i64 seeds_in(i64 start, i64 end) const {
+    return std::lower_bound(seeds_.begin(), seeds_.end(), end) - std::lower_bound(seeds_.begin(), seeds_.end(), start);
+  }
+
+  // ln(eps * sum over seeded keys of exp(score)) per head (-inf: skip nothing)
+  std::vector<double> log_budget() {
+    std::vector<double> budget(G_, NEG_INF);
+    if (a_.mode != SOFTMAX || a_.eps == 0 || seeds_.empty()) return budget;
+    counters_[SEED_KEYS_READ] += i64(seeds_.size());
+    std::vector<float> scores(seeds_.size() * G_);
+    scores_of(seeds_.data(), i64(seeds_.size()), scores.data());
+    for (size_t i = 0; i < seeds_.size(); ++i)
+      for (i64 g = 0; g < G_; ++g) budget[g] = logaddexp(budget[g], double(scores[i * G_ + g]));
+    for (i64 g = 0; g < G_; ++g) budget[g] += std::log(a_.eps);
+    return budget;
+  }
+
+  // -- the query (TreeQuery.run); false: the row overflowed its capacity and is read densely ------
+  bool select(std::vector<i64>& list) {
+    make_seeds();
+    const std::vector<double> budget = log_budget();
+    std::vector<i64> cells;
+    Bounds cell_bounds;
+    const std::vector<double> token_budget = walk(budget, cells, cell_bounds);
+    if (overflow_) return false;
+
+    const i64 cs = a_.cell_size, C = i64(cells.size()), T = C * cs;
+    Bounds tb;
+    tb.resize(T, G_);
+    dots_.resize(T * G_);
+    for (i64 c = 0; c < C; ++c) {
+      if (a_.code_bits && c + PREFETCH_CELLS < C) prefetch_cell(cells[c + PREFETCH_CELLS], 0, 1);
+      if (a_.code_bits) code_bounds(cells[c], 1, 0, tb, c * cs);
+      for (i64 g = 0; g < G_; ++g) {
+        float* ub = &tb.ub[g * T + c * cs];
+        float* lb = &tb.lb[g * T + c * cs];
+        const float cell_ub = cell_bounds.ub[g * C + c], cell_lb = cell_bounds.lb[g * C + c];
+        for (i64 t = 0; t < cs; ++t) {
+          ub[t] = a_.code_bits ? std::min(ub[t], cell_ub) : cell_ub;
+          lb[t] = a_.code_bits ? std::max(lb[t], cell_lb) : cell_lb;
+        }
+      }
+    }
+    counters_[CODE_CELLS_READ] += a_.code_bits ? C : 0;
+    std::vector<uint8_t> valid(T, 1);                  // the seeds are read already
+    for (i64 token : seeds_) {
+      const i64 c = std::lower_bound(cells.begin(), cells.end(), token / cs) - cells.begin();
+      if (c < C && cells[c] == token / cs) valid[c * cs + token % cs] = 0;
+    }
+
+    std::vector<double> log_spent;
+    const bool refined = a_.code_bits && a_.code_bits / a_.plane_bits > 1;
+    if (refined && !refine(cells, valid, tb, token_budget, log_spent)) return false;
+    std::vector<uint8_t> keep = keep_tokens(tb, valid, token_budget, refined ? &log_spent : nullptr);
+    std::vector<uint8_t> dropped(T);
+    for (i64 t = 0; t < T; ++t) dropped[t] = valid[t] & !keep[t];
+    record_skipped(dropped, nullptr, tb.ub);
+
+    std::vector<i64> kept(T);
+    size_t n = 0;
+    for (i64 t = 0; t < T; ++t) {
+      kept[n] = cells[t / cs] * cs + t % cs;
+      n += keep[t];
+    }
+    list.resize(seeds_.size() + n);
+    std::merge(seeds_.begin(), seeds_.end(), kept.begin(), kept.begin() + n, list.begin());
+    return !(a_.capacity > 0 && i64(list.size()) > a_.capacity);
+  }
+
+  // The levels top-down; leaves the kept cells and their bounds, returns the token level's budget.
+  std::vector<double> walk(const std::vector<double>& log_budget, std::vector<i64>& kept, Bounds& kept_bounds) {
+    std::vector<double> spent(G_, 0.0), level_spent;
+    const double share = a_.tree_budget_share / double(a_.tree_levels + 1);
+    std::vector<double> level_budget(log_budget);
+    for (i64 g = 0; g < G_; ++g) level_budget[g] += share > 0 ? std::log(share) : NEG_INF;
+    kept.clear();
+    Bounds b;
+    for (i64 level = top_level(); level >= 0; --level) {
+      const std::vector<i64> frontier_nodes = frontier(level, kept);
+      const i64 s = span(level);
+      std::vector<i64> nodes, counts;
+      for (i64 node : frontier_nodes) {
+        const i64 start = node * s, end = std::min((node + 1) * s, n_);
+        const i64 count = end - start - seeds_in(start, end);
+        if (count > 0) { nodes.push_back(node); counts.push_back(count); }
+      }
+      const i64 P = i64(nodes.size());
+      b.resize(P, G_);
+      for (i64 i = 0; i < P; ++i) box_bounds(level, nodes[i], b, i);
+      counters_[SUMMARY_NODES_READ] += P;
+      std::vector<uint8_t> keep(P, 1);
+      if (a_.mode == RELU) {
+        keep_above_bias(b.ub, keep);
+      } else if (a_.mode == SOFTMAX) {
+        std::vector<double> log_mass(P * G_);
+        for (i64 g = 0; g < G_; ++g)
+          for (i64 i = 0; i < P; ++i) log_mass[g * P + i] = std::log(double(counts[i])) + double(b.ub[g * P + i]);
+        std::vector<uint8_t> skip = greedy_skip(log_mass, level_budget, keep, nullptr, nullptr, level_spent);
+        for (i64 g = 0; g < G_; ++g) spent[g] += level_spent[g] * share;
+        for (i64 i = 0; i < P; ++i) keep[i] = !skip[i];
+      } else {
+        std::vector<float> lower, upper;
+        group_max(b.lb, lower);
+        group_max(b.ub, upper);
+        const float floor = topk_floor(lower, counts, a_.budget_tokens);
+        for (i64 i = 0; i < P; ++i) keep[i] = upper[i] >= floor;
+      }
+      std::vector<uint8_t> dropped(P);
+      for (i64 i = 0; i < P; ++i) dropped[i] = !keep[i];
+      record_skipped(dropped, &counts, b.ub);
+      std::vector<i64> index;
+      for (i64 i = 0; i < P; ++i) if (keep[i]) index.push_back(i);
+      kept.clear();
+      for (i64 i : index) kept.push_back(nodes[i]);
+      kept_bounds.resize(i64(index.size()), G_);
+      for (i64 g = 0; g < G_; ++g)
+        for (size_t j = 0; j < index.size(); ++j) {
+          kept_bounds.ub[g * kept_bounds.n + j] = b.ub[g * P + index[j]];
+          kept_bounds.lb[g * kept_bounds.n + j] = b.lb[g * P + index[j]];
+        }
+      if (over_width(kept.size())) break;
+    }
+    std::vector<double> remaining(log_budget);
+    for (i64 g = 0; g < G_; ++g) remaining[g] += std::log1p(-std::min(spent[g], 1.0));
+    return remaining;
+  }
+
+  // ln of what reading a token adds to the softmax budget: eps * exp(its lower bound), plus `shift`
+  std::vector<double> gains(const Bounds& tb, double shift) const {
+    std::vector<double> gain(tb.lb.size());
+    const double log_eps = std::log(a_.eps) + shift;
+    for (size_t i = 0; i < gain.size(); ++i) gain[i] = double(tb.lb[i]) + log_eps;
+    return gain;
+  }
+
+  // First-plane cut, then every plane of the cells that still hold a candidate (TreeQuery.refine).
+  bool refine(const std::vector<i64>& cells, std::vector<uint8_t>& valid, Bounds& tb,
+              const std::vector<double>& budget, std::vector<double>& log_spent) {
+    const i64 cs = a_.cell_size, T = i64(valid.size());
+    if (a_.mode == RELU) {
+      keep_above_bias(tb.ub, valid);
+    } else if (a_.mode == SOFTMAX) {
+      const double share = std::log(a_.refine_share);
+      std::vector<double> log_mass(tb.ub.begin(), tb.ub.end()), shared(budget), gain, spent;
+      for (double& x : shared) x += share;
+      if (a_.eps > 0) gain = gains(tb, share);
+      std::vector<uint8_t> skip = greedy_skip(log_mass, shared, valid, a_.eps > 0 ? &gain : nullptr, nullptr, spent);
+      log_spent = record_skipped(skip, nullptr, tb.ub);
+      for (i64 t = 0; t < T; ++t) valid[t] &= !skip[t];
+    } else {
+      std::vector<float> lower, upper;
+      group_max(tb.lb, lower);
+      group_max(tb.ub, upper);
+      const float floor = kth_largest(lower, valid, a_.budget_tokens);
+      std::vector<uint8_t> cut(T);
+      for (i64 t = 0; t < T; ++t) {
+        const uint8_t reach = upper[t] >= floor;
+        cut[t] = valid[t] & !reach;
+        valid[t] &= reach;
+      }
+      record_skipped(cut, nullptr, tb.ub);          // unread: the certificate counts them
+    }
+    std::vector<i64> picked;
+    for (i64 c = 0; c < i64(cells.size()); ++c)
+      if (std::any_of(valid.begin() + c * cs, valid.begin() + (c + 1) * cs, [](uint8_t v) { return v != 0; }))
+        picked.push_back(c);
+    if (over_width(picked.size())) return false;
+    counters_[REFINED_CELLS] += i64(picked.size());
+    Bounds fine;                                    // the picked cells' bounds from every plane
+    fine.resize(T, G_);
+    const i64 planes = a_.code_bits / a_.plane_bits;
+    for (size_t i = 0; i < picked.size(); ++i) {
+      const i64 c = picked[i];
+      if (i + PREFETCH_CELLS < picked.size()) prefetch_cell(cells[picked[i + PREFETCH_CELLS]], 1, planes);
+      code_bounds(cells[c], planes, 1, fine, c * cs);
+      for (i64 g = 0; g < G_; ++g)
+        for (i64 i = g * T + c * cs; i < g * T + (c + 1) * cs; ++i) {
+          tb.ub[i] = std::min(tb.ub[i], fine.ub[i]);
+          tb.lb[i] = std::max(tb.lb[i], fine.lb[i]);
+        }
+    }
+    return true;
+  }
+
+  std::vector<uint8_t> keep_tokens(const Bounds& tb, const std::vector<uint8_t>& valid,
+                                   const std::vector<double>& budget, const std::vector<double>* log_spent) {
+    const i64 T = i64(valid.size());
+    std::vector<uint8_t> keep(valid);
+    if (a_.mode == RELU) {
+      keep_above_bias(tb.ub, keep);
+    } else if (a_.mode == SOFTMAX) {
+      std::vector<double> log_mass(tb.ub.begin(), tb.ub.end()), gain, spent;
+      if (a_.eps > 0) gain = gains(tb, 0.0);
+      std::vector<uint8_t> skip = greedy_skip(log_mass, budget, valid, a_.eps > 0 ? &gain : nullptr,
+                                              a_.eps > 0 ? log_spent : nullptr, spent);
+      for (i64 t = 0; t < T; ++t) keep[t] &= !skip[t];
+    } else {
+      std::vector<float> upper;
+      group_max(tb.ub, upper);
+      std::vector<std::pair<float, i64>> best(T);
+      size_t n = 0;
+      for (i64 t = 0; t < T; ++t) {
+        best[n] = {upper[t], t};
+        n += valid[t];
+      }
+      const size_t k = std::min<size_t>(a_.budget_tokens, n);
+      std::nth_element(best.begin(), best.begin() + (k ? k - 1 : 0), best.begin() + n,
+                       [](const auto& x, const auto& y) { return x.first > y.first; });
+      std::fill(keep.begin(), keep.end(), 0);
+      for (size_t i = 0; i < k; ++i) keep[best[i].second] = 1;
+    }
+    return keep;
+  }
+
+  i64 distinct_cells(const std::vector<i64>& list) const {
+    i64 cells = 0, last = -1;
+    for (i64 t : list) {
+      if (t / a_.cell_size != last) ++cells;
+      last = t / a_.cell_size;
+    }
+    return cells;
+  }
+
+  // -- attention over the reported tokens (core.decode.decode_candidates) ------------------------
+  static constexpr i64 CHUNK = 256;   // tokens gathered at a time
+  static constexpr i64 MAX_GROUP = 8; // query heads scored at once from one key read
+
+  // K or V (offsets: the layout's key or value table) of tokens[0, count) into dst [count, D], read through
+  // the offset table: any layout, packed ones included.
+  template <typename T, float (*TO_FLOAT)(T)>
+  void gather_as(const i64* tokens, i64 count, const i64* offsets, float* dst) const {
+    for (i64 i = 0; i < count; ++i) {
+      const T* page = static_cast<const T*>(a_.cache) + table_[tokens[i] / a_.block_size] * a_.block_stride
+                      + h_ * a_.head_stride;
+      const i64* at = offsets + (tokens[i] % a_.block_size) * D_;
+      for (i64 d = 0; d < D_; ++d) dst[i * D_ + d] = TO_FLOAT(page[at[d]]);
+    }
+  }
+  static float identity(float x) { return x; }
+  void gather(const i64* tokens, i64 count, const i64* offsets, float* dst) const {
+    if (a_.cache_dtype == F32) gather_as<float, identity>(tokens, count, offsets, dst);
+    else if (a_.cache_dtype == BF16) gather_as<uint16_t, bf16_to_float>(tokens, count, offsets, dst);
+    else gather_as<uint16_t, half_to_float>(tokens, count, offsets, dst);
+  }
+  // visit(i, row) for each token i < count with its K or V row (offsets: the key or value table), gathered
+  // CHUNK tokens at a time
+  template <typename Visit>
+  void in_chunks(const i64* tokens, i64 count, const i64* offsets, Visit visit) {
+    rows_.resize(CHUNK * D_);
+    for (i64 i = 0; i < count; i += CHUNK) {
+      const i64 n = std::min(CHUNK, count - i);
+      gather(tokens + i, n, offsets, rows_.data());
+      for (i64 k = 0; k < n; ++k) visit(i + k, &rows_[k * D_]);
+    }
+  }
+  const float* fp32_page(i64 token) const {
+    return static_cast<const float*>(a_.cache) + table_[token / a_.block_size] * a_.block_stride + h_ * a_.head_stride;
+  }
+
+  // Exact scores [count, G] of tokens[0, count) (ascending). An fp32 cache with an affine K layout is read in
+  // place: channel-contiguous keys as rows; keys whose channels are strided (CPU_ATTN's K, stored transposed
+  // per block) touch one cache line per channel, so while one block's tokens are scored the lines of the
+  // next block's are requested. Other layouts go through the offset table.
+  void scores_of(const i64* tokens, i64 count, float* scores) {
+    const Affine& key = key_layout_;
+    const float s = float(a_.scale);
+    if (a_.cache_dtype == F32 && key.affine && key.channel == 1) {
+      for (i64 i = 0; i < count; ++i) {
+        const float* k = fp32_page(tokens[i]) + key.base + (tokens[i] % a_.block_size) * key.token;
+        for (i64 g = 0; g < G_; ++g) scores[i * G_ + g] = dot(&q_[g * D_], k) * s;
+      }
+      return;
+    }
+    if (a_.cache_dtype == F32 && key.affine) {
+      float acc[MAX_GROUP];
+      i64 next_run = 0;                       // first token of the next block's run: its rows are prefetched
+      for (i64 i = 0; i < count; ++i) {
+        if (i == next_run) {
+          const i64 logical = tokens[i] / a_.block_size;
+          while (next_run < count && tokens[next_run] / a_.block_size == logical) ++next_run;
+          if (next_run < count) {
+            const float* ahead = fp32_page(tokens[next_run]) + key.base;
+            i64 line = -1;                    // each cache line once: 16 fp32 tokens share one
+            for (i64 k = next_run; k < count && tokens[k] / a_.block_size == tokens[next_run] / a_.block_size; ++k) {
+              const i64 at = (tokens[k] % a_.block_size) * key.token;
+              if (key.token == 1 && at / 16 == line) continue;
+              line = at / 16;
+              for (i64 d = 0; d < D_; ++d) __builtin_prefetch(ahead + d * key.channel + at);
+            }
+          }
+        }
+        const float* k = fp32_page(tokens[i]) + key.base + (tokens[i] % a_.block_size) * key.token;
+        const i64 group = std::min<i64>(G_, MAX_GROUP);
+        for (i64 g0 = 0; g0 < G_; g0 += group) {
+          for (i64 g = 0; g < group; ++g) acc[g] = 0;
+          for (i64 d = 0; d < D_; ++d) {
+            const float x = k[d * key.channel];
+            for (i64 g = 0; g < std::min(group, G_ - g0); ++g) acc[g] += q_[(g0 + g) * D_ + d] * x;
+          }
+          for (i64 g = 0; g < std::min(group, G_ - g0); ++g) scores[i * G_ + g0 + g] = acc[g] * s;
+        }
+      }
+      return;
+    }
+    in_chunks(tokens, count, a_.key_offsets, [&](i64 i, const float* key) {
+      for (i64 g = 0; g < G_; ++g) scores[i * G_ + g] = dot(&q_[g * D_], key) * s;
+    });
+  }
+  float dot(const float* x, const float* y) const {
+    float sum = 0;
+    for (i64 d = 0; d < D_; ++d) sum += x[d] * y[d];
+    return sum;
+  }
+
+  // acc[g] += weights[i, g] * V[tokens[i]] for i < count
+  void accumulate_values(const i64* tokens, i64 count, const float* weights, float* acc) {
+    const Affine& value = value_layout_;
+    if (a_.cache_dtype == F32 && value.affine) {
+      for (i64 i = 0; i < count; ++i) {
+        const float* v = fp32_page(tokens[i]) + value.base + (tokens[i] % a_.block_size) * value.token;
+        for (i64 g = 0; g < G_; ++g) {
+          const float w = weights[i * G_ + g];
+          float* out = &acc[g * D_];
+          if (value.channel == 1) for (i64 d = 0; d < D_; ++d) out[d] += w * v[d];
+          else for (i64 d = 0; d < D_; ++d) out[d] += w * v[d * value.channel];
+        }
+      }
+      return;
+    }
+    in_chunks(tokens, count, a_.value_offsets, [&](i64 i, const float* value) {
+      for (i64 g = 0; g < G_; ++g) {
+        const float w = weights[i * G_ + g];
+        float* out = &acc[g * D_];
+        for (i64 d = 0; d < D_; ++d) out[d] += w * value[d];
+      }
+    });
+  }
+  std::vector<float> rows_;
+
+  void attend(const std::vector<i64>& list) {
+    const i64 L = i64(list.size());
+    std::vector<float> scores(L * G_), m(G_, -INF_F), acc(G_ * D_, 0.0f), norm(G_, 0.0f);
+    scores_of(list.data(), L, scores.data());
+    for (i64 i = 0; i < L; ++i)
+      for (i64 g = 0; g < G_; ++g) m[g] = std::max(m[g], scores[i * G_ + g]);
+    const bool relu = a_.mode == RELU;
+    std::vector<i64> weighted;           // tokens with a nonzero weight: only their values are read
+    std::vector<float> weights;          // [weighted, G]
+    for (i64 i = 0; i < L; ++i) {
+      bool any = false;
+      for (i64 g = 0; g < G_; ++g) {
+        const float x = scores[i * G_ + g];
+        float w;
+        if (relu) {
+          const float r = std::max(x - float(a_.bias), 0.0f);
+          w = 1.0f;
+          for (i64 k = 0; k < a_.alpha; ++k) w *= r;
+        } else {
+          w = std::exp(x - (std::isfinite(m[g]) ? m[g] : 0.0f));
+        }
+        scores[i * G_ + g] = w;
+        norm[g] += w;
+        any = any || w != 0;
+      }
+      if (!any) continue;
+      weighted.push_back(list[i]);
+      weights.insert(weights.end(), &scores[i * G_], &scores[i * G_] + G_);
+    }
+    accumulate_values(weighted.data(), i64(weighted.size()), weights.data(), acc.data());
+    for (i64 g = 0; g < G_; ++g) {
+      const i64 head = b_ * a_.num_q_heads + h_ * G_ + g;
+      const float divisor = norm[g] > 0 ? norm[g] : 1.0f;
+      for (i64 d = 0; d < D_; ++d) a_.out[head * D_ + d] = acc[g * D_ + d] / divisor;
+      float bound = 0.0f;
+      const float skipped = float(skipped_[g]);
+      if (!relu && skipped != -INF_F) {
+        const float m_safe = std::isfinite(m[g]) ? m[g] : 0.0f;
+        bound = std::exp(skipped - m_safe - std::log(norm[g])) * (1.0f + 1e-5f);
+        bound = std::max(bound, CERTIFICATE_FLOOR);
+      }
+      a_.error_bound[head] = bound;
+    }
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+int hsr_args_size() { return int(sizeof(HsrArgs)); }
+int hsr_num_counters() { return int(NUM_COUNTERS); }
+
+void hsr_decode(const HsrArgs* args) {
+  const i64 rows = args->batch * args->num_kv_heads;
+  const Affine key = Affine::of(args->key_offsets, args->block_size, args->head_dim);
+  const Affine value = Affine::of(args->value_offsets, args->block_size, args->head_dim);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(args->num_threads)
+  for (i64 row = 0; row < rows; ++row) Row(*args, key, value, row).run();
+}
+
+}  // extern "C"

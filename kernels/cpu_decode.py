@@ -1,0 +1,189 @@
+"""HSR paged decode on the CPU (kernels/cpu/hsr_decode.cpp) and its thin launcher.
+
+Twin: vllm_hsr.core.query.TreeQuery + vllm_hsr.core.decode.decode_candidates. The C++ file is
+compiled on first use with the machine's C++ compiler (`CXX`, default g++, plus any
+`VLLM_HSR_CXXFLAGS`; a few seconds, no torch headers) into a per-user cache
+(`VLLM_HSR_BUILD_DIR`, default ~/.cache/vllm_hsr) keyed by the source, the flags and the CPU,
+and loaded with ctypes; one OpenMP task per (sequence, KV head) row. On x86 with AVX-512 the
+code-bound dots take a vectorized path; every other build takes the portable one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "cpu" / "hsr_decode.cpp"
+# -fassociative-math (with the two flags it needs) lets dot products vectorize; it only reorders sums,
+# which the bounds' rounding margins already cover. No -ffast-math: the bounds rely on inf and NaN.
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
+COUNTERS = ("keys_read", "cells_read", "summary_nodes_read", "code_cells_read", "refined_cells", "seed_keys_read",
+            "overflow_rows")
+MODES = {"relu": 0, "softmax": 1, "topk": 2}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_I, _D, _P = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+
+
+class HsrArgs(ctypes.Structure):
+    """Mirror of HsrArgs in hsr_decode.cpp (every field 8 bytes wide, in the same order)."""
+
+    _fields_ = [(name, kind) for kind, names in (
+        (_I, "batch num_q_heads num_kv_heads head_dim"), (_P, "q block_table"), (_I, "table_width"),
+        (_P, "seq_lens cache"), (_I, "cache_dtype block_stride head_stride block_size"),
+        (_P, "key_offsets value_offsets boxes"),
+        (_I, "box_dtype box_block_stride box_slot_stride box_side_stride box_head_stride"),
+        (_P, "level_first_slot codes"),
+        (_I, "code_block_stride code_head_stride code_token_stride code_bits plane_bits plane_bytes "
+             "mode alpha budget_tokens cell_size fanout tree_levels sink_tokens window_tokens seed_cells capacity"),
+        (_D, "eps bias tree_budget_share refine_share scale margin_rel margin_abs step_slack magnitude_slack "
+             "abs_slack"),
+        (_I, "hist_bins"), (_D, "hist_range budget_slack"), (_P, "out error_bound counters tokens"),
+        (_I, "token_capacity"), (_P, "counts dense skipped"), (_I, "num_threads"),
+    ) for name in names.split()]
+
+
+class NativeBuildError(RuntimeError):
+    """The C++ kernel could not be compiled or loaded."""
+
+
+def _cpu_signature() -> bytes:
+    """What -march=native depends on: the machine and its CPU flags."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return (platform.machine() + flags).encode()
+
+
+def _build_dir() -> Path:
+    configured = os.environ.get("VLLM_HSR_BUILD_DIR")
+    if configured:
+        return Path(configured)
+    home = Path.home() / ".cache" / "vllm_hsr"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+    except OSError:
+        return Path(tempfile.gettempdir()) / "vllm_hsr"
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel (built once per source, flags and CPU). Raises NativeBuildError."""
+    compiler = os.environ.get("CXX", "g++")
+    flags = (*FLAGS, *os.environ.get("VLLM_HSR_CXXFLAGS", "").split())
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *flags)).encode() + _cpu_signature())
+    directory = _build_dir()
+    path = directory / f"hsr_decode-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True,
+                                    text=True)
+        except OSError as error:
+            raise NativeBuildError(f"cannot run the C++ compiler {compiler!r} (set CXX): {error}") from error
+        if result.returncode:
+            raise NativeBuildError(f"{compiler} failed to build {SOURCE.name}:\n{result.stderr[-4000:]}")
+        os.replace(partial, path)    # atomic: a concurrent process loads a whole library or builds its own
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise NativeBuildError(f"cannot load {path}: {error}") from error
+    if lib.hsr_args_size() != ctypes.sizeof(HsrArgs) or lib.hsr_num_counters() != len(COUNTERS):
+        raise NativeBuildError(f"{path} does not match this launcher's HsrArgs")
+    lib.hsr_decode.argtypes = [ctypes.POINTER(HsrArgs)]
+    lib.hsr_decode.restype = None
+    return lib
+
+
+def _dtype_code(tensor: torch.Tensor, what: str) -> int:
+    if tensor.dtype not in DTYPES:
+        raise ValueError(f"the CPU HSR kernel reads {what} in float32, bfloat16 or float16, not {tensor.dtype}")
+    return DTYPES[tensor.dtype]
+
+
+def hsr_decode_cpu(q: torch.Tensor, flat_cache: torch.Tensor, block_stride: int, head_stride: int,
+                   key_offsets: torch.Tensor, value_offsets: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor, boxes: torch.Tensor, level_first_slots: list[int],
+                   codes: torch.Tensor | None, *, mode: str, eps: float, alpha: int, bias: float, budget_tokens: int,
+                   cell_size: int, fanout: int, tree_levels: int, code_bits: int, plane_bits: int, plane_bytes: int,
+                   sink_tokens: int, window_tokens: int, seed_cells: int, capacity: int, tree_budget_share: float,
+                   refine_share: float, scale: float, margins: tuple[float, float],
+                   code_slacks: tuple[float, float, float], histogram: tuple[int, float, float],
+                   out: torch.Tensor | None = None, candidates: bool = False, num_threads: int | None = None):
+    """Query and attention of one decode token per sequence, every (sequence, KV head) row at once.
+
+    q: [batch, num_q_heads, head_dim]; flat_cache: 1-D cache, K and V at block * block_stride +
+    kv_head * head_stride + key_offsets / value_offsets [block_size, head_dim]; block_table:
+    [batch, max_blocks]; seq_lens: [batch]; boxes: [blocks, slots, 2, kv_heads, head_dim] (any strides);
+    codes: [blocks, block_size, kv_heads, bytes] uint8 (token stride = bytes) or None with code_bits=0.
+    margins: (relative, absolute); code_slacks: (step, magnitude, absolute); histogram: (bins, range, slack).
+    returns out [batch, num_q_heads, head_dim] fp32, error_bound [batch, num_q_heads] fp32, counters
+    {name: int} summed over rows, and with candidates=True (tokens [rows, max_tokens] int64, counts [rows],
+    dense [rows] bool, skipped [batch, num_q_heads] fp32) as the query left them (rows = batch * kv_heads)
+    """
+    lib = library()
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = boxes.shape[3]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if codes is None and code_bits:
+        raise ValueError("code_bits > 0 needs the code tensor")
+    rows = batch * num_kv_heads
+    block_size = key_offsets.shape[0]
+    q32 = q.float().contiguous()
+    table = block_table.long().contiguous()
+    lens = seq_lens.long().contiguous()
+    key_offsets, value_offsets = key_offsets.long().contiguous(), value_offsets.long().contiguous()
+    first_slots = torch.tensor(level_first_slots, dtype=torch.int64)
+    if out is None:
+        out = torch.empty(batch, num_q_heads, head_dim, dtype=torch.float32)
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != q.shape:
+        raise ValueError("out must be a contiguous float32 tensor shaped like q")
+    bound = torch.empty(batch, num_q_heads, dtype=torch.float32)
+    counters = torch.empty(rows, len(COUNTERS), dtype=torch.int64)
+    token_capacity = table.shape[1] * block_size
+    found = None
+    if candidates:
+        found = (torch.empty(rows, token_capacity, dtype=torch.int64), torch.empty(rows, dtype=torch.int64),
+                 torch.empty(rows, dtype=torch.uint8), torch.empty(batch, num_q_heads, dtype=torch.float32))
+    box_strides = boxes.stride()
+    code_strides = codes.stride() if codes is not None else (0, 0, 0, 0)
+
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return t.data_ptr() if t is not None else None
+
+    args = HsrArgs(
+        batch=batch, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, q=ptr(q32),
+        block_table=ptr(table), table_width=table.shape[1], seq_lens=ptr(lens), cache=ptr(flat_cache),
+        cache_dtype=_dtype_code(flat_cache, "the KV cache"), block_stride=block_stride, head_stride=head_stride,
+        block_size=block_size, key_offsets=ptr(key_offsets), value_offsets=ptr(value_offsets), boxes=ptr(boxes),
+        box_dtype=_dtype_code(boxes, "boxes"), box_block_stride=box_strides[0], box_slot_stride=box_strides[1],
+        box_side_stride=box_strides[2], box_head_stride=box_strides[3], level_first_slot=ptr(first_slots),
+        codes=ptr(codes), code_block_stride=code_strides[0], code_head_stride=code_strides[2],
+        code_token_stride=code_strides[1], code_bits=code_bits, plane_bits=plane_bits, plane_bytes=plane_bytes,
+        mode=MODES[mode], alpha=alpha, budget_tokens=budget_tokens, cell_size=cell_size, fanout=fanout,
+        tree_levels=tree_levels, sink_tokens=sink_tokens, window_tokens=window_tokens, seed_cells=seed_cells,
+        capacity=capacity, eps=eps, bias=bias, tree_budget_share=tree_budget_share, refine_share=refine_share,
+        scale=scale, margin_rel=margins[0], margin_abs=margins[1], step_slack=code_slacks[0],
+        magnitude_slack=code_slacks[1], abs_slack=code_slacks[2], hist_bins=histogram[0], hist_range=histogram[1],
+        budget_slack=histogram[2], out=ptr(out), error_bound=ptr(bound), counters=ptr(counters),
+        tokens=ptr(found[0]) if found else None, token_capacity=token_capacity,
+        counts=ptr(found[1]) if found else None, dense=ptr(found[2]) if found else None,
+        skipped=ptr(found[3]) if found else None, num_threads=num_threads or torch.get_num_threads())
+    lib.hsr_decode(ctypes.byref(args))
+    totals = dict(zip(COUNTERS, counters.sum(0).tolist()))
+    if found:
+        found = (found[0], found[1], found[2].bool(), found[3])
+    return out, bound, totals, found

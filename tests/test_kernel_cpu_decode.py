@@ -1,0 +1,208 @@
+"""The compiled CPU kernel (kernels/cpu_decode.py) against its torch twin and the float64 dense reference."""
+
+import logging
+
+import pytest
+import torch
+
+from paged_cache import PagedBatch
+from reference import dense64
+from vllm_hsr import HSRConfig
+from vllm_hsr.kernels import cpu_decode
+from vllm_hsr.ops import hsr_decode, kernel_path, _native_builds
+
+SEQ_LENS = (1, 37, 1025, 2011)
+COUNTERS = ("keys_read", "cells_read", "summary_nodes_read", "code_cells_read", "refined_cells", "seed_keys_read",
+            "overflow_rows")
+
+
+def _decode(batch: PagedBatch, q: torch.Tensor, cfg: HSRConfig, kernels: str, monkeypatch):
+    monkeypatch.setenv("VLLM_HSR_KERNELS", kernels)
+    return hsr_decode(q, batch.cache, batch.layout, batch.summaries, batch.block_table,
+                      torch.tensor(batch.seq_lens), cfg, cfg.resolved_scale(q.shape[-1]), record_tokens=True)
+
+
+def _check_against_twin(batch: PagedBatch, q: torch.Tensor, cfg: HSRConfig, monkeypatch) -> None:
+    """Same reads as the twin (a near-tie may flip a token or two), same output and certificate where the reads
+    agree, the same counters, and on every row what the mode promises against the float64 dense reference."""
+    out, bound, stats = _decode(batch, q, cfg, "native", monkeypatch)
+    want_out, want_bound, want = _decode(batch, q, cfg, "torch", monkeypatch)
+    assert torch.isfinite(out).all() and torch.isfinite(bound).all()
+    num_kv_heads = batch.summaries.boxes.shape[3]
+    group = q.shape[1] // num_kv_heads
+    same_rows = 0
+    for row, (got, expect) in enumerate(zip(stats.tokens_read, want.tokens_read)):
+        differ = set(got.tolist()) ^ set(expect.tolist())
+        assert len(differ) <= max(2, expect.numel() // 100), (row, sorted(differ)[:10])
+        assert torch.equal(got, got.unique()), row                  # ascending, no repeats
+        if not differ:
+            same_rows += 1
+            seq, kv_head = divmod(row, num_kv_heads)
+            heads = slice(kv_head * group, (kv_head + 1) * group)
+            close = dict(atol=2e-5, rtol=2e-5) if out.dtype == torch.float32 else {}   # else: an ulp of q's dtype
+            torch.testing.assert_close(out[seq, heads], want_out[seq, heads], **close)
+            torch.testing.assert_close(bound[seq, heads], want_bound[seq, heads], rtol=1e-4, atol=1e-30)
+    assert same_rows >= len(stats.tokens_read) // 2       # coarse codes tie: the two may break ties apart
+    if same_rows == len(stats.tokens_read) and not want.overflow_rows:   # an overflowed row stops early here
+        assert {name: getattr(stats, name) for name in COUNTERS} == {name: getattr(want, name) for name in COUNTERS}
+    scale = cfg.resolved_scale(q.shape[-1])
+    for seq in range(len(batch.seq_lens)):
+        k, v = batch.keys[seq], batch.values[seq]
+        if cfg.mode == "relu":
+            ref = dense64(q[seq], k, v, mode="relu", scale=scale, alpha=cfg.alpha, bias=cfg.bias)
+            torch.testing.assert_close(out[seq].double(), ref, atol=2e-2 if k.dtype != torch.float32 else 1e-5,
+                                       rtol=1e-3)
+            continue
+        ref = dense64(q[seq].float(), k.float(), v.float(), mode="softmax", scale=scale)
+        err = (out[seq].double() - ref).norm(dim=-1)
+        rounding = 1e-4 if out.dtype == torch.float32 else 2.0 ** -7 * ref.abs().max()   # out comes in q's dtype
+        allowed = 2 * bound[seq].double() * v.double().norm(dim=-1).max() + rounding
+        assert (err <= allowed).all(), (seq, err, allowed)
+
+
+def _batch(cfg: HSRConfig, *, num_kv_heads=2, head_dim=64, block_size=16, layout="flash", dtype=torch.float32,
+           seed=0) -> PagedBatch:
+    batch = PagedBatch(SEQ_LENS, num_kv_heads, head_dim, block_size, cfg, layout=layout, seed=seed, dtype=dtype,
+                       summary_dtype=dtype)
+    batch.fill(chunks=(0.4, 0.99))          # two prefill chunks, then a few single-token steps
+    return batch
+
+
+def _query(batch: PagedBatch, group: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    num_kv_heads, head_dim = batch.summaries.boxes.shape[3], batch.summaries.head_dim
+    gen = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(len(SEQ_LENS), num_kv_heads * group, head_dim, generator=gen)).to(dtype)
+
+
+@pytest.mark.parametrize("layout", ("flash", "cpu"))
+@pytest.mark.parametrize("code_bits", (8, 4, 0))
+@pytest.mark.parametrize("mode", ("topk", "softmax", "relu"))
+def test_native_equals_torch_twin(mode, code_bits, layout, monkeypatch):
+    cfg = HSRConfig(mode=mode, eps=1e-2, bias=0.3, budget_tokens=64, code_bits=code_bits, fanout=4, tree_levels=2)
+    batch = _batch(cfg, layout=layout, block_size=32 if layout == "cpu" else 16, seed=code_bits)
+    _check_against_twin(batch, _query(batch, 4, seed=1), cfg, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("mode", ("topk", "softmax", "relu"))
+def test_native_half_precision_cache_and_boxes(mode, dtype, monkeypatch):
+    cfg = HSRConfig(mode=mode, eps=1e-2, budget_tokens=64)
+    batch = _batch(cfg, dtype=dtype, seed=3)
+    _check_against_twin(batch, _query(batch, 2, seed=4, dtype=dtype), cfg, monkeypatch)
+
+
+@pytest.mark.parametrize("num_kv_heads,group,head_dim,cell_size,code_bits", (
+    (1, 1, 64, 16, 8),      # one query head per KV head
+    (2, 3, 48, 16, 8),      # an odd group: the vectorized path's pairs and a single head
+    (2, 2, 36, 16, 8),      # a plane of 18 bytes: the portable path on every CPU
+    (1, 4, 64, 32, 4),      # 32-token cells: the portable path
+    (2, 2, 64, 16, 2),      # 2-bit codes: whole bytes of 4 channels
+    (2, 2, 64, 16, 1),
+))
+@pytest.mark.parametrize("mode", ("topk", "softmax"))
+def test_native_shapes(mode, num_kv_heads, group, head_dim, cell_size, code_bits, monkeypatch):
+    cfg = HSRConfig(mode=mode, eps=1e-2, budget_tokens=64, cell_size=cell_size, code_bits=code_bits)
+    batch = _batch(cfg, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=64, seed=head_dim)
+    _check_against_twin(batch, _query(batch, group, seed=group), cfg, monkeypatch)
+
+
+@pytest.mark.parametrize("eps", (0.0, 1e-3))
+def test_native_softmax_budgets(eps, monkeypatch):
+    """eps=0 skips nothing (the dense result, certificate 0); a tight eps holds on every head."""
+    cfg = HSRConfig(mode="softmax", eps=eps, budget_tokens=64)
+    batch = _batch(cfg, seed=7)
+    q = _query(batch, 2, seed=8)
+    _check_against_twin(batch, q, cfg, monkeypatch)
+    if eps == 0:
+        out, bound, _ = _decode(batch, q, cfg, "native", monkeypatch)
+        assert (bound == 0).all()
+        for seq, n in enumerate(SEQ_LENS):
+            ref = dense64(q[seq], batch.keys[seq], batch.values[seq], mode="softmax", scale=0.125)
+            torch.testing.assert_close(out[seq].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ("topk", "softmax", "relu"))
+def test_native_overflowing_rows_read_densely(mode, monkeypatch):
+    """A capacity the long rows cannot meet: those rows are read whole, exactly as the twin decides."""
+    cfg = HSRConfig(mode=mode, eps=1e-2, bias=0.3, budget_tokens=64, max_candidates=100)
+    batch = _batch(cfg, seed=11)
+    q = _query(batch, 4, seed=3)
+    _check_against_twin(batch, q, cfg, monkeypatch)
+    _, bound, stats = _decode(batch, q, cfg, "native", monkeypatch)
+    assert stats.overflow_rows > 0
+    for row, tokens in enumerate(stats.tokens_read):
+        seq = row // 2
+        if tokens.numel() == SEQ_LENS[seq] and SEQ_LENS[seq] > 100:
+            assert torch.equal(tokens, torch.arange(SEQ_LENS[seq]))
+
+
+def test_native_writes_every_output_element():
+    """A NaN-poisoned output buffer comes back finite: every (sequence, head, channel) is written."""
+    cfg = HSRConfig(mode="topk", budget_tokens=64)
+    batch = _batch(cfg, seed=2)
+    q = _query(batch, 2, seed=5)
+    out = torch.full(q.shape, torch.nan)
+    from vllm_hsr.core.paged import flat_view
+    from vllm_hsr.ops import native_decode, native_settings
+    want, _, _ = native_decode(q, flat_view(batch.cache), batch.layout, batch.summaries, batch.block_table,
+                               torch.tensor(SEQ_LENS), cfg, 0.125)
+    layout, summaries = batch.layout, batch.summaries
+    cpu_decode.hsr_decode_cpu(q, flat_view(batch.cache), layout.block_stride, layout.head_stride, layout.key_offsets,
+                              layout.value_offsets, batch.block_table, torch.tensor(SEQ_LENS), summaries.boxes,
+                              [first for first, _ in summaries.slots], summaries.codes, scale=0.125, out=out,
+                              **native_settings(cfg, 64))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+def test_portable_build_equals_vectorized(monkeypatch, tmp_path):
+    """The library built without AVX-512 (the portable code-bound path) decodes like the default build."""
+    cfg = HSRConfig(mode="topk", budget_tokens=64)
+    batch = _batch(cfg, seed=9)
+    q = _query(batch, 2, seed=6)
+    default = _decode(batch, q, cfg, "native", monkeypatch)
+    monkeypatch.setenv("VLLM_HSR_CXXFLAGS", "-mno-avx512f" if cpu_decode.platform.machine() == "x86_64" else "")
+    monkeypatch.setenv("VLLM_HSR_BUILD_DIR", str(tmp_path))
+    cpu_decode.library.cache_clear()
+    try:
+        portable = _decode(batch, q, cfg, "native", monkeypatch)
+    finally:
+        cpu_decode.library.cache_clear()
+    assert list(tmp_path.glob("hsr_decode-*.so"))               # it really was a second build
+    for got, want in zip(portable[2].tokens_read, default[2].tokens_read):
+        assert len(set(got.tolist()) ^ set(want.tolist())) <= 2
+    torch.testing.assert_close(portable[0], default[0], atol=1e-3, rtol=1e-3)
+
+
+def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    """No compiler: auto decodes with the torch twin and says why once; asking for native is an error."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("VLLM_HSR_BUILD_DIR", str(tmp_path))
+    cpu_decode.library.cache_clear()
+    _native_builds.cache_clear()
+    try:
+        with pytest.raises(cpu_decode.NativeBuildError, match="no-such-compiler"):
+            cpu_decode.library()
+        monkeypatch.setenv("VLLM_HSR_KERNELS", "auto")
+        with caplog.at_level(logging.WARNING, logger="vllm_hsr.ops"):
+            assert kernel_path(torch.device("cpu")) == "torch"
+        assert "compiled CPU kernel is unavailable" in caplog.text
+        monkeypatch.setenv("VLLM_HSR_KERNELS", "native")
+        with pytest.raises(cpu_decode.NativeBuildError):
+            kernel_path(torch.device("cpu"))
+    finally:
+        cpu_decode.library.cache_clear()
+        _native_builds.cache_clear()
+
+
+def test_native_rejects_what_it_cannot_read():
+    cfg = HSRConfig(mode="topk", budget_tokens=64)
+    batch = _batch(cfg, seed=1)
+    from vllm_hsr.ops import native_decode
+    from vllm_hsr.core.paged import flat_view
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        native_decode(torch.randn(4, 4, 64), flat_view(batch.cache).to(torch.float64), batch.layout,
+                      batch.summaries, batch.block_table, torch.tensor(SEQ_LENS), cfg, 0.125)
+    with pytest.raises(ValueError, match="multiple"):
+        native_decode(torch.randn(4, 3, 64), flat_view(batch.cache), batch.layout, batch.summaries,
+                      batch.block_table, torch.tensor(SEQ_LENS), cfg, 0.125)

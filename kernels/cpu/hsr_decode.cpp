@@ -836,6 +836,7 @@ class Row {
   // -- attention over the reported tokens (core.decode.decode_candidates) ------------------------
   static constexpr i64 CHUNK = 256;   // tokens gathered at a time
   static constexpr i64 MAX_GROUP = 8; // query heads scored at once from one key read
+  static constexpr i64 PREFETCH_RUNS = 2;   // blocks of keys requested ahead of the one being scored
 
   // K or V (offsets: the layout's key or value table) of tokens[0, count) into dst [count, D], read through
   // the offset table: any layout, packed ones included.
@@ -854,6 +855,19 @@ class Row {
     else if (a_.cache_dtype == BF16) gather_as<uint16_t, bf16_to_float>(tokens, count, offsets, dst);
     else gather_as<uint16_t, half_to_float>(tokens, count, offsets, dst);
   }
+  // Ask for every cache line of the keys of tokens[begin, end) (one block's) ahead of their scores.
+  void prefetch_keys(const i64* tokens, i64 begin, i64 end) const {
+    const Affine& key = key_layout_;
+    const float* page = fp32_page(tokens[begin]) + key.base;
+    i64 line = -1;                            // each line once: 16 fp32 tokens of a channel share one
+    for (i64 k = begin; k < end; ++k) {
+      const i64 at = (tokens[k] % a_.block_size) * key.token;
+      if (key.token == 1 && at / 16 == line) continue;
+      line = at / 16;
+      for (i64 d = 0; d < D_; ++d) __builtin_prefetch(page + d * key.channel + at);
+    }
+  }
+
   // visit(i, row) for each token i < count with its K or V row (offsets: the key or value table), gathered
   // CHUNK tokens at a time
   template <typename Visit>
@@ -884,32 +898,27 @@ class Row {
       return;
     }
     if (a_.cache_dtype == F32 && key.affine) {
+      std::vector<i64> runs;                  // where each block's tokens start, then count
+      for (i64 i = 0; i < count; ++i)
+        if (i == 0 || tokens[i] / a_.block_size != tokens[i - 1] / a_.block_size) runs.push_back(i);
+      runs.push_back(count);
+      const i64 num_runs = i64(runs.size()) - 1;
+      for (i64 r = 0; r < std::min(PREFETCH_RUNS, num_runs); ++r) prefetch_keys(tokens, runs[r], runs[r + 1]);
       float acc[MAX_GROUP];
-      i64 next_run = 0;                       // first token of the next block's run: its rows are prefetched
-      for (i64 i = 0; i < count; ++i) {
-        if (i == next_run) {
-          const i64 logical = tokens[i] / a_.block_size;
-          while (next_run < count && tokens[next_run] / a_.block_size == logical) ++next_run;
-          if (next_run < count) {
-            const float* ahead = fp32_page(tokens[next_run]) + key.base;
-            i64 line = -1;                    // each cache line once: 16 fp32 tokens share one
-            for (i64 k = next_run; k < count && tokens[k] / a_.block_size == tokens[next_run] / a_.block_size; ++k) {
-              const i64 at = (tokens[k] % a_.block_size) * key.token;
-              if (key.token == 1 && at / 16 == line) continue;
-              line = at / 16;
-              for (i64 d = 0; d < D_; ++d) __builtin_prefetch(ahead + d * key.channel + at);
+      const i64 group = std::min<i64>(G_, MAX_GROUP);
+      for (i64 r = 0; r < num_runs; ++r) {
+        if (r + PREFETCH_RUNS < num_runs) prefetch_keys(tokens, runs[r + PREFETCH_RUNS], runs[r + PREFETCH_RUNS + 1]);
+        for (i64 i = runs[r]; i < runs[r + 1]; ++i) {
+          const float* k = fp32_page(tokens[i]) + key.base + (tokens[i] % a_.block_size) * key.token;
+          for (i64 g0 = 0; g0 < G_; g0 += group) {
+            const i64 heads = std::min(group, G_ - g0);
+            for (i64 g = 0; g < heads; ++g) acc[g] = 0;
+            for (i64 d = 0; d < D_; ++d) {
+              const float x = k[d * key.channel];
+              for (i64 g = 0; g < heads; ++g) acc[g] += q_[(g0 + g) * D_ + d] * x;
             }
+            for (i64 g = 0; g < heads; ++g) scores[i * G_ + g0 + g] = acc[g] * s;
           }
-        }
-        const float* k = fp32_page(tokens[i]) + key.base + (tokens[i] % a_.block_size) * key.token;
-        const i64 group = std::min<i64>(G_, MAX_GROUP);
-        for (i64 g0 = 0; g0 < G_; g0 += group) {
-          for (i64 g = 0; g < group; ++g) acc[g] = 0;
-          for (i64 d = 0; d < D_; ++d) {
-            const float x = k[d * key.channel];
-            for (i64 g = 0; g < std::min(group, G_ - g0); ++g) acc[g] += q_[(g0 + g) * D_ + d] * x;
-          }
-          for (i64 g = 0; g < std::min(group, G_ - g0); ++g) scores[i * G_ + g0 + g] = acc[g] * s;
         }
       }
       return;

@@ -36,7 +36,7 @@ from workloads import WORKLOADS, make_workload  # noqa: E402
 
 from vllm_hsr import HSRConfig  # noqa: E402
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries  # noqa: E402
-from vllm_hsr.ops import hsr_decode, update_summaries  # noqa: E402
+from vllm_hsr.ops import hsr_decode, kernel_path, update_summaries  # noqa: E402
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 
@@ -198,6 +198,7 @@ def run_point(workload: str, context: int, batch: int, cfg: HSRConfig, repeat: i
         "max_rel_error": max(errors), "max_error_bound": float(bound.max()),
         "hsr_ms": hsr_ms, "sdpa_ms": sdpa_ms, "dense_paged_ms": paged_ms, "dense_ms": dense_ms,
         "speedup": dense_ms / hsr_ms, "gbps": stats.bytes_read / hsr_ms / 1e6, "device": machine(),
+        "kernels": kernel_path(q.device),
     }
 
 

@@ -106,6 +106,15 @@ def test_native_shapes(mode, num_kv_heads, group, head_dim, cell_size, code_bits
     _check_against_twin(batch, _query(batch, group, seed=group), cfg, monkeypatch)
 
 
+@pytest.mark.parametrize("mode", ("softmax", "relu"))
+def test_native_tree_spans_past_int64(mode, monkeypatch):
+    """fanout**tree_levels far past 2**63 tokens (the config allows it): the levels that no sequence reaches
+    hold no node, and a bias that fp32 rounds up compares as the twin's fp32 bounds do."""
+    cfg = HSRConfig(mode=mode, eps=1e-2, bias=0.1, budget_tokens=64, fanout=256, tree_levels=8)
+    batch = _batch(cfg, seed=12)
+    _check_against_twin(batch, _query(batch, 2, seed=13), cfg, monkeypatch)
+
+
 @pytest.mark.parametrize("eps", (0.0, 1e-3))
 def test_native_softmax_budgets(eps, monkeypatch):
     """eps=0 skips nothing (the dense result, certificate 0); a tight eps holds on every head."""

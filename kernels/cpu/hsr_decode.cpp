@@ -188,9 +188,15 @@ class Row {
   bool overflow_ = false;
 
   // -- tree shape ------------------------------------------------------------------------------
+  // cell_size * fanout^level tokens, saturated: a span past every sequence only has to compare larger
+  // (fanout^tree_levels may pass 2^63, where the twin's Python ints just grow)
   i64 span(i64 level) const {
+    constexpr i64 SATURATED = std::numeric_limits<i64>::max() / 4;
     i64 s = a_.cell_size;
-    for (i64 l = 0; l < level; ++l) s *= a_.fanout;
+    for (i64 l = 0; l < level; ++l) {
+      if (s > SATURATED / a_.fanout) return SATURATED;
+      s *= a_.fanout;
+    }
     return s;
   }
   i64 num_nodes(i64 level) const { return n_ / span(level); }
@@ -570,7 +576,7 @@ class Row {
   void keep_above_bias(const std::vector<float>& ub, std::vector<uint8_t>& valid) const {
     std::vector<float> best;
     group_max(ub, best);
-    for (size_t p = 0; p < valid.size(); ++p) valid[p] &= uint8_t(double(best[p]) > a_.bias);
+    for (size_t p = 0; p < valid.size(); ++p) valid[p] &= uint8_t(best[p] > float(a_.bias));   // fp32, as torch compares
   }
 
   // -- seeds -----------------------------------------------------------------------------------

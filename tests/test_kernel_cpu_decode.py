@@ -1,6 +1,7 @@
 """The compiled CPU kernel (kernels/cpu_decode.py) against its torch twin and the float64 dense reference."""
 
 import logging
+import platform
 
 import pytest
 import torch
@@ -170,7 +171,7 @@ def test_portable_build_equals_vectorized(monkeypatch, tmp_path):
     batch = _batch(cfg, seed=9)
     q = _query(batch, 2, seed=6)
     default = _decode(batch, q, cfg, "native", monkeypatch)
-    monkeypatch.setenv("VLLM_HSR_CXXFLAGS", "-mno-avx512f" if cpu_decode.platform.machine() == "x86_64" else "")
+    monkeypatch.setenv("VLLM_HSR_CXXFLAGS", "-mno-avx512f" if platform.machine() == "x86_64" else "")
     monkeypatch.setenv("VLLM_HSR_BUILD_DIR", str(tmp_path))
     cpu_decode.library.cache_clear()
     try:

@@ -219,7 +219,7 @@ class Row {
     nodes.reserve(kept.size() * a_.fanout + a_.fanout);
     for (i64 parent : kept)
       for (i64 c = 0; c < a_.fanout; ++c) nodes.push_back(parent * a_.fanout + c);
-    for (i64 node = first; node < num_nodes(level); ++node) nodes.push_back(node);
+    for (i64 node = first, end = num_nodes(level); node < end; ++node) nodes.push_back(node);
     return nodes;
   }
 
@@ -230,25 +230,35 @@ class Row {
     block = table_[std::min(last / a_.block_size, a_.table_width - 1)];
     slot = a_.level_first_slot[level] + (last % a_.block_size) / s;
   }
+  // element offset of this row's box (lo side) at (block, slot); hi is box_side_stride further
+  i64 box_at(i64 block, i64 slot) const {
+    return block * a_.box_block_stride + slot * a_.box_slot_stride + h_ * a_.box_head_stride;
+  }
+  // this row's codes of the cell at (block, slot), from plane `first`: one token every code_token_stride bytes
+  const uint8_t* cell_codes(i64 block, i64 slot, i64 first) const {
+    return a_.codes + block * a_.code_block_stride + h_ * a_.code_head_stride
+           + slot * a_.cell_size * a_.code_token_stride + first * a_.plane_bytes;
+  }
 
   // Ask for a cell's box and the codes of planes [first, planes) of its tokens ahead of code_bounds: cells lie
   // in scattered blocks, where the hardware prefetcher cannot follow.
   void prefetch_cell(i64 cell, i64 first, i64 planes) const {
     i64 block, slot;
     locate(0, cell, block, slot);
-    const i64 at = block * a_.box_block_stride + slot * a_.box_slot_stride + h_ * a_.box_head_stride;
-    const char* box = static_cast<const char*>(a_.boxes) + at * (a_.box_dtype == F32 ? 4 : 2);
-    const i64 box_bytes = D_ * (a_.box_dtype == F32 ? 4 : 2), side = a_.box_side_stride * (a_.box_dtype == F32 ? 4 : 2);
-    for (i64 b = 0; b < box_bytes; b += 64) { __builtin_prefetch(box + b); __builtin_prefetch(box + side + b); }
-    const uint8_t* codes = a_.codes + block * a_.code_block_stride + h_ * a_.code_head_stride
-                           + slot * a_.cell_size * a_.code_token_stride + first * a_.plane_bytes;
+    const i64 item = a_.box_dtype == F32 ? 4 : 2;
+    const char* box = static_cast<const char*>(a_.boxes) + box_at(block, slot) * item;
+    for (i64 b = 0; b < D_ * item; b += 64) {
+      __builtin_prefetch(box + b);
+      __builtin_prefetch(box + a_.box_side_stride * item + b);
+    }
+    const uint8_t* codes = cell_codes(block, slot, first);
     for (i64 t = 0; t < a_.cell_size; ++t)
       for (i64 b = 0; b < (planes - first) * a_.plane_bytes; b += 64) __builtin_prefetch(codes + t * a_.code_token_stride + b);
   }
 
   // lo, hi of a stored box as fp32: in place for fp32 boxes, converted into scratch otherwise
   void box(i64 block, i64 slot, const float*& lo, const float*& hi) {
-    const i64 at = block * a_.box_block_stride + slot * a_.box_slot_stride + h_ * a_.box_head_stride;
+    const i64 at = box_at(block, slot);
     if (a_.box_dtype == F32) {
       lo = static_cast<const float*>(a_.boxes) + at;
       hi = lo + a_.box_side_stride;
@@ -356,8 +366,7 @@ class Row {
         }
       }
     }
-    const uint8_t* codes = a_.codes + block * a_.code_block_stride + h_ * a_.code_head_stride
-                           + slot * a_.cell_size * a_.code_token_stride + read * a_.plane_bytes;
+    const uint8_t* codes = cell_codes(block, slot, read);
 #if defined(__AVX512F__)
     if (nibbles && a_.cell_size == 16 && width % 4 == 0) {
       for (i64 g = 0; g < G_; g += 2) {
@@ -849,8 +858,7 @@ class Row {
   template <typename T, float (*TO_FLOAT)(T)>
   void gather_as(const i64* tokens, i64 count, const i64* offsets, float* dst) const {
     for (i64 i = 0; i < count; ++i) {
-      const T* page = static_cast<const T*>(a_.cache) + table_[tokens[i] / a_.block_size] * a_.block_stride
-                      + h_ * a_.head_stride;
+      const T* page = static_cast<const T*>(a_.cache) + page_at(tokens[i]);
       const i64* at = offsets + (tokens[i] % a_.block_size) * D_;
       for (i64 d = 0; d < D_; ++d) dst[i * D_ + d] = TO_FLOAT(page[at[d]]);
     }
@@ -885,9 +893,9 @@ class Row {
       for (i64 k = 0; k < n; ++k) visit(i + k, &rows_[k * D_]);
     }
   }
-  const float* fp32_page(i64 token) const {
-    return static_cast<const float*>(a_.cache) + table_[token / a_.block_size] * a_.block_stride + h_ * a_.head_stride;
-  }
+  // element offset of this row's KV head in the page holding `token`
+  i64 page_at(i64 token) const { return table_[token / a_.block_size] * a_.block_stride + h_ * a_.head_stride; }
+  const float* fp32_page(i64 token) const { return static_cast<const float*>(a_.cache) + page_at(token); }
 
   // Exact scores [count, G] of tokens[0, count) (ascending). An fp32 cache with an affine K layout is read in
   // place: channel-contiguous keys as rows; keys whose channels are strided (CPU_ATTN's K, stored transposed

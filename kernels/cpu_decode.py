@@ -43,8 +43,9 @@ class HsrArgs(ctypes.Structure):
         (_P, "key_offsets value_offsets boxes"),
         (_I, "box_dtype box_block_stride box_slot_stride box_side_stride box_head_stride"),
         (_P, "level_first_slot codes"),
-        (_I, "code_block_stride code_head_stride code_token_stride code_bits plane_bits plane_bytes "
-             "mode alpha budget_tokens cell_size fanout tree_levels sink_tokens window_tokens seed_cells capacity"),
+        (_I, "code_block_stride code_head_stride code_token_stride code_bits plane_bits plane_bytes"),
+        (_P, "key_rows"), (_I, "key_rows_block_stride key_rows_head_stride"),
+        (_I, "mode alpha budget_tokens cell_size fanout tree_levels sink_tokens window_tokens seed_cells capacity"),
         (_D, "eps bias tree_budget_share refine_share scale margin_rel margin_abs step_slack magnitude_slack "
              "abs_slack"),
         (_I, "hist_bins"), (_D, "hist_range budget_slack"), (_P, "out error_bound counters tokens"),
@@ -116,7 +117,8 @@ def _dtype_code(tensor: torch.Tensor, what: str) -> int:
 def hsr_decode_cpu(q: torch.Tensor, flat_cache: torch.Tensor, block_stride: int, head_stride: int,
                    key_offsets: torch.Tensor, value_offsets: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor, boxes: torch.Tensor, level_first_slots: list[int],
-                   codes: torch.Tensor | None, *, mode: str, eps: float, alpha: int, bias: float, budget_tokens: int,
+                   codes: torch.Tensor | None, key_rows: torch.Tensor | None = None, *, mode: str, eps: float,
+                   alpha: int, bias: float, budget_tokens: int,
                    cell_size: int, fanout: int, tree_levels: int, code_bits: int, plane_bits: int, plane_bytes: int,
                    sink_tokens: int, window_tokens: int, seed_cells: int, capacity: int, tree_budget_share: float,
                    refine_share: float, scale: float, margins: tuple[float, float],
@@ -128,6 +130,8 @@ def hsr_decode_cpu(q: torch.Tensor, flat_cache: torch.Tensor, block_stride: int,
     kv_head * head_stride + key_offsets / value_offsets [block_size, head_dim]; block_table:
     [batch, max_blocks]; seq_lens: [batch]; boxes: [blocks, slots, 2, kv_heads, head_dim] (any strides);
     codes: [blocks, block_size, kv_heads, bytes] uint8 (token stride = bytes) or None with code_bits=0.
+    key_rows: [blocks, block_size, kv_heads, head_dim] in the cache dtype (token stride = head_dim), a copy
+    of complete cells' keys read in place of the cache's, or None.
     margins: (relative, absolute); code_slacks: (step, magnitude, absolute); histogram: (bins, range, slack).
     returns out [batch, num_q_heads, head_dim] fp32, error_bound [batch, num_q_heads] fp32, counters
     {name: int} summed over rows, and with candidates=True (tokens [rows, max_tokens] int64, counts [rows],
@@ -160,6 +164,11 @@ def hsr_decode_cpu(q: torch.Tensor, flat_cache: torch.Tensor, block_stride: int,
                  torch.empty(rows, dtype=torch.uint8), torch.empty(batch, num_q_heads, dtype=torch.float32))
     box_strides = boxes.stride()
     code_strides = codes.stride() if codes is not None else (0, 0, 0, 0)
+    if key_rows is not None and (key_rows.dtype != flat_cache.dtype or key_rows.stride(3) != 1
+                                 or key_rows.stride(1) != head_dim
+                                 or tuple(key_rows.shape[1:]) != (block_size, num_kv_heads, head_dim)):
+        raise ValueError("key_rows must be [blocks, block_size, kv_heads, head_dim] rows in the cache dtype")
+    key_strides = key_rows.stride() if key_rows is not None else (0, 0, 0, 0)
 
     def ptr(t: torch.Tensor | None) -> int | None:
         return t.data_ptr() if t is not None else None
@@ -172,7 +181,8 @@ def hsr_decode_cpu(q: torch.Tensor, flat_cache: torch.Tensor, block_stride: int,
         box_dtype=_dtype_code(boxes, "boxes"), box_block_stride=box_strides[0], box_slot_stride=box_strides[1],
         box_side_stride=box_strides[2], box_head_stride=box_strides[3], level_first_slot=ptr(first_slots),
         codes=ptr(codes), code_block_stride=code_strides[0], code_head_stride=code_strides[2],
-        code_token_stride=code_strides[1], code_bits=code_bits, plane_bits=plane_bits, plane_bytes=plane_bytes,
+        code_token_stride=code_strides[1], key_rows=ptr(key_rows), key_rows_block_stride=key_strides[0],
+        key_rows_head_stride=key_strides[2], code_bits=code_bits, plane_bits=plane_bits, plane_bytes=plane_bytes,
         mode=MODES[mode], alpha=alpha, budget_tokens=budget_tokens, cell_size=cell_size, fanout=fanout,
         tree_levels=tree_levels, sink_tokens=sink_tokens, window_tokens=window_tokens, seed_cells=seed_cells,
         capacity=capacity, eps=eps, bias=bias, tree_budget_share=tree_budget_share, refine_share=refine_share,

@@ -32,7 +32,7 @@ class PagedBatch:
     """Sequences stored in a shared paged cache with shuffled block tables (block 0 is the null block)."""
 
     def __init__(self, seq_lens, num_kv_heads, head_dim, block_size, cfg: HSRConfig, layout="flash",
-                 seed=0, dtype=torch.float32, summary_dtype=torch.float32):
+                 seed=0, dtype=torch.float32, summary_dtype=torch.float32, key_copy=False):
         gen = torch.Generator().manual_seed(seed)
         self.block_size, self.seq_lens = block_size, list(seq_lens)
         blocks_per_seq = [-(-n // block_size) for n in seq_lens]
@@ -45,9 +45,11 @@ class PagedBatch:
         for i, count in enumerate(blocks_per_seq):
             self.block_table[i, :count] = torch.tensor([physical.pop() for _ in range(count)])
         self.summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size, cfg,
-                                                 summary_dtype)
+                                                 summary_dtype, key_dtype=dtype if key_copy else None)
         # Stale content, as in a recycled block: the first write must reset it.
         self.summaries.boxes.copy_(torch.randn(self.summaries.boxes.shape, generator=gen))
+        if key_copy:        # only complete cells are copied, and only they may be read from the copy
+            self.summaries.keys.fill_(torch.nan)
         self.keys = [torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype) for n in seq_lens]
         self.values = [torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype) for n in seq_lens]
 

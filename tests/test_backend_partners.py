@@ -153,8 +153,10 @@ def test_customize_spec_pads_each_page_for_its_summaries(partner):
                              dtype=torch.bfloat16)
     hsr = compose(partner)
     padded = hsr.customize_spec(spec)
-    want = page_layout(spec.page_size_bytes, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, HSRConfig(), torch.bfloat16).end
-    assert padded.page_size_bytes == want > spec.page_size_bytes
+    copy = torch.bfloat16 if partner == "CPU_ATTN" else None     # key_copy=auto: where a key is scattered
+    want = page_layout(spec.page_size_bytes, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, HSRConfig(), torch.bfloat16, copy)
+    assert padded.page_size_bytes == want.end > spec.page_size_bytes
+    assert want.end - want.keys == (BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM * 2 if copy else 0)
     assert hsr.customize_spec(padded) == padded                      # applying it twice changes nothing
     window = SlidingWindowSpec(block_size=BLOCK_SIZE, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_DIM,
                                dtype=torch.bfloat16, sliding_window=128)

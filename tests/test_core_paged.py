@@ -55,25 +55,31 @@ def test_paged_decode_equals_dense_interface(mode, block_size, layout):
             torch.testing.assert_close(out[seq].double(), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,code_bits", ((torch.float32, 8), (torch.bfloat16, 4), (torch.float32, 0)))
-def test_summaries_in_page_padding_equal_side_tensors(dtype, code_bits):
+@pytest.mark.parametrize("dtype,code_bits,copy_keys", ((torch.float32, 8, False), (torch.bfloat16, 4, True),
+                                                       (torch.float32, 0, True), (torch.float32, 8, True)))
+def test_summaries_in_page_padding_equal_side_tensors(dtype, code_bits, copy_keys):
     """Summaries in the KV pages' padding (as customize_spec sizes them) read and decode like side
-    tensors, and never touch the KV bytes of their page."""
+    tensors, and never touch the KV bytes of their page. A key copy holds exactly the keys of complete
+    cells, and nothing is written for the partial last cell."""
     from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view, page_layout
     from vllm_hsr.ops import update_summaries
     cfg = HSRConfig(mode="topk", budget_tokens=32, cell_size=16, fanout=2, tree_levels=2, code_bits=code_bits)
     num_blocks, num_kv_heads, block_size, head_dim = 12, 2, 32, 64
     item = dtype.itemsize
     dense_bytes = num_kv_heads * block_size * 2 * head_dim * item
-    end = page_layout(dense_bytes, block_size, num_kv_heads, head_dim, cfg, dtype).end
+    key_dtype = dtype if copy_keys else None
+    end = page_layout(dense_bytes, block_size, num_kv_heads, head_dim, cfg, dtype, key_dtype).end
     pages = torch.full((num_blocks, end // item), torch.nan, dtype=dtype)
     kv_cache = pages[:, :dense_bytes // item].view(num_blocks, num_kv_heads, block_size, 2 * head_dim)
     keys_view, values_view = kv_cache.split(head_dim, dim=-1)
     layout = PagedKVLayout.from_views(kv_cache, keys_view, values_view)
-    padded = PagedSummaries.in_pages(kv_cache, dense_bytes, head_dim, cfg, dtype)
-    side = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size, cfg, dtype)
+    padded = PagedSummaries.in_pages(kv_cache, dense_bytes, head_dim, cfg, dtype, copy_keys)
+    side = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size, cfg, dtype, key_dtype=key_dtype)
     assert padded.boxes.untyped_storage().data_ptr() == kv_cache.untyped_storage().data_ptr()
-    assert PagedSummaries.in_pages(kv_cache.contiguous(), dense_bytes, head_dim, cfg, dtype) is None   # no room
+    assert PagedSummaries.in_pages(kv_cache.contiguous(), dense_bytes, head_dim, cfg, dtype, copy_keys) is None
+    assert (padded.keys is None) == (side.keys is None) == (not copy_keys)
+    if copy_keys:
+        side.keys.fill_(torch.nan)
 
     gen = torch.Generator().manual_seed(1)
     seq_lens = (150, 77)
@@ -97,6 +103,10 @@ def test_summaries_in_page_padding_equal_side_tensors(dtype, code_bits):
         positions = torch.arange(n)
         blocks, offsets = table[row][positions // block_size], positions % block_size
         assert torch.equal(keys_view[blocks, :, offsets], keys) and torch.equal(values_view[blocks, :, offsets], values)
+        complete = n // cfg.cell_size * cfg.cell_size
+        for summaries in (padded, side) if copy_keys else ():
+            assert torch.equal(summaries.keys[blocks[:complete], offsets[:complete]], keys[:complete])
+            assert summaries.keys[blocks[complete:], offsets[complete:]].isnan().all()     # the partial cell
         trees = [PagedCellTree(s, table[row], n) for s in (padded, side)]
         for level in range(cfg.tree_levels + 1):
             nodes = torch.arange(trees[0].num_nodes(level))

@@ -62,9 +62,9 @@ def _check_against_twin(batch: PagedBatch, q: torch.Tensor, cfg: HSRConfig, monk
 
 
 def _batch(cfg: HSRConfig, *, num_kv_heads=2, head_dim=64, block_size=16, layout="flash", dtype=torch.float32,
-           seed=0) -> PagedBatch:
+           seed=0, key_copy=False) -> PagedBatch:
     batch = PagedBatch(SEQ_LENS, num_kv_heads, head_dim, block_size, cfg, layout=layout, seed=seed, dtype=dtype,
-                       summary_dtype=dtype)
+                       summary_dtype=dtype, key_copy=key_copy)
     batch.fill(chunks=(0.4, 0.99))          # two prefill chunks, then a few single-token steps
     return batch
 
@@ -90,6 +90,25 @@ def test_native_half_precision_cache_and_boxes(mode, dtype, monkeypatch):
     cfg = HSRConfig(mode=mode, eps=1e-2, budget_tokens=64)
     batch = _batch(cfg, dtype=dtype, seed=3)
     _check_against_twin(batch, _query(batch, 2, seed=4, dtype=dtype), cfg, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("layout", ("flash", "cpu"))
+@pytest.mark.parametrize("mode", ("topk", "softmax", "relu"))
+def test_native_reads_the_key_copy(mode, layout, dtype, monkeypatch):
+    """With a key copy (NaN wherever no complete cell was copied) the kernel scores complete cells from it,
+    the partial cell from the cache, and matches the twin, which reads the cache only; a changed copy
+    changes the output, so the copy is what was read."""
+    cfg = HSRConfig(mode=mode, eps=1e-2, bias=0.3, budget_tokens=64)
+    batch = _batch(cfg, layout=layout, block_size=32, dtype=dtype, seed=5, key_copy=True)
+    q = _query(batch, 2, seed=6, dtype=dtype)
+    _check_against_twin(batch, q, cfg, monkeypatch)
+    out, _, _ = _decode(batch, q, cfg, "native", monkeypatch)
+    batch.summaries.keys.mul_(0.5)
+    changed, _, _ = _decode(batch, q, cfg, "native", monkeypatch)
+    long_rows = [seq for seq, n in enumerate(SEQ_LENS) if n >= cfg.cell_size]
+    assert all(not torch.equal(out[seq], changed[seq]) for seq in long_rows)
+    assert torch.equal(out[0], changed[0])       # one token: no complete cell, nothing read from the copy
 
 
 @pytest.mark.parametrize("num_kv_heads,group,head_dim,cell_size,code_bits", (

@@ -38,7 +38,8 @@ logger = _vllm.init_logger(__name__)
 
 DENSE_BACKEND_ENV = "VLLM_HSR_DENSE_BACKEND"
 # Partners whose pages hold each (token, KV head)'s K then V as plain rows; CPU_ATTN's
-# packing depends on dtype and ISA and is learned through its own cache-write op.
+# packing depends on dtype and ISA and is learned through its own cache-write op, and scatters a
+# token's key over many cache lines (HSRConfig.key_copy "auto" keeps a copy there).
 SPLIT_PAGE_PARTNERS = ("FLASH_ATTN", "TRITON_ATTN")
 # CommonAttentionMetadata fields of features HSR's row split does not carry over: a batch
 # that sets one runs through the dense partner whole.
@@ -252,14 +253,16 @@ class _HSRImpl:
             else:
                 self.layout = split_page_layout(kv_cache, head_dim)
             dtype = summary_dtype(self.hsr, kv_cache.dtype)
+            copy_keys = self.hsr.copies_keys(partner_scatters_keys=self.learned_layout)
             self.summaries = PagedSummaries.in_pages(kv_cache, kv_cache[0].numel() * kv_cache.element_size(),
-                                                     head_dim, self.hsr, dtype)
+                                                     head_dim, self.hsr, dtype, copy_keys)
             if self.summaries is None:
                 logger.warning_once("HSR: the KV pages have no room for the summaries (settings differ from those "
                                     "the cache was sized with?); they are allocated beside the cache, outside "
                                     "vLLM's memory accounting")
                 self.summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size, self.hsr,
-                                                         dtype, kv_cache.device)
+                                                         dtype, kv_cache.device,
+                                                         key_dtype=kv_cache.dtype if copy_keys else None)
         return self.summaries
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -313,8 +316,9 @@ class _HSRBackend:
         config = _vllm.get_current_vllm_config_or_none()
         hsr = HSRConfig.from_vllm(config.additional_config if config is not None else None)
         # from the unpadded page, so applying it twice changes nothing
+        copy_keys = hsr.copies_keys(partner_scatters_keys=cls.dense_partner not in SPLIT_PAGE_PARTNERS)
         layout = page_layout(spec.unpadded_page_size_bytes, spec.block_size, spec.num_kv_heads, spec.head_size, hsr,
-                             summary_dtype(hsr, spec.dtype))
+                             summary_dtype(hsr, spec.dtype), spec.dtype if copy_keys else None)
         return dataclasses.replace(spec, page_size_padded=layout.end)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 MODES = ("relu", "softmax", "topk")
 CODE_BITS = (0, 1, 2, 4, 8)  # widths that pack whole codes into a byte
 SUMMARY_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KEY_COPY = ("auto", "on", "off")
 ENV_PREFIX = "VLLM_HSR_"
 
 
@@ -66,6 +67,10 @@ class HSRConfig:
     max_candidates: fixed length of each (sequence, KV head) candidate list in
         tokens; a row whose selection would not fit is read densely instead (no
         host sync, as CUDA graphs need). 0 sizes the lists to each batch.
+    key_copy: vLLM backend only: keep a token-major copy of every complete cell's keys
+        in its KV page, so a kept token's exact key is one contiguous row. "auto" keeps
+        one where the dense partner scatters a token's key over many cache lines
+        (CPU_ATTN), "on" / "off" force it. It costs the key bytes once more.
     """
 
     mode: str = "softmax"
@@ -85,6 +90,7 @@ class HSRConfig:
     tree_budget_share: float = 0.25
     dense_below_tokens: int = 1024
     max_candidates: int = 0
+    key_copy: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -117,6 +123,8 @@ class HSRConfig:
         if self.summary_dtype not in SUMMARY_DTYPES:
             raise _invalid("summary_dtype", self.summary_dtype,
                            f"allowed values are {', '.join(SUMMARY_DTYPES)}")
+        if self.key_copy not in KEY_COPY:
+            raise _invalid("key_copy", self.key_copy, f"allowed values are {', '.join(KEY_COPY)}")
         if not _is_number(self.tree_budget_share) or not 0.0 <= self.tree_budget_share < 1.0:
             raise _invalid("tree_budget_share", self.tree_budget_share, "must be a number in [0, 1)")
 
@@ -144,6 +152,10 @@ class HSRConfig:
             if raw is not None:
                 settings[name] = _parse_env(ENV_PREFIX + name.upper(), raw)
         return cls.from_mapping(settings)
+
+    def copies_keys(self, partner_scatters_keys: bool) -> bool:
+        """Whether the KV pages keep a key copy, given whether the dense partner's layout scatters a key."""
+        return self.key_copy == "on" or (self.key_copy == "auto" and partner_scatters_keys)
 
     def resolved_scale(self, head_dim: int) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)

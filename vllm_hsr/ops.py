@@ -78,6 +78,7 @@ def update_summaries(summaries: PagedSummaries, write: SummaryWrite, block_table
     update_cells(write.slot_mapping, write.positions, summaries.boxes, summaries.codes, flat_cache,
                  layout.block_stride, layout.head_stride, layout.key_offsets, cfg.cell_size, cfg.code_bits,
                  code_planes(cfg.code_bits)[0] if cfg.code_bits else 0)
+    summaries.copy_keys(write, flat_cache, layout)
     for level, (nodes, rows) in enumerate(write.levels, start=1):
         update_union(summaries.boxes, nodes, rows, block_table, summaries.span(level - 1),
                      summaries.slots[level - 1][0], summaries.span(level), summaries.slots[level][0], cfg.fanout,
@@ -156,7 +157,7 @@ def native_decode(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayo
     out, bound, counters, found = cpu_decode.hsr_decode_cpu(
         q, flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets, layout.value_offsets,
         block_table, seq_lens, summaries.boxes, [first for first, _ in summaries.slots],
-        summaries.codes if cfg.code_bits else None, scale=scale, candidates=candidates,
+        summaries.codes if cfg.code_bits else None, summaries.keys, scale=scale, candidates=candidates,
         **native_settings(cfg, q.shape[-1]))
     batch, num_kv_heads = q.shape[0], summaries.boxes.shape[3]
     if found is None:

@@ -47,6 +47,8 @@ struct HsrArgs {
   const i64* level_first_slot;    // [tree_levels + 1]
   const uint8_t* codes;           // token codes: block, kv head, token strides in bytes
   i64 code_block_stride, code_head_stride, code_token_stride, code_bits, plane_bits, plane_bytes;
+  const void* key_rows;           // key copy of complete cells, cache dtype: block, kv head strides; or null
+  i64 key_rows_block_stride, key_rows_head_stride;
   i64 mode, alpha, budget_tokens, cell_size, fanout, tree_levels, sink_tokens, window_tokens, seed_cells,
       capacity;
   double eps, bias, tree_budget_share, refine_share, scale;
@@ -897,18 +899,60 @@ class Row {
   i64 page_at(i64 token) const { return table_[token / a_.block_size] * a_.block_stride + h_ * a_.head_stride; }
   const float* fp32_page(i64 token) const { return static_cast<const float*>(a_.cache) + page_at(token); }
 
-  // Exact scores [count, G] of tokens[0, count) (ascending). An fp32 cache with an affine K layout is read in
-  // place: channel-contiguous keys as rows; keys whose channels are strided (CPU_ATTN's K, stored transposed
-  // per block) touch one cache line per channel, so while one block's tokens are scored the lines of the
-  // next block's are requested. Other layouts go through the offset table.
+  static constexpr i64 PREFETCH_ROWS = 8;   // tokens ahead whose contiguous K or V row is requested
+  static void prefetch_row(const void* row, i64 bytes) {
+    for (i64 b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b);
+  }
+  i64 item_size() const { return a_.cache_dtype == F32 ? 4 : 2; }
+
+  // Exact scores [count, G] of tokens[0, count) (ascending). Keys of complete cells come from the key copy
+  // when there is one (each key one contiguous row, whatever the cache's layout); the rest from the cache.
   void scores_of(const i64* tokens, i64 count, float* scores) {
+    const i64 copied = a_.key_rows ? std::lower_bound(tokens, tokens + count, n_ / a_.cell_size * a_.cell_size) - tokens
+                                   : 0;
+    if (copied) {
+      const char* copy = static_cast<const char*>(a_.key_rows) + h_ * a_.key_rows_head_stride * item_size();
+      scores_from_rows(tokens, copied, scores, [&](i64 token) {
+        return copy + (table_[token / a_.block_size] * a_.key_rows_block_stride + (token % a_.block_size) * D_) *
+                      item_size();
+      });
+    }
+    cache_scores(tokens + copied, count - copied, scores + copied * G_);
+  }
+
+  // scores_of for keys whose channels are contiguous at row_of(token) (bytes, cache dtype), requested ahead
+  template <typename RowOf>
+  void scores_from_rows(const i64* tokens, i64 count, float* scores, RowOf row_of) {
+    const float s = float(a_.scale);
+    const i64 bytes = D_ * item_size();
+    for (i64 i = 0; i < std::min(PREFETCH_ROWS, count); ++i) prefetch_row(row_of(tokens[i]), bytes);
+    key_.resize(D_);
+    for (i64 i = 0; i < count; ++i) {
+      if (i + PREFETCH_ROWS < count) prefetch_row(row_of(tokens[i + PREFETCH_ROWS]), bytes);
+      const float* k = as_floats(row_of(tokens[i]), key_.data());
+      for (i64 g = 0; g < G_; ++g) scores[i * G_ + g] = dot(&q_[g * D_], k) * s;
+    }
+  }
+  // a row of D cache-dtype values as fp32: in place for fp32, converted into scratch otherwise
+  const float* as_floats(const char* row, float* scratch) const {
+    if (a_.cache_dtype == F32) return reinterpret_cast<const float*>(row);
+    const uint16_t* x = reinterpret_cast<const uint16_t*>(row);
+    for (i64 d = 0; d < D_; ++d) scratch[d] = a_.cache_dtype == BF16 ? bf16_to_float(x[d]) : half_to_float(x[d]);
+    return scratch;
+  }
+  std::vector<float> key_;
+
+  // scores_of from the cache. An fp32 cache with an affine K layout is read in place: channel-contiguous keys
+  // as rows; keys whose channels are strided (CPU_ATTN's K, stored transposed per block) touch one cache line
+  // per channel, so while one block's tokens are scored the lines of the next block's are requested. Other
+  // layouts go through the offset table.
+  void cache_scores(const i64* tokens, i64 count, float* scores) {
     const Affine& key = key_layout_;
     const float s = float(a_.scale);
     if (a_.cache_dtype == F32 && key.affine && key.channel == 1) {
-      for (i64 i = 0; i < count; ++i) {
-        const float* k = fp32_page(tokens[i]) + key.base + (tokens[i] % a_.block_size) * key.token;
-        for (i64 g = 0; g < G_; ++g) scores[i * G_ + g] = dot(&q_[g * D_], k) * s;
-      }
+      scores_from_rows(tokens, count, scores, [&](i64 token) {
+        return reinterpret_cast<const char*>(fp32_page(token) + key.base + (token % a_.block_size) * key.token);
+      });
       return;
     }
     if (a_.cache_dtype == F32 && key.affine) {
@@ -951,8 +995,12 @@ class Row {
   void accumulate_values(const i64* tokens, i64 count, const float* weights, float* acc) {
     const Affine& value = value_layout_;
     if (a_.cache_dtype == F32 && value.affine) {
+      auto row_of = [&](i64 token) { return fp32_page(token) + value.base + (token % a_.block_size) * value.token; };
+      const bool rows = value.channel == 1;     // then one row per token, requested ahead
+      for (i64 i = 0; rows && i < std::min(PREFETCH_ROWS, count); ++i) prefetch_row(row_of(tokens[i]), D_ * 4);
       for (i64 i = 0; i < count; ++i) {
-        const float* v = fp32_page(tokens[i]) + value.base + (tokens[i] % a_.block_size) * value.token;
+        if (rows && i + PREFETCH_ROWS < count) prefetch_row(row_of(tokens[i + PREFETCH_ROWS]), D_ * 4);
+        const float* v = row_of(tokens[i]);
         for (i64 g = 0; g < G_; ++g) {
           const float w = weights[i * G_ + g];
           float* out = &acc[g * D_];

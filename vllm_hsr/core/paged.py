@@ -125,21 +125,26 @@ class PageLayout:
 
     boxes: int
     codes: int
+    keys: int    # the key copy (== end of the codes when there is none)
     end: int     # the padded page size that holds them
 
 
 def page_layout(dense_page_bytes: int, block_size: int, num_kv_heads: int, head_dim: int, cfg: HSRConfig,
-                dtype: torch.dtype) -> PageLayout:
-    """Boxes then codes after the dense KV bytes, each region starting at a whole row of
-    what is read from it (a box side; one cell's codes), the page a multiple of both."""
+                dtype: torch.dtype, key_dtype: torch.dtype | None = None) -> PageLayout:
+    """Boxes, codes, then the key copy (key_dtype; None: no copy) after the dense KV bytes, each region
+    starting at a whole row of what is read from it (a box side; one cell's codes; one key), the page a
+    multiple of all."""
     box_row = head_dim * dtype.itemsize
     code_row = cfg.cell_size * code_width(head_dim, cfg.code_bits) if cfg.code_bits else 1
-    align = math.lcm(box_row, code_row, 64)
+    key_row = head_dim * key_dtype.itemsize if key_dtype is not None else 1
+    align = math.lcm(box_row, code_row, key_row, 64)
     num_slots = sum(count for _, count in level_slots(cfg, block_size))
     boxes = -(-dense_page_bytes // align) * align
     codes = boxes + -(-num_slots * 2 * num_kv_heads * box_row // align) * align
-    end = codes + (block_size * num_kv_heads * code_width(head_dim, cfg.code_bits) if cfg.code_bits else 0)
-    return PageLayout(boxes, codes, -(-end // align) * align)
+    keys = codes + (-(-block_size * num_kv_heads * code_width(head_dim, cfg.code_bits) // align) * align
+                    if cfg.code_bits else 0)
+    end = keys + (block_size * num_kv_heads * key_row if key_dtype is not None else 0)
+    return PageLayout(boxes, codes, keys, -(-end // align) * align)
 
 
 def level_slots(cfg: HSRConfig, block_size: int) -> list[tuple[int, int]]:
@@ -194,13 +199,17 @@ class PagedSummaries:
     boxes: [num_blocks, num_slots, 2, num_kv_heads, head_dim] (lo, hi) in the summary dtype
     codes: [num_blocks, block_size, num_kv_heads, ceil(head_dim * code_bits / 8)] uint8, or None: a view of
         head-major storage, so the codes of one cell and KV head are one contiguous run
+    keys: [num_blocks, block_size, num_kv_heads, head_dim] in the cache dtype, or None: the key copy
+        (HSRConfig.key_copy), head-major storage like the codes; complete cells only, so that a kept token's
+        exact key is one row whatever the dense layout
     Either side tensors (`allocate`) or views into the padding of the KV pages (`in_pages`): reads go
     through the storage in rows (one box side, one cell's codes), so both need their strides and
     offsets to be whole rows.
     """
 
-    def __init__(self, boxes: torch.Tensor, codes: torch.Tensor | None, cfg: HSRConfig, block_size: int):
-        self.boxes, self.codes, self.cfg, self.block_size = boxes, codes, cfg, block_size
+    def __init__(self, boxes: torch.Tensor, codes: torch.Tensor | None, cfg: HSRConfig, block_size: int,
+                 keys: torch.Tensor | None = None):
+        self.boxes, self.codes, self.keys, self.cfg, self.block_size = boxes, codes, keys, cfg, block_size
         self.slots = level_slots(cfg, block_size)
         box_row, code_row = self.head_dim, cfg.cell_size * (codes.shape[-1] if codes is not None else 0)
         if any(x % box_row for x in (*boxes.stride()[:4], boxes.storage_offset())) or boxes.stride(4) != 1:
@@ -208,10 +217,13 @@ class PagedSummaries:
         if codes is not None and (any(x % code_row for x in (codes.stride(0), codes.stride(2), codes.storage_offset()))
                                   or codes.stride(1) != codes.shape[-1] or codes.stride(3) != 1):
             raise ValueError("HSR: code storage must hold each cell's codes of one KV head as one run")
+        if keys is not None and (keys.stride(3) != 1 or keys.stride(1) != keys.shape[3]):
+            raise ValueError("HSR: the key copy must hold each key as one row, a KV head's keys in token order")
 
     @classmethod
     def allocate(cls, num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int, cfg: HSRConfig,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> PagedSummaries:
+                 dtype: torch.dtype, device: torch.device | str = "cpu",
+                 key_dtype: torch.dtype | None = None) -> PagedSummaries:
         num_slots = sum(count for _, count in level_slots(cfg, block_size))
         boxes = torch.empty(num_blocks, num_slots, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
         codes = None
@@ -220,16 +232,21 @@ class PagedSummaries:
             # only complete cells' codes are ever read, and each is written when its cell fills
             codes = torch.empty(num_blocks, num_kv_heads, block_size, width, dtype=torch.uint8, device=device)
             codes = codes.permute(0, 2, 1, 3)
-        return cls(boxes, codes, cfg, block_size)
+        keys = None
+        if key_dtype is not None:
+            keys = torch.empty(num_blocks, num_kv_heads, block_size, head_dim, dtype=key_dtype, device=device)
+            keys = keys.permute(0, 2, 1, 3)
+        return cls(boxes, codes, cfg, block_size, keys)
 
     @classmethod
     def in_pages(cls, kv_cache: torch.Tensor, dense_page_bytes: int, head_dim: int, cfg: HSRConfig,
-                 dtype: torch.dtype) -> PagedSummaries | None:
+                 dtype: torch.dtype, copy_keys: bool = False) -> PagedSummaries | None:
         """Views into the padding past the first `dense_page_bytes` of every block of kv_cache
-        [num_blocks, num_kv_heads, block_size, ...], laid out as `page_layout` says; None if the
-        pages have no room for them (or not at whole rows)."""
+        [num_blocks, num_kv_heads, block_size, ...], laid out as `page_layout` says (with a key copy in
+        kv_cache's dtype if copy_keys); None if the pages have no room for them (or not at whole rows)."""
         num_blocks, num_kv_heads, block_size = kv_cache.shape[:3]
-        layout = page_layout(dense_page_bytes, block_size, num_kv_heads, head_dim, cfg, dtype)
+        key_dtype = kv_cache.dtype if copy_keys else None
+        layout = page_layout(dense_page_bytes, block_size, num_kv_heads, head_dim, cfg, dtype, key_dtype)
         page = kv_cache.stride(0) * kv_cache.element_size()
         base = kv_cache.storage_offset() * kv_cache.element_size()
         box_bytes = dtype.itemsize
@@ -246,8 +263,16 @@ class PagedSummaries:
             codes = torch.empty(0, dtype=torch.uint8, device=device).set_(
                 storage, base + layout.codes, (num_blocks, num_kv_heads, block_size, width),
                 (page, block_size * width, width, 1)).permute(0, 2, 1, 3)
+        keys = None
+        if copy_keys:
+            item = kv_cache.element_size()
+            if (base + layout.keys) % item or page % item:
+                return None
+            keys = torch.empty(0, dtype=kv_cache.dtype, device=device).set_(
+                storage, (base + layout.keys) // item, (num_blocks, num_kv_heads, block_size, head_dim),
+                (page // item, block_size * head_dim, head_dim, 1)).permute(0, 2, 1, 3)
         try:
-            return cls(boxes, codes, cfg, block_size)
+            return cls(boxes, codes, cfg, block_size, keys)
         except ValueError:
             return None
 
@@ -306,7 +331,8 @@ class PagedSummaries:
 
     def apply(self, write: SummaryWrite, block_table: torch.Tensor, flat_cache: torch.Tensor,
               layout: PagedKVLayout) -> None:
-        """Box and codes of every cell `write` fills, read from the cache, then the union boxes it completes.
+        """Box, codes (and key copy) of every cell `write` fills, read from the cache, then the union boxes it
+        completes.
 
         Only complete cells have summaries: the partial last cell of a sequence is always read
         exactly, so a box is written once, when its cell fills, whatever the block held before.
@@ -316,21 +342,34 @@ class PagedSummaries:
         for level, (nodes, rows) in enumerate(write.levels, start=1):
             self._union_children(level, nodes, block_table.long()[rows])
 
+    def _cell_keys(self, blocks: torch.Tensor, first_offsets: torch.Tensor, flat_cache: torch.Tensor,
+                   layout: PagedKVLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cells starting at in-block offsets first_offsets of blocks [c]: their in-block tokens [c, T]
+        and keys as the cache holds them [c, H, T, D]."""
+        tokens = first_offsets.unsqueeze(1) + torch.arange(self.cfg.cell_size, device=blocks.device)
+        heads = torch.arange(self.boxes.shape[3], device=blocks.device).view(1, -1, 1)
+        keys, _ = layout.gather(flat_cache, blocks.view(-1, 1, 1), tokens.unsqueeze(1), heads, values=False)
+        return tokens, keys
+
     def _summarise_cells(self, blocks: torch.Tensor, first_offsets: torch.Tensor, flat_cache: torch.Tensor,
                          layout: PagedKVLayout) -> None:
-        size, bits = self.cfg.cell_size, self.cfg.code_bits
-        num_kv_heads = self.boxes.shape[3]
-        tokens = (first_offsets.unsqueeze(1) + torch.arange(size, device=blocks.device)).unsqueeze(1)   # [c, 1, T]
-        heads = torch.arange(num_kv_heads, device=blocks.device).view(1, -1, 1)
-        keys, _ = layout.gather(flat_cache, blocks.view(-1, 1, 1), tokens, heads, values=False)       # [c, H, T, D]
-        keys = keys.float()
+        tokens, raw = self._cell_keys(blocks, first_offsets, flat_cache, layout)
+        keys = raw.float()                                                                             # [c, H, T, D]
         lo, hi = round_outward(keys.amin(2), keys.amax(2), self.boxes.dtype)                           # [c, H, D]
-        slots = first_offsets // size
+        slots = first_offsets // self.cfg.cell_size
         self.boxes[blocks, slots, 0] = lo
         self.boxes[blocks, slots, 1] = hi
         if self.codes is not None:
-            codes = quantize_keys(keys.transpose(1, 2), lo, hi, bits)                                  # [c, T, H, D]
-            self.codes[blocks.view(-1, 1), tokens.squeeze(1)] = pack_codes(codes, bits)
+            codes = quantize_keys(keys.transpose(1, 2), lo, hi, self.cfg.code_bits)                    # [c, T, H, D]
+            self.codes[blocks.view(-1, 1), tokens] = pack_codes(codes, self.cfg.code_bits)
+        if self.keys is not None:
+            self.keys[blocks.view(-1, 1), tokens] = raw.transpose(1, 2)
+
+    def copy_keys(self, write: SummaryWrite, flat_cache: torch.Tensor, layout: PagedKVLayout) -> None:
+        """The key copy of every cell `write` fills (for update paths that write boxes and codes themselves)."""
+        if self.keys is not None and write.filled_blocks is not None:
+            tokens, keys = self._cell_keys(write.filled_blocks, write.filled_offsets, flat_cache, layout)
+            self.keys[write.filled_blocks.view(-1, 1), tokens] = keys.transpose(1, 2)
 
     def _union_children(self, level: int, nodes: torch.Tensor, block_rows: torch.Tensor) -> None:
         fanout = self.cfg.fanout

@@ -351,10 +351,13 @@ class TreeQuery:
             return (ub > cfg.bias).any(-1) & valid
         if cfg.mode == "softmax":
             return ~greedy_skip(ub.double(), log_budget, valid, kept_gain(lb, cfg.eps), log_spent)[0] & valid
+        # the budget best: above the budget-th largest bound, then its ties in token order (a rule, so that
+        # every implementation keeps the same tokens where coarse codes tie)
         best = torch.where(valid, ub.amax(-1), torch.full_like(ub[..., 0], -math.inf))
-        keep = torch.zeros_like(valid)
-        keep.scatter_(1, best.topk(min(cfg.budget_tokens, best.shape[1]), dim=1).indices, True)
-        return keep & valid
+        budget = min(cfg.budget_tokens, best.shape[1])
+        kth = best.topk(budget, dim=1).values[:, -1:]
+        above, tie = best > kth, best == kth
+        return (above | (tie & (tie.cumsum(1) <= budget - above.sum(1, keepdim=True)))) & valid
 
     def run(self) -> Candidates:
         rows, cfg = self.rows, self.cfg

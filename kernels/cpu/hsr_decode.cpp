@@ -410,55 +410,23 @@ class Row {
   std::vector<float> dots_;       // [G, tokens] code dot of each token over the planes read so far
 
 #if defined(__AVX512F__)
-  // Dword j of rows[i] for i < 8 (low 256 bits) and of rows[i] high halves, as out[j]: an 8x8 dword transpose
-  // in each 256-bit half (unpacks within 128-bit lanes, then a lane interleave).
-  static void transpose8x8_halves(const __m512i rows[8], __m512i out[8]) {
-    __m512i t[8], u[8];
-    for (int i = 0; i < 4; ++i) {
-      t[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
-      t[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
-    }
-    for (int i = 0; i < 2; ++i)
-      for (int h = 0; h < 2; ++h) {
-        u[4 * i + 2 * h] = _mm512_unpacklo_epi64(t[4 * i + h], t[4 * i + h + 2]);
-        u[4 * i + 2 * h + 1] = _mm512_unpackhi_epi64(t[4 * i + h], t[4 * i + h + 2]);
-      }
-    // u[c] (c < 4) holds dwords c and c + 4 of rows 0-3 in its 128-bit lanes 0 and 1 (2 and 3: the high halves);
-    // u[c + 4] the same of rows 4-7
-    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-    for (int c = 0; c < 4; ++c) {
-      out[c] = _mm512_permutex2var_epi64(u[c], first, u[c + 4]);
-      out[c + 4] = _mm512_permutex2var_epi64(u[c], second, u[c + 4]);
-    }
-  }
-
-  // code_bounds for 16-token cells and HEADS query heads from g: one lane per token, so no horizontal sums.
-  // 32 code bytes of all 16 tokens are loaded as rows and transposed in registers (gathers are slow), so
-  // each word brings 4 code bytes of the 16 tokens, whose nibbles are converted once for the heads.
+  // code_bounds for 16-token cells and HEADS query heads from g: one lane per token, so no horizontal sums;
+  // each gather brings 4 code bytes of all 16 tokens, whose nibbles are converted once for the heads.
   template <int HEADS>
   void cell_dots_avx512(const uint8_t* codes, i64 width, i64 g, Bounds& tb, i64 first, i64 read) {
+    const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(int32_t(a_.code_token_stride)));
     const __m512i nibble = _mm512_set1_epi32(15);
     __m512 acc[HEADS];
     for (int h = 0; h < HEADS; ++h) acc[h] = _mm512_setzero_ps();
-    const i64 stride = a_.code_token_stride;
-    for (i64 k0 = 0; k0 < width; k0 += 32) {
-      const int words = int(std::min<i64>(8, (width - k0) / 4));
-      const __mmask8 mask = __mmask8((1u << words) - 1);
-      __m512i rows[8], columns[8];
-      for (int i = 0; i < 8; ++i)
-        rows[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi32(mask, codes + i * stride + k0)),
-                                     _mm256_maskz_loadu_epi32(mask, codes + (i + 8) * stride + k0), 1);
-      transpose8x8_halves(rows, columns);
-      for (int w = 0; w < words; ++w) {
-        const __m512i word = columns[w];
-        const i64 k = k0 + 4 * w;
-        for (int j = 0; j < 4; ++j) {
-          const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j), nibble));
-          const __m512 high = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j + 4), nibble));
-          for (int h = 0; h < HEADS; ++h) {
-            acc[h] = _mm512_fmadd_ps(low, _mm512_set1_ps(low_weights_[(g + h) * width + k + j]), acc[h]);
-            acc[h] = _mm512_fmadd_ps(high, _mm512_set1_ps(high_weights_[(g + h) * width + k + j]), acc[h]);
-          }
+    for (i64 k = 0; k < width; k += 4) {
+      const __m512i word = _mm512_i32gather_epi32(index, codes + k, 1);
+      for (int j = 0; j < 4; ++j) {
+        const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j), nibble));
+        const __m512 high = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j + 4), nibble));
+        for (int h = 0; h < HEADS; ++h) {
+          acc[h] = _mm512_fmadd_ps(low, _mm512_set1_ps(low_weights_[(g + h) * width + k + j]), acc[h]);
+          acc[h] = _mm512_fmadd_ps(high, _mm512_set1_ps(high_weights_[(g + h) * width + k + j]), acc[h]);
         }
       }
     }

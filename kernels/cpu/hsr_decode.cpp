@@ -301,95 +301,168 @@ class Row {
 
   // Bounds of the tokens of a complete cell from its first `planes` code planes (core.summaries.code_bounds),
   // written to entries [first, first + cell_size) of tb. dots_ [G, tb.n] holds each token's code dot over
-  // the first `read` planes and gets the planes read here added, so a refinement reads only its new planes.
+  // the first `read` planes and gets the plane read here added (planes == read + 1), so a refinement reads only
+  // its new plane.
   void code_bounds(i64 cell, i64 planes, i64 read, Bounds& tb, i64 first) {
-    i64 block, slot;
-    locate(0, cell, block, slot);
-    const float *lo, *hi;
-    box(block, slot, lo, hi);
-    const i64 bits = a_.code_bits, plane_bits = a_.plane_bits, total_planes = bits / plane_bits;
-    const i64 unknown = (i64(1) << (bits - planes * plane_bits)) - 1;
-    const float levels = float((i64(1) << bits) - 1);
-    const float half_steps = float(0.5 + unknown / 2.0 + a_.step_slack);
-    // One plane is read per call (planes == read + 1); it weighs 2^(plane_bits * (planes after it)) steps,
-    // as core.summaries._code_dot does. weights_ [G, stride]: q * step * place per channel, zero-padded to an
-    // even count, so a byte of 4-bit codes is channels 2j (low nibble) and 2j + 1 (high).
-    const float place = float(i64(1) << (plane_bits * (total_planes - 1 - read)));
-    const i64 stride = D_ + D_ % 2;
-    step_.resize(D_);
-    half_.resize(D_);
-    magnitude_.resize(D_);
-    weights_.resize(G_ * stride);
-    cell_part_.resize(G_);
-    width_.resize(G_);
-    margin_.resize(G_);
-    const float magnitude_slack = float(a_.magnitude_slack), abs_slack = float(a_.abs_slack);
-    for (i64 d = 0; d < D_; ++d) {
-      const float st = (hi[d] - lo[d]) / levels;
-      magnitude_[d] = std::max(std::fabs(lo[d]), std::fabs(hi[d]));
-      half_[d] = st * half_steps + magnitude_[d] * magnitude_slack + abs_slack;
-      step_[d] = std::isfinite(st) ? st : 0.0f;
-    }
-    for (i64 g = 0; g < G_; ++g) {
-      const float* q = &q_[g * D_];
-      const float* qa = &q_abs_[g * D_];
-      float* weights = &weights_[g * stride];
-      float base = 0, steps = 0, wide = 0, mag = 0;
-      for (i64 d = 0; d < D_; ++d) {
-        base += lo[d] * q[d];
-        steps += step_[d] * q[d];
-        wide += half_[d] * qa[d];
-        mag += (magnitude_[d] + half_[d]) * qa[d];
-        weights[d] = q[d] * step_[d] * place;
-      }
-      if (stride > D_) weights[D_] = 0.0f;
-      cell_part_[g] = base + float(unknown / 2.0) * steps;
-      width_[g] = wide;
-      margin_[g] = margin(mag);
-    }
-    const uint8_t* codes = cell_codes(block, slot, read);
-    const bool nibbles = plane_bits == 4;
+    const uint8_t* codes = read_cell_box(cell) + read * a_.plane_bytes;
+    PlaneTerms& terms = plane_terms_[0];
+    plane_terms(planes, read, terms);
 #if defined(__AVX512F__)
-    if (nibbles && a_.cell_size == 16 && a_.plane_bytes % 4 == 0) {
+    if (vector_dots()) {
       for (i64 g = 0; g < G_; g += 2) {
-        if (g + 1 < G_) cell_dots_avx512<2>(codes, stride, g, tb, first, read);
-        else cell_dots_avx512<1>(codes, stride, g, tb, first, read);
+        if (g + 1 < G_) cell_dots_avx512<2>(codes, terms, g, tb, first, read);
+        else cell_dots_avx512<1>(codes, terms, g, tb, first, read);
       }
       return;
     }
 #endif
     const float s = float(a_.scale);
+    const i64 stride = weight_stride(), plane_bits = a_.plane_bits;
     value_.resize(stride);
     const i64 per_byte = 8 / plane_bits, mask = (i64(1) << plane_bits) - 1;
     for (i64 t = 0; t < a_.cell_size; ++t) {
       const uint8_t* packed = codes + t * a_.code_token_stride;
       for (i64 d = 0; d < stride; ++d) value_[d] = float((packed[d / per_byte] >> ((d % per_byte) * plane_bits)) & mask);
       for (i64 g = 0; g < G_; ++g) {
-        const float* weights = &weights_[g * stride];
+        const float* weights = &terms.weights[g * stride];
         float dot = 0;
         for (i64 d = 0; d < stride; ++d) dot += weights[d] * value_[d];
         const i64 at = g * tb.n + first + t;
         dot += read ? dots_[at] : 0.0f;
         dots_[at] = dot;
-        const float center = cell_part_[g] + dot;
-        tb.ub[at] = finite_or(s * (center + width_[g]) + margin_[g], INF_F);
-        tb.lb[at] = finite_or(s * (center - width_[g]) - margin_[g], -INF_F);
+        const float center = terms.cell_part[g] + dot;
+        tb.ub[at] = finite_or(s * (center + terms.width[g]) + terms.margin[g], INF_F);
+        tb.lb[at] = finite_or(s * (center - terms.width[g]) - terms.margin[g], -INF_F);
       }
     }
   }
-  // code_bounds' per-cell scratch
-  std::vector<float> step_, half_, magnitude_, weights_, cell_part_, width_, margin_, value_;
+
+  // code_bounds(cell, 1, 0, tb, first), and into fine_ the bounds code_bounds(cell, 2, 1) would then give
+  void code_bounds_both(i64 cell, Bounds& tb, i64 first) {
+#if defined(__AVX512F__)
+    const uint8_t* codes = read_cell_box(cell);
+    plane_terms(1, 0, plane_terms_[0]);
+    plane_terms(2, 1, plane_terms_[1]);
+    for (i64 g = 0; g < G_; g += 2) {
+      if (g + 1 < G_) cell_dots_both<2>(codes, g, tb, fine_, first);
+      else cell_dots_both<1>(codes, g, tb, fine_, first);
+    }
+#endif
+  }
+  bool both_planes_ = false;
+  Bounds fine_;
+
+  // One code plane's per-cell terms: weights [G, weight_stride()] and, per head, the cell part, width and
+  // margin of the bounds
+  struct PlaneTerms {
+    std::vector<float> weights, cell_part, width, margin;
+  };
+  PlaneTerms plane_terms_[2];
+  // code_bounds' per-cell scratch: the box read (lo_, hi_ hold a converted one), steps, magnitudes
+  const float *cell_lo_ = nullptr, *cell_hi_ = nullptr;
+  std::vector<float> step_, half_, magnitude_, value_;
   std::vector<float> dots_;       // [G, tokens] code dot of each token over the planes read so far
+
+  i64 weight_stride() const { return D_ + D_ % 2; }   // even: a byte of 4-bit codes is channels 2j and 2j + 1
+  bool vector_dots() const {
+#if defined(__AVX512F__)
+    return a_.plane_bits == 4 && a_.cell_size == 16 && a_.plane_bytes % 4 == 0;
+#else
+    return false;
+#endif
+  }
+
+  // The cell's box (cell_lo_, cell_hi_), steps and magnitudes; returns its codes from plane 0
+  const uint8_t* read_cell_box(i64 cell) {
+    i64 block, slot;
+    locate(0, cell, block, slot);
+    box(block, slot, cell_lo_, cell_hi_);
+    const float levels = float((i64(1) << a_.code_bits) - 1);
+    step_.resize(D_);
+    magnitude_.resize(D_);
+    for (i64 d = 0; d < D_; ++d) {
+      const float st = (cell_hi_[d] - cell_lo_[d]) / levels;
+      magnitude_[d] = std::max(std::fabs(cell_lo_[d]), std::fabs(cell_hi_[d]));
+      step_[d] = st;              // kept unsanitised for the half widths; see plane_terms
+    }
+    return cell_codes(block, slot, 0);
+  }
+
+  // The terms of the bounds from the first `planes` planes when plane `read` is the one read (read_cell_box
+  // first). Plane p weighs 2^(plane_bits * (planes after it)) steps, as core.summaries._code_dot does.
+  void plane_terms(i64 planes, i64 read, PlaneTerms& terms) {
+    const i64 bits = a_.code_bits, plane_bits = a_.plane_bits, total_planes = bits / plane_bits;
+    const i64 unknown = (i64(1) << (bits - planes * plane_bits)) - 1;
+    const float half_steps = float(0.5 + unknown / 2.0 + a_.step_slack);
+    const float place = float(i64(1) << (plane_bits * (total_planes - 1 - read)));
+    const float magnitude_slack = float(a_.magnitude_slack), abs_slack = float(a_.abs_slack);
+    const i64 stride = weight_stride();
+    const float *lo = cell_lo_;
+    half_.resize(D_);
+    terms.weights.resize(G_ * stride);
+    terms.cell_part.resize(G_);
+    terms.width.resize(G_);
+    terms.margin.resize(G_);
+    for (i64 d = 0; d < D_; ++d) half_[d] = step_[d] * half_steps + magnitude_[d] * magnitude_slack + abs_slack;
+    for (i64 g = 0; g < G_; ++g) {
+      const float* q = &q_[g * D_];
+      const float* qa = &q_abs_[g * D_];
+      float* weights = &terms.weights[g * stride];
+      float base = 0, steps = 0, wide = 0, mag = 0;
+      for (i64 d = 0; d < D_; ++d) {
+        const float step = std::isfinite(step_[d]) ? step_[d] : 0.0f;
+        base += lo[d] * q[d];
+        steps += step * q[d];
+        wide += half_[d] * qa[d];
+        mag += (magnitude_[d] + half_[d]) * qa[d];
+        weights[d] = q[d] * step * place;
+      }
+      if (stride > D_) weights[D_] = 0.0f;
+      terms.cell_part[g] = base + float(unknown / 2.0) * steps;
+      terms.width[g] = wide;
+      terms.margin[g] = margin(mag);
+    }
+  }
 
 #if defined(__AVX512F__)
   // code_bounds for 16-token cells and HEADS query heads from g: one lane per token, so no horizontal sums;
   // each gather brings 4 code bytes of all 16 tokens, whose nibbles are converted once for the heads.
   template <int HEADS>
-  void cell_dots_avx512(const uint8_t* codes, i64 stride, i64 g, Bounds& tb, i64 first, i64 read) {
+  void cell_dots_avx512(const uint8_t* codes, const PlaneTerms& terms, i64 g, Bounds& tb, i64 first, i64 read) {
+    __m512 acc[HEADS];
+    plane_dots<HEADS>(codes, terms, g, acc);
+    for (int h = 0; h < HEADS; ++h) {
+      const i64 at = (g + h) * tb.n + first;
+      __m512 dot = acc[h];
+      if (read) dot = _mm512_add_ps(dot, _mm512_loadu_ps(&dots_[at]));
+      _mm512_storeu_ps(&dots_[at], dot);
+      store_bounds(dot, terms, g + h, tb, at);
+    }
+  }
+
+  // Both planes of 8-bit codes at once (code_bounds(cell, 1, 0) into tb, and what code_bounds(cell, 2, 1)
+  // would then give into fine): the box is read and the cell set up once, and the second plane's gathers hit
+  // the cache lines the first one's brought (a token's planes share one).
+  template <int HEADS>
+  void cell_dots_both(const uint8_t* codes, i64 g, Bounds& tb, Bounds& fine, i64 first) {
+    __m512 coarse[HEADS], extra[HEADS];
+    plane_dots<HEADS>(codes, plane_terms_[0], g, coarse);
+    plane_dots<HEADS>(codes + a_.plane_bytes, plane_terms_[1], g, extra);
+    for (int h = 0; h < HEADS; ++h) {
+      const i64 at = (g + h) * tb.n + first;
+      _mm512_storeu_ps(&dots_[at], coarse[h]);
+      store_bounds(coarse[h], plane_terms_[0], g + h, tb, at);
+      store_bounds(_mm512_add_ps(extra[h], coarse[h]), plane_terms_[1], g + h, fine, at);
+    }
+  }
+
+  // acc[h] = the 16 tokens' code dots of one plane (codes: its first byte of token 0) for head g + h
+  template <int HEADS>
+  void plane_dots(const uint8_t* codes, const PlaneTerms& terms, i64 g, __m512* acc) const {
     const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(int32_t(a_.code_token_stride)));
     const __m512i nibble = _mm512_set1_epi32(15);
-    __m512 acc[HEADS];
+    const i64 stride = weight_stride();
     for (int h = 0; h < HEADS; ++h) acc[h] = _mm512_setzero_ps();
     for (i64 k = 0; k < a_.plane_bytes; k += 4) {
       const __m512i word = _mm512_i32gather_epi32(index, codes + k, 1);
@@ -397,26 +470,24 @@ class Row {
         const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j), nibble));
         const __m512 high = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j + 4), nibble));
         for (int h = 0; h < HEADS; ++h) {
-          const float* weights = &weights_[(g + h) * stride + 2 * (k + j)];
+          const float* weights = &terms.weights[(g + h) * stride + 2 * (k + j)];
           acc[h] = _mm512_fmadd_ps(low, _mm512_set1_ps(weights[0]), acc[h]);
           acc[h] = _mm512_fmadd_ps(high, _mm512_set1_ps(weights[1]), acc[h]);
         }
       }
     }
+  }
+
+  // ub, lb of 16 tokens at entries [at, at + 16) of b from their code dots
+  void store_bounds(__m512 dot, const PlaneTerms& terms, i64 g, Bounds& b, i64 at) const {
     const __m512 s = _mm512_set1_ps(float(a_.scale)), inf = _mm512_set1_ps(INF_F);
-    for (int h = 0; h < HEADS; ++h) {
-      const i64 at = (g + h) * tb.n + first;
-      __m512 dot = acc[h];
-      if (read) dot = _mm512_add_ps(dot, _mm512_loadu_ps(&dots_[at]));
-      _mm512_storeu_ps(&dots_[at], dot);
-      const __m512 center = _mm512_add_ps(_mm512_set1_ps(cell_part_[g + h]), dot);
-      const __m512 width_g = _mm512_set1_ps(width_[g + h]), margin_g = _mm512_set1_ps(margin_[g + h]);
-      const __m512 up = _mm512_fmadd_ps(s, _mm512_add_ps(center, width_g), margin_g);
-      const __m512 down = _mm512_fmsub_ps(s, _mm512_sub_ps(center, width_g), margin_g);
-      _mm512_storeu_ps(&tb.ub[at], _mm512_mask_blend_ps(_mm512_cmp_ps_mask(up, up, _CMP_UNORD_Q), up, inf));
-      _mm512_storeu_ps(&tb.lb[at], _mm512_mask_blend_ps(_mm512_cmp_ps_mask(down, down, _CMP_UNORD_Q), down,
-                                                        _mm512_sub_ps(_mm512_setzero_ps(), inf)));
-    }
+    const __m512 center = _mm512_add_ps(_mm512_set1_ps(terms.cell_part[g]), dot);
+    const __m512 width = _mm512_set1_ps(terms.width[g]), margin_g = _mm512_set1_ps(terms.margin[g]);
+    const __m512 up = _mm512_fmadd_ps(s, _mm512_add_ps(center, width), margin_g);
+    const __m512 down = _mm512_fmsub_ps(s, _mm512_sub_ps(center, width), margin_g);
+    _mm512_storeu_ps(&b.ub[at], _mm512_mask_blend_ps(_mm512_cmp_ps_mask(up, up, _CMP_UNORD_Q), up, inf));
+    _mm512_storeu_ps(&b.lb[at], _mm512_mask_blend_ps(_mm512_cmp_ps_mask(down, down, _CMP_UNORD_Q), down,
+                                                     _mm512_sub_ps(_mm512_setzero_ps(), inf)));
   }
 #endif
 
@@ -662,9 +733,15 @@ class Row {
     Bounds tb;
     tb.resize(T, G_);
     dots_.resize(T * G_);
+    const bool refined = a_.code_bits && a_.code_bits / a_.plane_bits > 1;
+    // 8-bit codes on the vector path: the second plane's bounds come with the first (cell_dots_both), for the
+    // refinement to pick from
+    both_planes_ = refined && a_.code_bits / a_.plane_bits == 2 && vector_dots();
+    if (both_planes_) fine_.resize(T, G_);
     for (i64 c = 0; c < C; ++c) {
-      if (a_.code_bits && c + PREFETCH_CELLS < C) prefetch_cell(cells[c + PREFETCH_CELLS], 0, 1);
-      if (a_.code_bits) code_bounds(cells[c], 1, 0, tb, c * cs);
+      if (a_.code_bits && c + PREFETCH_CELLS < C) prefetch_cell(cells[c + PREFETCH_CELLS], 0, both_planes_ ? 2 : 1);
+      if (both_planes_) code_bounds_both(cells[c], tb, c * cs);
+      else if (a_.code_bits) code_bounds(cells[c], 1, 0, tb, c * cs);
       for (i64 g = 0; g < G_; ++g) {
         float* ub = &tb.ub[g * T + c * cs];
         float* lb = &tb.lb[g * T + c * cs];
@@ -683,7 +760,6 @@ class Row {
     }
 
     std::vector<double> log_spent;
-    const bool refined = a_.code_bits && a_.code_bits / a_.plane_bits > 1;
     if (refined && !refine(cells, valid, tb, token_budget, log_spent)) return false;
     std::vector<uint8_t> keep = keep_tokens(tb, valid, token_budget, refined ? &log_spent : nullptr);
     std::vector<uint8_t> dropped(T);
@@ -800,13 +876,14 @@ class Row {
         picked.push_back(c);
     if (over_width(picked.size())) return false;
     counters_[REFINED_CELLS] += i64(picked.size());
-    Bounds fine;                                    // the picked cells' bounds from every plane
-    fine.resize(T, G_);
+    Bounds& fine = fine_;                           // the picked cells' bounds from every plane
+    if (!both_planes_) fine.resize(T, G_);
     const i64 planes = a_.code_bits / a_.plane_bits;
     for (size_t i = 0; i < picked.size(); ++i) {
       const i64 c = picked[i];
-      if (i + PREFETCH_CELLS < picked.size()) prefetch_cell(cells[picked[i + PREFETCH_CELLS]], 1, planes);
-      code_bounds(cells[c], planes, 1, fine, c * cs);
+      if (!both_planes_ && i + PREFETCH_CELLS < picked.size())
+        prefetch_cell(cells[picked[i + PREFETCH_CELLS]], 1, planes);
+      if (!both_planes_) code_bounds(cells[c], planes, 1, fine, c * cs);
       for (i64 g = 0; g < G_; ++g)
         for (i64 i = g * T + c * cs; i < g * T + (c + 1) * cs; ++i) {
           tb.ub[i] = std::min(tb.ub[i], fine.ub[i]);

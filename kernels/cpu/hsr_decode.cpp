@@ -241,17 +241,22 @@ class Row {
   // in scattered blocks, where the hardware prefetcher cannot follow.
   void prefetch_cell(i64 cell, i64 first, i64 planes) const {
     i64 block, slot;
-    locate(0, cell, block, slot);
+    prefetch_box(0, cell, block, slot);
+    const uint8_t* codes = cell_codes(block, slot, first);
+    for (i64 t = 0; t < a_.cell_size; ++t)
+      for (i64 b = 0; b < (planes - first) * a_.plane_bytes; b += 64) __builtin_prefetch(codes + t * a_.code_token_stride + b);
+  }
+  // Ask for the box of node `node` of `level` (found at block, slot)
+  void prefetch_box(i64 level, i64 node, i64& block, i64& slot) const {
+    locate(level, node, block, slot);
     const i64 item = a_.box_dtype == F32 ? 4 : 2;
     const char* box = static_cast<const char*>(a_.boxes) + box_at(block, slot) * item;
     for (i64 b = 0; b < D_ * item; b += 64) {
       __builtin_prefetch(box + b);
       __builtin_prefetch(box + a_.box_side_stride * item + b);
     }
-    const uint8_t* codes = cell_codes(block, slot, first);
-    for (i64 t = 0; t < a_.cell_size; ++t)
-      for (i64 b = 0; b < (planes - first) * a_.plane_bytes; b += 64) __builtin_prefetch(codes + t * a_.code_token_stride + b);
   }
+
 
   // lo, hi of a stored box as fp32: in place for fp32 boxes, converted into scratch otherwise
   void box(i64 block, i64 slot, const float*& lo, const float*& hi) {
@@ -796,7 +801,10 @@ class Row {
       }
       const i64 P = i64(nodes.size());
       b.resize(P, G_);
-      for (i64 i = 0; i < P; ++i) box_bounds(level, nodes[i], b, i);
+      for (i64 i = 0, block, slot; i < P; ++i) {
+        if (i + PREFETCH_CELLS < P) prefetch_box(level, nodes[i + PREFETCH_CELLS], block, slot);
+        box_bounds(level, nodes[i], b, i);
+      }
       counters_[SUMMARY_NODES_READ] += P;
       std::vector<uint8_t> keep(P, 1);
       if (a_.mode == RELU) {

@@ -73,6 +73,8 @@ def run_point(model: str, backend: str, input_len: int, args, log: Path) -> dict
         "decode_tokens_per_s": full["num_requests"] * (args.output_len - 1) / decode_s if decode_s > 0 else None,
         "tpot_ms": None, "hsr_mode": json.loads(args.hsr).get("mode", "softmax") if backend == "HSR" else None,
         "hsr_settings": json.loads(args.hsr) if backend == "HSR" else None, "device": machine(),
+        # vllm-hsr's engine commands default it to 1 for every backend (transparent huge pages for the KV cache)
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
     }
     if args.latency:
         def latency(output_len: int) -> float:

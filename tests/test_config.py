@@ -16,7 +16,7 @@ BAD_SETTINGS = [
     ("code_bits", 3), ("code_bits", 16),
     ("sink_tokens", -1), ("window_tokens", 1.5), ("seed_cells", -2),
     ("scale", 0.0), ("scale", -1.0), ("scale", float("nan")),
-    ("summary_dtype", "int8"),
+    ("summary_dtype", "int8"), ("key_copy", True), ("key_copy", "yes"),
     ("tree_budget_share", 1.0), ("tree_budget_share", -0.5),
 ]
 
@@ -67,6 +67,13 @@ def test_vllm_settings_with_environment_overrides():
                                       "VLLM_HSR_SCALE": "null"})
     assert (cfg.mode, cfg.budget_tokens, cfg.summary_dtype, cfg.scale) == ("topk", 512, "bfloat16", None)
     assert HSRConfig.from_vllm(None, {}) == HSRConfig()
+    assert HSRConfig.from_vllm(None, {"VLLM_HSR_KEY_COPY": "off"}).key_copy == "off"
+
+
+@pytest.mark.parametrize("key_copy,scattered,copies", (("auto", True, True), ("auto", False, False),
+                                                       ("on", False, True), ("off", True, False)))
+def test_key_copy_follows_the_partner_unless_forced(key_copy, scattered, copies):
+    assert HSRConfig(key_copy=key_copy).copies_keys(partner_scatters_keys=scattered) is copies
     with pytest.raises(ValueError, match=r"HSRConfig\.eps="):
         HSRConfig.from_vllm({}, {"VLLM_HSR_EPS": "2"})
     with pytest.raises(ValueError, match="unknown HSR setting"):

@@ -1,31 +1,19 @@
 """HSR paged decode on the CPU (kernels/cpu/hsr_decode.cpp) and its thin launcher.
 
-Twin: vllm_hsr.core.query.TreeQuery + vllm_hsr.core.decode.decode_candidates. The C++ file is
-compiled on first use with the machine's C++ compiler (`CXX`, default g++, plus any
-`VLLM_HSR_CXXFLAGS`; a few seconds, no torch headers) into a per-user cache
-(`VLLM_HSR_BUILD_DIR`, default ~/.cache/vllm_hsr) keyed by the source, the flags and the CPU,
-and loaded with ctypes; one OpenMP task per (sequence, KV head) row. On x86 with AVX-512 the
+Twin: vllm_hsr.core.query.TreeQuery + vllm_hsr.core.decode.decode_candidates. Built with the other CPU
+kernels by kernels/cpu_build.py; one OpenMP task per (sequence, KV head) row. On x86 with AVX-512 the
 code-bound dots take a vectorized path; every other build takes the portable one.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "cpu" / "hsr_decode.cpp"
-# -fassociative-math (with the two flags it needs) lets dot products vectorize; it only reorders sums,
-# which the bounds' rounding margins already cover. No -ffast-math: the bounds rely on inf and NaN.
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
+from . import cpu_build
+from .cpu_build import NativeBuildError
+
 COUNTERS = ("keys_read", "cells_read", "summary_nodes_read", "code_cells_read", "refined_cells", "seed_keys_read",
             "overflow_rows")
 MODES = {"relu": 0, "softmax": 1, "topk": 2}
@@ -53,56 +41,11 @@ class HsrArgs(ctypes.Structure):
     ) for name in names.split()]
 
 
-class NativeBuildError(RuntimeError):
-    """The C++ kernel could not be compiled or loaded."""
-
-
-def _cpu_signature() -> bytes:
-    """What -march=native depends on: the machine and its CPU flags."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return (platform.machine() + flags).encode()
-
-
-def _build_dir() -> Path:
-    configured = os.environ.get("VLLM_HSR_BUILD_DIR")
-    if configured:
-        return Path(configured)
-    home = Path.home() / ".cache" / "vllm_hsr"
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        return home
-    except OSError:
-        return Path(tempfile.gettempdir()) / "vllm_hsr"
-
-
-@functools.cache
 def library() -> ctypes.CDLL:
-    """The compiled kernel (built once per source, flags and CPU). Raises NativeBuildError."""
-    compiler = os.environ.get("CXX", "g++")
-    flags = (*FLAGS, *os.environ.get("VLLM_HSR_CXXFLAGS", "").split())
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *flags)).encode() + _cpu_signature())
-    directory = _build_dir()
-    path = directory / f"hsr_decode-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True,
-                                    text=True)
-        except OSError as error:
-            raise NativeBuildError(f"cannot run the C++ compiler {compiler!r} (set CXX): {error}") from error
-        if result.returncode:
-            raise NativeBuildError(f"{compiler} failed to build {SOURCE.name}:\n{result.stderr[-4000:]}")
-        os.replace(partial, path)    # atomic: a concurrent process loads a whole library or builds its own
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as error:
-        raise NativeBuildError(f"cannot load {path}: {error}") from error
+    """The CPU kernels' library with hsr_decode's signature checked (built once). Raises NativeBuildError."""
+    lib = cpu_build.library()
     if lib.hsr_args_size() != ctypes.sizeof(HsrArgs) or lib.hsr_num_counters() != len(COUNTERS):
-        raise NativeBuildError(f"{path} does not match this launcher's HsrArgs")
+        raise NativeBuildError("the CPU kernels' library does not match this launcher's HsrArgs")
     lib.hsr_decode.argtypes = [ctypes.POINTER(HsrArgs)]
     lib.hsr_decode.restype = None
     return lib

@@ -9,7 +9,7 @@ import torch
 from paged_cache import PagedBatch
 from reference import dense64
 from vllm_hsr import HSRConfig
-from vllm_hsr.kernels import cpu_decode
+from vllm_hsr.kernels import cpu_build, cpu_decode
 from vllm_hsr.ops import hsr_decode, kernel_path, _native_builds
 
 SEQ_LENS = (1, 37, 1025, 2011)
@@ -192,12 +192,12 @@ def test_portable_build_equals_vectorized(monkeypatch, tmp_path):
     default = _decode(batch, q, cfg, "native", monkeypatch)
     monkeypatch.setenv("VLLM_HSR_CXXFLAGS", "-mno-avx512f" if platform.machine() == "x86_64" else "")
     monkeypatch.setenv("VLLM_HSR_BUILD_DIR", str(tmp_path))
-    cpu_decode.library.cache_clear()
+    cpu_build.library.cache_clear()
     try:
         portable = _decode(batch, q, cfg, "native", monkeypatch)
     finally:
-        cpu_decode.library.cache_clear()
-    assert list(tmp_path.glob("hsr_decode-*.so"))               # it really was a second build
+        cpu_build.library.cache_clear()
+    assert list(tmp_path.glob("hsr_cpu-*.so"))               # it really was a second build
     for got, want in zip(portable[2].tokens_read, default[2].tokens_read):
         assert len(set(got.tolist()) ^ set(want.tolist())) <= 2
     torch.testing.assert_close(portable[0], default[0], atol=1e-3, rtol=1e-3)
@@ -207,7 +207,7 @@ def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     """No compiler: auto decodes with the torch twin and says why once; asking for native is an error."""
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("VLLM_HSR_BUILD_DIR", str(tmp_path))
-    cpu_decode.library.cache_clear()
+    cpu_build.library.cache_clear()
     _native_builds.cache_clear()
     try:
         with pytest.raises(cpu_decode.NativeBuildError, match="no-such-compiler"):
@@ -220,7 +220,7 @@ def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog):
         with pytest.raises(cpu_decode.NativeBuildError):
             kernel_path(torch.device("cpu"))
     finally:
-        cpu_decode.library.cache_clear()
+        cpu_build.library.cache_clear()
         _native_builds.cache_clear()
 
 

@@ -14,7 +14,8 @@ def test_wheel_installs_kernels_and_entry_points(tmp_path):
     wheel = next(tmp_path.glob("vllm_hsr-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "vllm_hsr/kernels/__init__.py" in names
-    assert "vllm_hsr/kernels/cpu/hsr_decode.cpp" in names       # the CPU kernel is compiled where it runs
+    for source in ("hsr_decode.cpp", "summary_update.cpp", "common.h"):   # CPU kernels compile where they run
+        assert f"vllm_hsr/kernels/cpu/{source}" in names
     assert not any(n.startswith("kernels/") for n in names)
     entry_points = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("entry_points.txt"))).decode()
@@ -23,8 +24,9 @@ def test_wheel_installs_kernels_and_entry_points(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                     str(wheel)], check=True)
-    probe = ("import vllm_hsr, vllm_hsr.kernels, vllm_hsr.core; from vllm_hsr.kernels import cpu_decode; "
-             "assert cpu_decode.SOURCE.is_file(); print(vllm_hsr.kernels.__file__)")
+    probe = ("import vllm_hsr, vllm_hsr.kernels, vllm_hsr.core; from vllm_hsr.kernels import cpu_build; "
+             "assert all(p.is_file() for p in (*cpu_build.SOURCES, *cpu_build.HEADERS)); "
+             "print(vllm_hsr.kernels.__file__)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True,
                          text=True, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}).stdout
     assert out.strip().startswith(str(target))

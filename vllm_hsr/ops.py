@@ -4,7 +4,8 @@ Two stages: the cell-tree query (vllm_hsr.core.query, with its bound evaluations
 kernels/tree_query.py or their torch twins) writes each (sequence, KV head)'s reported
 tokens and skipped mass; then attention over those candidate lists runs as the Triton
 split-K kernel (kernels/sparse_decode.py) or its torch twin (vllm_hsr.core.decode). On the CPU
-both stages run as one compiled kernel (kernels/cpu_decode.py), row by row. Which path:
+both stages run as one compiled kernel (kernels/cpu_decode.py), row by row, and cell summaries
+are written by another (kernels/cpu_summary.py). Which path:
 VLLM_HSR_KERNELS=auto (default: Triton on CUDA, the compiled kernel on CPU, the torch twin where
 it cannot be built), torch, native (CPU only), or triton (on CPU this needs TRITON_INTERPRET=1:
 tests only).
@@ -25,7 +26,7 @@ from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, fla
 from vllm_hsr.core.query import REFINE_SHARE, Candidates, RowBounds, TreeQuery, TreeRows, cell_tokens
 from vllm_hsr.core.selection import BUDGET_SLACK, HIST_BINS, HIST_RANGE
 from vllm_hsr.core.summaries import code_planes, code_slacks, margin_terms, plane_bytes
-from vllm_hsr.kernels import cpu_decode
+from vllm_hsr.kernels import cpu_decode, cpu_summary
 
 KERNEL_CHOICES = ("auto", "torch", "triton", "native")
 logger = logging.getLogger(__name__)
@@ -33,9 +34,10 @@ logger = logging.getLogger(__name__)
 
 @functools.cache
 def _native_builds() -> bool:
-    """Whether the compiled CPU kernel is usable here; says once why not."""
+    """Whether the compiled CPU kernels are usable here; says once why not."""
     try:
         cpu_decode.library()
+        cpu_summary.library()
         return True
     except cpu_decode.NativeBuildError as error:
         logger.warning("HSR: the compiled CPU kernel is unavailable, decoding with the torch twin: %s", error)
@@ -57,6 +59,7 @@ def kernel_path(device: torch.device) -> str:
         if device.type != "cpu":
             raise ValueError(f"VLLM_HSR_KERNELS=native decodes CPU tensors only, not {device.type}")
         cpu_decode.library()          # raises NativeBuildError with the compiler's message
+        cpu_summary.library()
     return choice
 
 
@@ -68,9 +71,21 @@ def update_summaries(summaries: PagedSummaries, write: SummaryWrite, block_table
                      flat_cache: torch.Tensor, layout: PagedKVLayout) -> None:
     """After a KV write: summarise the cells it filled (read back from the cache) and the union boxes
     it completed. write: the step's SummaryWrite (summaries.plan_write), whose token_rows index
-    block_table. The kernels keep boxes in the cache dtype; a different summary dtype uses the torch path.
+    block_table. The Triton kernels keep boxes in the cache dtype, the CPU kernel in fp32 or bf16; other
+    summary dtypes use the torch path. The union boxes above the cells always come from the torch path.
     """
-    if not (use_triton(flat_cache.device) and flat_cache.dtype == summaries.boxes.dtype):
+    path = kernel_path(flat_cache.device)
+    if path == "native" and summaries.boxes.dtype in cpu_summary.BOX_DTYPES:
+        cfg = summaries.cfg
+        if write.filled_blocks is not None:
+            cpu_summary.summarise_cells_cpu(
+                write.filled_blocks, write.filled_offsets, flat_cache, layout.block_stride, layout.head_stride,
+                layout.key_offsets, summaries.boxes, summaries.codes, summaries.keys, cell_size=cfg.cell_size,
+                code_bits=cfg.code_bits, plane_bits=code_planes(cfg.code_bits)[0] if cfg.code_bits else 0,
+                plane_bytes=plane_bytes(summaries.head_dim, cfg.code_bits) if cfg.code_bits else 0)
+        summaries.apply_unions(write, block_table)
+        return
+    if not (path == "triton" and flat_cache.dtype == summaries.boxes.dtype):
         summaries.apply(write, block_table, flat_cache, layout)
         return
     from vllm_hsr.kernels.summary_update import update_cells, update_union

@@ -7,9 +7,6 @@
 // Plain C ABI (loaded with ctypes): no torch headers, so it builds in seconds.
 
 #include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -17,15 +14,16 @@
 #include <immintrin.h>
 #endif
 
+#include "common.h"
+
 namespace {
 
-using i64 = int64_t;
+using namespace hsr;
 constexpr double NEG_INF = -std::numeric_limits<double>::infinity();
 constexpr float INF_F = std::numeric_limits<float>::infinity();
 constexpr float CERTIFICATE_FLOOR = 1.17549435e-38f;   // smallest normal fp32 (core.attention)
 
 enum Mode : i64 { RELU = 0, SOFTMAX = 1, TOPK = 2 };
-enum DType : i64 { F32 = 0, BF16 = 1, F16 = 2 };
 enum Counter : i64 {
   KEYS_READ, CELLS_READ, SUMMARY_NODES_READ, CODE_CELLS_READ, REFINED_CELLS, SEED_KEYS_READ,
   OVERFLOW_ROWS, NUM_COUNTERS
@@ -65,29 +63,6 @@ struct HsrArgs {
   float* skipped;                 // [batch, num_q_heads] or null
   i64 num_threads;
 };
-
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-  uint32_t bits;
-  if (exponent == 0x1f) {
-    bits = sign | 0x7f800000 | (mantissa << 13);
-  } else if (exponent) {
-    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else {                        // zero or subnormal: exact as a float
-    float value = std::ldexp(float(mantissa), -24);
-    return sign ? -value : value;
-  }
-  float value;
-  std::memcpy(&value, &bits, 4);
-  return value;
-}
-
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float value;
-  std::memcpy(&value, &bits, 4);
-  return value;
-}
 
 double logaddexp(double a, double b) {
   if (a == NEG_INF) return b;

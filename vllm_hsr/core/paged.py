@@ -339,6 +339,10 @@ class PagedSummaries:
         """
         if write.filled_blocks is not None:
             self._summarise_cells(write.filled_blocks, write.filled_offsets, flat_cache, layout)
+        self.apply_unions(write, block_table)
+
+    def apply_unions(self, write: SummaryWrite, block_table: torch.Tensor) -> None:
+        """The union boxes `write` completes, from their children (whose boxes are up to date)."""
         for level, (nodes, rows) in enumerate(write.levels, start=1):
             self._union_children(level, nodes, block_table.long()[rows])
 

@@ -16,9 +16,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 DIRECTORY = Path(__file__).parent / "cpu"
 SOURCES = (DIRECTORY / "hsr_decode.cpp", DIRECTORY / "summary_update.cpp")
 HEADERS = (DIRECTORY / "common.h",)
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # DType in common.h
 # -fassociative-math (with the two flags it needs) lets dot products vectorize; it only reorders sums,
 # which the bounds' rounding margins already cover. No -ffast-math: the bounds rely on inf and NaN.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp",

@@ -8,16 +8,16 @@ code-bound dots take a vectorized path; every other build takes the portable one
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
 from . import cpu_build
-from .cpu_build import NativeBuildError
+from .cpu_build import DTYPES, NativeBuildError
 
 COUNTERS = ("keys_read", "cells_read", "summary_nodes_read", "code_cells_read", "refined_cells", "seed_keys_read",
             "overflow_rows")
 MODES = {"relu": 0, "softmax": 1, "topk": 2}
-DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _I, _D, _P = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 
@@ -43,7 +43,11 @@ class HsrArgs(ctypes.Structure):
 
 def library() -> ctypes.CDLL:
     """The CPU kernels' library with hsr_decode's signature checked (built once). Raises NativeBuildError."""
-    lib = cpu_build.library()
+    return _checked(cpu_build.library())
+
+
+@functools.cache
+def _checked(lib: ctypes.CDLL) -> ctypes.CDLL:     # once per loaded library, not per call
     if lib.hsr_args_size() != ctypes.sizeof(HsrArgs) or lib.hsr_num_counters() != len(COUNTERS):
         raise NativeBuildError("the CPU kernels' library does not match this launcher's HsrArgs")
     lib.hsr_decode.argtypes = [ctypes.POINTER(HsrArgs)]

@@ -7,13 +7,13 @@ by kernels/cpu_build.py; one OpenMP task per (cell, KV head).
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
 from . import cpu_build
-from .cpu_build import NativeBuildError
+from .cpu_build import DTYPES, NativeBuildError
 
-DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # DType in kernels/cpu/common.h
 BOX_DTYPES = (torch.float32, torch.bfloat16)                        # what the kernel rounds boxes to
 
 _I, _P = ctypes.c_int64, ctypes.c_void_p
@@ -33,7 +33,11 @@ class SummaryArgs(ctypes.Structure):
 
 def library() -> ctypes.CDLL:
     """The CPU kernels' library with hsr_summarise_cells' signature checked. Raises NativeBuildError."""
-    lib = cpu_build.library()
+    return _checked(cpu_build.library())
+
+
+@functools.cache
+def _checked(lib: ctypes.CDLL) -> ctypes.CDLL:     # once per loaded library, not per call
     if lib.hsr_summary_args_size() != ctypes.sizeof(SummaryArgs):
         raise NativeBuildError("the CPU kernels' library does not match this launcher's SummaryArgs")
     lib.hsr_summarise_cells.argtypes = [ctypes.POINTER(SummaryArgs)]

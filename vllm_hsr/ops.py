@@ -67,6 +67,13 @@ def use_triton(device: torch.device) -> bool:
     return kernel_path(device) == "triton"
 
 
+def code_plane_shape(code_bits: int, head_dim: int) -> dict:
+    """plane_bits and plane_bytes of the kernels' code arguments (0 and 0 without codes)."""
+    if not code_bits:
+        return dict(plane_bits=0, plane_bytes=0)
+    return dict(plane_bits=code_planes(code_bits)[0], plane_bytes=plane_bytes(head_dim, code_bits))
+
+
 def update_summaries(summaries: PagedSummaries, write: SummaryWrite, block_table: torch.Tensor,
                      flat_cache: torch.Tensor, layout: PagedKVLayout) -> None:
     """After a KV write: summarise the cells it filled (read back from the cache) and the union boxes
@@ -81,8 +88,7 @@ def update_summaries(summaries: PagedSummaries, write: SummaryWrite, block_table
             cpu_summary.summarise_cells_cpu(
                 write.filled_blocks, write.filled_offsets, flat_cache, layout.block_stride, layout.head_stride,
                 layout.key_offsets, summaries.boxes, summaries.codes, summaries.keys, cell_size=cfg.cell_size,
-                code_bits=cfg.code_bits, plane_bits=code_planes(cfg.code_bits)[0] if cfg.code_bits else 0,
-                plane_bytes=plane_bytes(summaries.head_dim, cfg.code_bits) if cfg.code_bits else 0)
+                code_bits=cfg.code_bits, **code_plane_shape(cfg.code_bits, summaries.head_dim))
         summaries.apply_unions(write, block_table)
         return
     if not (path == "triton" and flat_cache.dtype == summaries.boxes.dtype):
@@ -92,7 +98,7 @@ def update_summaries(summaries: PagedSummaries, write: SummaryWrite, block_table
     cfg = summaries.cfg
     update_cells(write.slot_mapping, write.positions, summaries.boxes, summaries.codes, flat_cache,
                  layout.block_stride, layout.head_stride, layout.key_offsets, cfg.cell_size, cfg.code_bits,
-                 code_planes(cfg.code_bits)[0] if cfg.code_bits else 0)
+                 code_plane_shape(cfg.code_bits, summaries.head_dim)["plane_bits"])
     summaries.copy_keys(write, flat_cache, layout)
     for level, (nodes, rows) in enumerate(write.levels, start=1):
         update_union(summaries.boxes, nodes, rows, block_table, summaries.span(level - 1),
@@ -157,7 +163,7 @@ def native_settings(cfg: HSRConfig, head_dim: int) -> dict:
     bits = cfg.code_bits
     return dict(mode=cfg.mode, eps=cfg.eps, alpha=cfg.alpha, bias=cfg.bias, budget_tokens=cfg.budget_tokens,
                 cell_size=cfg.cell_size, fanout=cfg.fanout, tree_levels=cfg.tree_levels, code_bits=bits,
-                plane_bits=code_planes(bits)[0] if bits else 0, plane_bytes=plane_bytes(head_dim, bits) if bits else 0,
+                **code_plane_shape(bits, head_dim),
                 sink_tokens=cfg.sink_tokens, window_tokens=cfg.window_tokens, seed_cells=cfg.seed_cells,
                 capacity=cfg.max_candidates, tree_budget_share=cfg.tree_budget_share, refine_share=REFINE_SHARE,
                 margins=margin_terms(head_dim), code_slacks=code_slacks(),

@@ -34,6 +34,8 @@ inline float bf16_to_float(uint16_t h) {
   return value;
 }
 
+inline i64 dtype_size(i64 dtype) { return dtype == F32 ? 4 : 2; }
+
 // element `at` of a flat array of `dtype` as fp32
 inline float load_float(const void* base, i64 at, i64 dtype) {
   if (dtype == F32) return static_cast<const float*>(base)[at];

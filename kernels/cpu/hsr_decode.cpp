@@ -224,7 +224,7 @@ class Row {
   // Ask for the box of node `node` of `level` (found at block, slot)
   void prefetch_box(i64 level, i64 node, i64& block, i64& slot) const {
     locate(level, node, block, slot);
-    const i64 item = a_.box_dtype == F32 ? 4 : 2;
+    const i64 item = dtype_size(a_.box_dtype);
     const char* box = static_cast<const char*>(a_.boxes) + box_at(block, slot) * item;
     for (i64 b = 0; b < D_ * item; b += 64) {
       __builtin_prefetch(box + b);
@@ -243,11 +243,9 @@ class Row {
     }
     lo_.resize(D_);
     hi_.resize(D_);
-    const uint16_t* p = static_cast<const uint16_t*>(a_.boxes) + at;
     for (i64 d = 0; d < D_; ++d) {
-      lo_[d] = a_.box_dtype == BF16 ? bf16_to_float(p[d]) : half_to_float(p[d]);
-      hi_[d] = a_.box_dtype == BF16 ? bf16_to_float(p[d + a_.box_side_stride])
-                                    : half_to_float(p[d + a_.box_side_stride]);
+      lo_[d] = load_float(a_.boxes, at + d, a_.box_dtype);
+      hi_[d] = load_float(a_.boxes, at + a_.box_side_stride + d, a_.box_dtype);
     }
     lo = lo_.data();
     hi = hi_.data();
@@ -966,7 +964,7 @@ class Row {
   static void prefetch_row(const void* row, i64 bytes) {
     for (i64 b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b);
   }
-  i64 item_size() const { return a_.cache_dtype == F32 ? 4 : 2; }
+  i64 item_size() const { return dtype_size(a_.cache_dtype); }
 
   // Exact scores [count, G] of tokens[0, count) (ascending). Keys of complete cells come from the key copy
   // when there is one (each key one contiguous row, whatever the cache's layout); the rest from the cache.
@@ -999,8 +997,7 @@ class Row {
   // a row of D cache-dtype values as fp32: in place for fp32, converted into scratch otherwise
   const float* as_floats(const char* row, float* scratch) const {
     if (a_.cache_dtype == F32) return reinterpret_cast<const float*>(row);
-    const uint16_t* x = reinterpret_cast<const uint16_t*>(row);
-    for (i64 d = 0; d < D_; ++d) scratch[d] = a_.cache_dtype == BF16 ? bf16_to_float(x[d]) : half_to_float(x[d]);
+    for (i64 d = 0; d < D_; ++d) scratch[d] = load_float(row, d, a_.cache_dtype);
     return scratch;
   }
   std::vector<float> key_;

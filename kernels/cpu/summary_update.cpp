@@ -64,7 +64,7 @@ float store_corner(void* boxes, i64 at, i64 dtype, float value, bool lower) {
 
 void summarise(const SummaryArgs& a, i64 cell, i64 head) {
   const i64 D = a.head_dim, T = a.cell_size, block = a.blocks[cell], first = a.first_offsets[cell];
-  const i64 item = a.cache_dtype == F32 ? 4 : 2;
+  const i64 item = dtype_size(a.cache_dtype);
   const i64 page = block * a.block_stride + head * a.head_stride;
   std::vector<float> keys(T * D), lo(D, std::numeric_limits<float>::infinity()),
       hi(D, -std::numeric_limits<float>::infinity());

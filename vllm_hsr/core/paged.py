@@ -253,24 +253,24 @@ class PagedSummaries:
         if page < layout.end or (base + layout.boxes) % box_bytes or page % box_bytes:
             return None
         storage, device = kv_cache.untyped_storage(), kv_cache.device
+
+        def view(view_dtype: torch.dtype, offset: int, shape: tuple, inner_strides: tuple) -> torch.Tensor:
+            """[num_blocks, *shape] of view_dtype at byte `offset` of every page (strides in elements)"""
+            item = view_dtype.itemsize
+            return torch.empty(0, dtype=view_dtype, device=device).set_(
+                storage, (base + offset) // item, (num_blocks, *shape), (page // item, *inner_strides))
+
         num_slots = sum(count for _, count in level_slots(cfg, block_size))
-        boxes = torch.empty(0, dtype=dtype, device=device).set_(
-            storage, (base + layout.boxes) // box_bytes, (num_blocks, num_slots, 2, num_kv_heads, head_dim),
-            (page // box_bytes, 2 * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim, 1))
-        codes = None
+        boxes = view(dtype, layout.boxes, (num_slots, 2, num_kv_heads, head_dim),
+                     (2 * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim, 1))
+        codes = keys = None
         if cfg.code_bits:
             width = code_width(head_dim, cfg.code_bits)
-            codes = torch.empty(0, dtype=torch.uint8, device=device).set_(
-                storage, base + layout.codes, (num_blocks, num_kv_heads, block_size, width),
-                (page, block_size * width, width, 1)).permute(0, 2, 1, 3)
-        keys = None
-        if copy_keys:
-            item = kv_cache.element_size()
-            if (base + layout.keys) % item or page % item:
-                return None
-            keys = torch.empty(0, dtype=kv_cache.dtype, device=device).set_(
-                storage, (base + layout.keys) // item, (num_blocks, num_kv_heads, block_size, head_dim),
-                (page // item, block_size * head_dim, head_dim, 1)).permute(0, 2, 1, 3)
+            codes = view(torch.uint8, layout.codes, (num_kv_heads, block_size, width),
+                         (block_size * width, width, 1)).permute(0, 2, 1, 3)
+        if copy_keys:     # page and base are whole cache elements, layout.keys whole keys
+            keys = view(kv_cache.dtype, layout.keys, (num_kv_heads, block_size, head_dim),
+                        (block_size * head_dim, head_dim, 1)).permute(0, 2, 1, 3)
         try:
             return cls(boxes, codes, cfg, block_size, keys)
         except ValueError:

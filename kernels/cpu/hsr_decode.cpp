@@ -7,7 +7,9 @@
 // Plain C ABI (loaded with ctypes): no torch headers, so it builds in seconds.
 
 #include <algorithm>
+#include <initializer_list>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -263,17 +265,38 @@ class Row {
     box(block, slot, lo, hi);
     const float s = float(a_.scale);
     for (i64 g = 0; g < G_; ++g) {
-      const float* q = &q_[g * D_];
-      const float* qa = &q_abs_[g * D_];
-      float upper = 0, lower = 0, magnitude = 0;
-      for (i64 d = 0; d < D_; ++d) {
-        const float pos = std::max(q[d], 0.0f), neg = std::min(q[d], 0.0f);
-        upper += hi[d] * pos + lo[d] * neg;
-        lower += lo[d] * pos + hi[d] * neg;
-        magnitude += std::max(std::fabs(lo[d]), std::fabs(hi[d])) * qa[d];
-      }
+      float upper, lower, magnitude;
+      box_sums(g, lo, hi, upper, lower, magnitude);
       b.ub[g * b.n + i] = finite_or(s * upper + margin(magnitude), INF_F);
       b.lb[g * b.n + i] = finite_or(s * lower - margin(magnitude), -INF_F);
+    }
+  }
+
+  // box_bounds' sums for head g: upper = max over the box of <q, k>, lower = its min, magnitude = <max(|lo|,
+  // |hi|), |q|> (for the rounding margin)
+  void box_sums(i64 g, const float* lo, const float* hi, float& upper, float& lower, float& magnitude) const {
+    const float* q = &q_[g * D_];
+    const float* qa = &q_abs_[g * D_];
+    i64 d = 0;
+    upper = lower = magnitude = 0;
+#if defined(__AVX512F__)
+    __m512 up = _mm512_setzero_ps(), down = _mm512_setzero_ps(), mag = _mm512_setzero_ps();
+    for (; d + 16 <= D_; d += 16) {
+      const __m512 qv = _mm512_loadu_ps(q + d), l = _mm512_loadu_ps(lo + d), h = _mm512_loadu_ps(hi + d);
+      const __m512 pos = _mm512_max_ps(qv, _mm512_setzero_ps()), neg = _mm512_min_ps(qv, _mm512_setzero_ps());
+      up = _mm512_add_ps(up, _mm512_fmadd_ps(h, pos, _mm512_mul_ps(l, neg)));
+      down = _mm512_add_ps(down, _mm512_fmadd_ps(l, pos, _mm512_mul_ps(h, neg)));
+      mag = _mm512_fmadd_ps(_mm512_max_ps(_mm512_abs_ps(h), _mm512_abs_ps(l)), _mm512_loadu_ps(qa + d), mag);
+    }
+    upper = _mm512_reduce_add_ps(up);
+    lower = _mm512_reduce_add_ps(down);
+    magnitude = _mm512_reduce_add_ps(mag);
+#endif
+    for (; d < D_; ++d) {
+      const float pos = std::max(q[d], 0.0f), neg = std::min(q[d], 0.0f);
+      upper += hi[d] * pos + lo[d] * neg;
+      lower += lo[d] * pos + hi[d] * neg;
+      magnitude += std::max(std::fabs(lo[d]), std::fabs(hi[d])) * qa[d];
     }
   }
 
@@ -284,13 +307,11 @@ class Row {
   void code_bounds(i64 cell, i64 planes, i64 read, Bounds& tb, i64 first) {
     const uint8_t* codes = read_cell_box(cell) + read * a_.plane_bytes;
     PlaneTerms& terms = plane_terms_[0];
-    plane_terms(planes, read, terms);
+    plane_terms({{planes, read, &terms}});
 #if defined(__AVX512F__)
     if (vector_dots()) {
-      for (i64 g = 0; g < G_; g += 2) {
-        if (g + 1 < G_) cell_dots_avx512<2>(codes, terms, g, tb, first, read);
-        else cell_dots_avx512<1>(codes, terms, g, tb, first, read);
-      }
+      for (i64 g = 0; g < G_; g += MAX_HEADS)
+        with_heads(G_ - g, [&](auto heads) { cell_dots_avx512<heads()>(codes, terms, g, tb, first, read); });
       return;
     }
 #endif
@@ -319,12 +340,9 @@ class Row {
   void code_bounds_both(i64 cell, Bounds& tb, i64 first) {
 #if defined(__AVX512F__)
     const uint8_t* codes = read_cell_box(cell);
-    plane_terms(1, 0, plane_terms_[0]);
-    plane_terms(2, 1, plane_terms_[1]);
-    for (i64 g = 0; g < G_; g += 2) {
-      if (g + 1 < G_) cell_dots_both<2>(codes, g, tb, fine_, first);
-      else cell_dots_both<1>(codes, g, tb, fine_, first);
-    }
+    plane_terms({{1, 0, &plane_terms_[0]}, {2, 1, &plane_terms_[1]}});
+    for (i64 g = 0; g < G_; g += MAX_HEADS)
+      with_heads(G_ - g, [&](auto heads) { cell_dots_both<heads()>(codes, g, tb, fine_, first); });
 #endif
   }
   bool both_planes_ = false;
@@ -367,42 +385,107 @@ class Row {
   }
 
   // The terms of the bounds from the first `planes` planes when plane `read` is the one read (read_cell_box
-  // first). Plane p weighs 2^(plane_bits * (planes after it)) steps, as core.summaries._code_dot does.
-  void plane_terms(i64 planes, i64 read, PlaneTerms& terms) {
+  // first), for one or two such jobs at once. Plane p weighs 2^(plane_bits * (planes after it)) steps, as
+  // core.summaries._code_dot does.
+  struct PlaneJob {
+    i64 planes, read;
+    PlaneTerms* terms;
+  };
+  void plane_terms(std::initializer_list<PlaneJob> list) {
     const i64 bits = a_.code_bits, plane_bits = a_.plane_bits, total_planes = bits / plane_bits;
-    const i64 unknown = (i64(1) << (bits - planes * plane_bits)) - 1;
-    const float half_steps = float(0.5 + unknown / 2.0 + a_.step_slack);
-    const float place = float(i64(1) << (plane_bits * (total_planes - 1 - read)));
-    const float magnitude_slack = float(a_.magnitude_slack), abs_slack = float(a_.abs_slack);
-    const i64 stride = weight_stride();
-    const float *lo = cell_lo_;
-    half_.resize(D_);
-    terms.weights.resize(G_ * stride);
-    terms.cell_part.resize(G_);
-    terms.width.resize(G_);
-    terms.margin.resize(G_);
-    for (i64 d = 0; d < D_; ++d) half_[d] = step_[d] * half_steps + magnitude_[d] * magnitude_slack + abs_slack;
-    for (i64 g = 0; g < G_; ++g) {
-      const float* q = &q_[g * D_];
-      const float* qa = &q_abs_[g * D_];
-      float* weights = &terms.weights[g * stride];
-      float base = 0, steps = 0, wide = 0, mag = 0;
-      for (i64 d = 0; d < D_; ++d) {
-        const float step = std::isfinite(step_[d]) ? step_[d] : 0.0f;
-        base += lo[d] * q[d];
-        steps += step * q[d];
-        wide += half_[d] * qa[d];
-        mag += (magnitude_[d] + half_[d]) * qa[d];
-        weights[d] = q[d] * step * place;
-      }
-      if (stride > D_) weights[D_] = 0.0f;
-      terms.cell_part[g] = base + float(unknown / 2.0) * steps;
-      terms.width[g] = wide;
-      terms.margin[g] = margin(mag);
+    const i64 stride = weight_stride(), jobs = i64(list.size());
+    const PlaneJob* job = list.begin();
+    float unknown_half[2], place[2];
+    for (i64 j = 0; j < jobs; ++j) {
+      const i64 unknown = (i64(1) << (bits - job[j].planes * plane_bits)) - 1;
+      const float half_steps = float(0.5 + unknown / 2.0 + a_.step_slack);
+      unknown_half[j] = float(unknown / 2.0);
+      place[j] = float(i64(1) << (plane_bits * (total_planes - 1 - job[j].read)));
+      halves_[j].resize(D_);
+      for (i64 d = 0; d < D_; ++d)
+        halves_[j][d] = step_[d] * half_steps + magnitude_[d] * float(a_.magnitude_slack) + float(a_.abs_slack);
+      PlaneTerms& terms = *job[j].terms;
+      terms.weights.resize(G_ * stride);
+      terms.cell_part.resize(G_);
+      terms.width.resize(G_);
+      terms.margin.resize(G_);
     }
+    for (i64 g = 0; g < G_; ++g) {
+      float base, steps, wide[2], mag[2];
+      head_terms(g, jobs, place, base, steps, wide, mag, job);
+      for (i64 j = 0; j < jobs; ++j) {
+        PlaneTerms& terms = *job[j].terms;
+        if (stride > D_) terms.weights[g * stride + D_] = 0.0f;
+        terms.cell_part[g] = base + unknown_half[j] * steps;
+        terms.width[g] = wide[j];
+        terms.margin[g] = margin(mag[j]);
+      }
+    }
+  }
+  std::vector<float> halves_[2];   // plane_terms' half widths per channel, one per job
+
+  // One head's sums over the channels for plane_terms (and its weights): base = <lo, q>, steps = <step, q>,
+  // and per job wide = <half, |q|>, mag = <magnitude + half, |q|>. A non-finite step weighs nothing in the
+  // dots (its half width still makes the bounds infinite).
+  void head_terms(i64 g, i64 jobs, const float* place, float& base, float& steps, float* wide, float* mag,
+                  const PlaneJob* job) const {
+    const float* q = &q_[g * D_];
+    const float* qa = &q_abs_[g * D_];
+    const float* lo = cell_lo_;
+    const i64 stride = weight_stride();
+    i64 d = 0;
+#if defined(__AVX512F__)
+    __m512 base_v = _mm512_setzero_ps(), steps_v = _mm512_setzero_ps(), wide_v[2], mag_v[2];
+    for (i64 j = 0; j < 2; ++j) wide_v[j] = mag_v[j] = _mm512_setzero_ps();
+    const __m512 inf = _mm512_set1_ps(INF_F);
+    for (; d < D_; d += 16) {
+      const __mmask16 in = D_ - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D_ - d)) - 1);
+      const __m512 qv = _mm512_maskz_loadu_ps(in, q + d), qav = _mm512_maskz_loadu_ps(in, qa + d);
+      const __m512 step = _mm512_maskz_loadu_ps(in, &step_[d]), magnitude = _mm512_maskz_loadu_ps(in, &magnitude_[d]);
+      const __m512 finite = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(step), inf, _CMP_LT_OQ), step);
+      base_v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, lo + d), qv, base_v);
+      steps_v = _mm512_fmadd_ps(finite, qv, steps_v);
+      const __m512 weight = _mm512_mul_ps(qv, finite);
+      for (i64 j = 0; j < jobs; ++j) {
+        const __m512 half = _mm512_maskz_loadu_ps(in, &halves_[j][d]);
+        wide_v[j] = _mm512_fmadd_ps(half, qav, wide_v[j]);
+        mag_v[j] = _mm512_fmadd_ps(_mm512_add_ps(magnitude, half), qav, mag_v[j]);
+        _mm512_mask_storeu_ps(&job[j].terms->weights[g * stride + d], in, _mm512_mul_ps(weight, _mm512_set1_ps(place[j])));
+      }
+    }
+    base = _mm512_reduce_add_ps(base_v);
+    steps = _mm512_reduce_add_ps(steps_v);
+    for (i64 j = 0; j < jobs; ++j) wide[j] = _mm512_reduce_add_ps(wide_v[j]), mag[j] = _mm512_reduce_add_ps(mag_v[j]);
+#else
+    base = steps = 0;
+    for (i64 j = 0; j < jobs; ++j) wide[j] = mag[j] = 0;
+    for (; d < D_; ++d) {
+      const float step = std::isfinite(step_[d]) ? step_[d] : 0.0f;
+      base += lo[d] * q[d];
+      steps += step * q[d];
+      for (i64 j = 0; j < jobs; ++j) {
+        wide[j] += halves_[j][d] * qa[d];
+        mag[j] += (magnitude_[d] + halves_[j][d]) * qa[d];
+        job[j].terms->weights[g * stride + d] = q[d] * step * place[j];
+      }
+    }
+#endif
   }
 
 #if defined(__AVX512F__)
+  // The vector code dots take up to MAX_HEADS query heads per pass over a cell's codes: each gathered word is
+  // unpacked and converted once for all of them (four heads' accumulators of both planes fit the registers).
+  static constexpr i64 MAX_HEADS = 4;
+  template <typename F>
+  static void with_heads(i64 remaining, F&& f) {
+    switch (std::min(remaining, MAX_HEADS)) {
+      case 1: f(std::integral_constant<int, 1>()); break;
+      case 2: f(std::integral_constant<int, 2>()); break;
+      case 3: f(std::integral_constant<int, 3>()); break;
+      default: f(std::integral_constant<int, 4>()); break;
+    }
+  }
+
   // code_bounds for 16-token cells and HEADS query heads from g: one lane per token, so no horizontal sums;
   // each gather brings 4 code bytes of all 16 tokens, whose nibbles are converted once for the heads.
   template <int HEADS>
@@ -441,7 +524,9 @@ class Row {
                                              _mm512_set1_epi32(int32_t(a_.code_token_stride)));
     const __m512i nibble = _mm512_set1_epi32(15);
     const i64 stride = weight_stride();
-    for (int h = 0; h < HEADS; ++h) acc[h] = _mm512_setzero_ps();
+    // even and odd channels in separate sums: one chain of dependent FMAs per head would wait on their latency
+    __m512 odd[HEADS];
+    for (int h = 0; h < HEADS; ++h) acc[h] = odd[h] = _mm512_setzero_ps();
     for (i64 k = 0; k < a_.plane_bytes; k += 4) {
       const __m512i word = _mm512_i32gather_epi32(index, codes + k, 1);
       for (int j = 0; j < 4; ++j) {
@@ -450,10 +535,11 @@ class Row {
         for (int h = 0; h < HEADS; ++h) {
           const float* weights = &terms.weights[(g + h) * stride + 2 * (k + j)];
           acc[h] = _mm512_fmadd_ps(low, _mm512_set1_ps(weights[0]), acc[h]);
-          acc[h] = _mm512_fmadd_ps(high, _mm512_set1_ps(weights[1]), acc[h]);
+          odd[h] = _mm512_fmadd_ps(high, _mm512_set1_ps(weights[1]), odd[h]);
         }
       }
     }
+    for (int h = 0; h < HEADS; ++h) acc[h] = _mm512_add_ps(acc[h], odd[h]);
   }
 
   // ub, lb of 16 tokens at entries [at, at + 16) of b from their code dots
@@ -535,13 +621,17 @@ class Row {
     static thread_local std::vector<i64> kept_weights;
     keys.resize(values.size());
     kept_weights.resize(values.size());
+    uint32_t* __restrict key = keys.data();
+    i64* __restrict weight = kept_weights.data();
+    const float* __restrict value = values.data();
+    const Weight* __restrict given = weights.data();
     size_t n = 0;
     i64 total = 0;
     for (size_t i = 0; i < values.size(); ++i) {
-      keys[n] = ordered_key(values[i]);
-      kept_weights[n] = i64(weights[i]);
-      total += i64(weights[i]);
-      n += weights[i] != 0;
+      key[n] = ordered_key(value[i]);
+      weight[n] = i64(given[i]);
+      total += i64(given[i]);
+      n += given[i] != 0;
     }
     if (total < budget || budget < 1) return -INF_F;
     i64 rank = budget;                        // weight still to cover, from the top of the survivors
@@ -549,14 +639,14 @@ class Row {
     for (const int shift : {21, 10, 0}) {      // digits of 11, 11 and 10 bits
       const uint32_t bins = shift ? 2048u : 1024u;
       i64 sum[2048] = {};
-      for (size_t i = 0; i < n; ++i) sum[(keys[i] >> shift) & (bins - 1)] += kept_weights[i];
+      for (size_t i = 0; i < n; ++i) sum[(key[i] >> shift) & (bins - 1)] += weight[i];
       uint32_t bin = bins - 1;
       for (; sum[bin] < rank; --bin) rank -= sum[bin];
       size_t kept = 0;
       for (size_t i = 0; i < n; ++i) {
-        keys[kept] = keys[i];
-        kept_weights[kept] = kept_weights[i];
-        kept += ((keys[i] >> shift) & (bins - 1)) == bin;
+        key[kept] = key[i];
+        weight[kept] = weight[i];
+        kept += ((key[i] >> shift) & (bins - 1)) == bin;
       }
       n = kept;
       prefix |= bin << shift;
@@ -741,15 +831,21 @@ class Row {
     if (refined && !refine(cells, valid, tb, token_budget, log_spent)) return false;
     std::vector<uint8_t> keep = keep_tokens(tb, valid, token_budget, refined ? &log_spent : nullptr);
     std::vector<uint8_t> dropped(T);
-    for (i64 t = 0; t < T; ++t) dropped[t] = valid[t] & !keep[t];
+    const uint8_t* __restrict kept_flag = keep.data();
+    {
+      const uint8_t* __restrict in = valid.data();
+      uint8_t* __restrict out = dropped.data();
+      for (i64 t = 0; t < T; ++t) out[t] = in[t] & !kept_flag[t];
+    }
     record_skipped(dropped, nullptr, tb.ub);
 
     std::vector<i64> kept(T);
     size_t n = 0;
-    for (i64 t = 0; t < T; ++t) {
-      kept[n] = cells[t / cs] * cs + t % cs;
-      n += keep[t];
-    }
+    for (i64 c = 0; c < C; ++c)
+      for (i64 t = c * cs, first = cells[c] * cs - t; t < (c + 1) * cs; ++t) {
+        kept[n] = first + t;
+        n += kept_flag[t];
+      }
     list.resize(seeds_.size() + n);
     std::merge(seeds_.begin(), seeds_.end(), kept.begin(), kept.begin() + n, list.begin());
     return !(a_.capacity > 0 && i64(list.size()) > a_.capacity);
@@ -844,17 +940,22 @@ class Row {
       group_max(tb.ub, upper);
       const float floor = kth_largest(lower, valid, a_.budget_tokens);
       std::vector<uint8_t> cut(T);
+      const float* __restrict up = upper.data();
+      uint8_t* __restrict in = valid.data();
+      uint8_t* __restrict out = cut.data();
       for (i64 t = 0; t < T; ++t) {
-        const uint8_t reach = upper[t] >= floor;
-        cut[t] = valid[t] & !reach;
-        valid[t] &= reach;
+        const uint8_t reach = up[t] >= floor;
+        out[t] = in[t] & !reach;
+        in[t] &= reach;
       }
       record_skipped(cut, nullptr, tb.ub);          // unread: the certificate counts them
     }
     std::vector<i64> picked;
-    for (i64 c = 0; c < i64(cells.size()); ++c)
-      if (std::any_of(valid.begin() + c * cs, valid.begin() + (c + 1) * cs, [](uint8_t v) { return v != 0; }))
-        picked.push_back(c);
+    for (i64 c = 0; c < i64(cells.size()); ++c) {
+      uint8_t any = 0;
+      for (i64 t = c * cs; t < (c + 1) * cs; ++t) any |= valid[t];
+      if (any) picked.push_back(c);
+    }
     if (over_width(picked.size())) return false;
     counters_[REFINED_CELLS] += i64(picked.size());
     Bounds& fine = fine_;                           // the picked cells' bounds from every plane
@@ -891,13 +992,17 @@ class Row {
       group_max(tb.ub, upper);
       // the budget best: those above the budget-th largest, then its ties in token order
       const float kth = kth_largest(upper, valid, a_.budget_tokens);
+      // raw pointers: a byte store may alias the vectors' own pointers, which kept these loops scalar
+      const uint8_t* __restrict in = valid.data();
+      const float* __restrict up = upper.data();
+      uint8_t* __restrict out = keep.data();
       i64 above = 0;
       for (i64 t = 0; t < T; ++t) {
-        keep[t] = valid[t] & (upper[t] > kth);
-        above += keep[t];
+        out[t] = in[t] & uint8_t(up[t] > kth);
+        above += out[t];
       }
       for (i64 t = 0, ties = a_.budget_tokens - above; t < T && ties > 0; ++t)
-        if (valid[t] && !keep[t] && upper[t] == kth) keep[t] = 1, --ties;
+        if (in[t] && !out[t] && up[t] == kth) out[t] = 1, --ties;
     }
     return keep;
   }

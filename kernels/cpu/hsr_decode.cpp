@@ -568,20 +568,18 @@ class Row {
     spent.assign(G_, 0.0);
     for (i64 g = 0; g < G_; ++g) {
       double ref = log_budget[g];
-      if (log_gain) {
-        double total = NEG_INF;
-        for (i64 p = 0; p < P; ++p) if (valid[p]) total = logaddexp(total, (*log_gain)[g * P + p]);
-        ref = logaddexp(log_budget[g], total);
-      }
+      if (log_gain) ref = logaddexp(log_budget[g], log_sum_exp(&(*log_gain)[g * P], valid));
       std::fill(hist.begin(), hist.end(), 0.0);
       std::fill(gain_hist.begin(), gain_hist.end(), 0.0);
       double* rel = &rels[g * P];
+      // The masses in fp32 (exp_nonpositive): their relative error, ~1e-6, is far inside budget_slack.
       for (i64 p = 0; p < P; ++p) {
         rel[p] = valid[p] ? log_mass[g * P + p] - ref : NEG_INF;
         const double where = std::floor((rel[p] + a_.hist_range) * per_nat);
         bin[p] = std::isnan(where) ? 0 : int32_t(std::min<double>(std::max<double>(where, 0.0), double(bins - 1)));
-        if (rel[p] <= 0) hist[bin[p]] += std::exp(rel[p]);
-        if (log_gain && valid[p] && std::isfinite(ref)) gain_hist[bin[p]] += std::exp((*log_gain)[g * P + p] - ref);
+        if (rel[p] <= 0) hist[bin[p]] += relative_mass(rel[p]);
+        if (log_gain && valid[p] && std::isfinite(ref))
+          gain_hist[bin[p]] += relative_mass(std::min((*log_gain)[g * P + p] - ref, 0.0));
       }
       double base = 1.0, gains = 0.0;
       if (log_gain) {
@@ -606,8 +604,22 @@ class Row {
     }
     for (i64 p = 0; p < P; ++p) skip[p] &= valid[p];
     for (i64 g = 0; g < G_; ++g)        // once the group's decision is known
-      for (i64 p = 0; p < P; ++p) if (skip[p]) spent[g] += std::exp(rels[g * P + p]);
+      for (i64 p = 0; p < P; ++p) if (skip[p]) spent[g] += relative_mass(rels[g * P + p]);
     return skip;
+  }
+
+  // exp(x) for x <= 0 in fp32 (0 for -inf)
+  static double relative_mass(double x) { return x == NEG_INF ? 0.0 : double(exp_nonpositive(float(x))); }
+
+  // ln of the sum of exp(x[p]) over the valid p (-inf if none): one exp per term, relative to the largest
+  static double log_sum_exp(const double* x, const std::vector<uint8_t>& valid) {
+    const i64 P = i64(valid.size());
+    double top = NEG_INF;
+    for (i64 p = 0; p < P; ++p) if (valid[p]) top = std::max(top, x[p]);
+    if (!std::isfinite(top)) return top;
+    double sum = 0;
+    for (i64 p = 0; p < P; ++p) sum += valid[p] ? relative_mass(x[p] - top) : 0.0;
+    return top + std::log(sum);
   }
 
   // The largest v such that the weights of the values >= v sum to at least `budget` (unit weights: the

@@ -1,7 +1,7 @@
 """HSR paged decode vs dense paged decode over context lengths, batch sizes and workloads.
 
     python benchmarks/bench_decode.py [--contexts 4096,32768,131072] [--batches 1,8]
-        [--workloads random,structured,rotary] [--modes softmax:1e-3,topk:1024,relu:2.0]
+        [--workloads random,structured,rotary] [--modes softmax:1e-3,topk:1024,topk:1024:4,relu:2.0]
         [--json PATH] [--plot PATH] [--repeat 3] [--merge] [--render-only]
 
 Per point: one decode query per sequence over a paged KV cache (FLASH_ATTN layout,
@@ -39,6 +39,7 @@ from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries  # noqa: E402
 from vllm_hsr.ops import hsr_decode, kernel_path, update_summaries  # noqa: E402
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DEFAULT_CODE_BITS = HSRConfig().code_bits     # records written before code_bits was recorded used it
 
 
 class PagedSequence:
@@ -151,14 +152,29 @@ def timed(fn, repeat: int) -> float:
 
 
 def parse_mode(spec: str) -> HSRConfig:
-    mode, _, value = spec.partition(":")
+    """MODE:VALUE[:CODE_BITS], e.g. softmax:1e-3, topk:1024:4 (code_bits defaults to HSRConfig's)."""
+    mode, _, rest = spec.partition(":")
+    value, _, bits = rest.partition(":")
+    codes = {"code_bits": int(bits)} if bits else {}
     if mode == "softmax":
-        return HSRConfig(mode="softmax", eps=float(value or 1e-3))
+        return HSRConfig(mode="softmax", eps=float(value or 1e-3), **codes)
     if mode == "topk":
-        return HSRConfig(mode="topk", budget_tokens=int(value or 1024))
+        return HSRConfig(mode="topk", budget_tokens=int(value or 1024), **codes)
     if mode == "relu":
-        return HSRConfig(mode="relu", alpha=2, bias=float(value or 2.0))
-    raise SystemExit(f"unknown mode {spec!r}: use softmax:EPS, topk:BUDGET or relu:BIAS")
+        return HSRConfig(mode="relu", alpha=2, bias=float(value or 2.0), **codes)
+    raise SystemExit(f"unknown mode {spec!r}: use softmax:EPS, topk:BUDGET or relu:BIAS, each with an optional "
+                     f":CODE_BITS")
+
+
+def record_key(r: dict, key: tuple) -> tuple:
+    return tuple(r.get(k, DEFAULT_CODE_BITS) if k == "code_bits" else r[k] for k in key)
+
+
+def setting(r: dict) -> str:
+    """A record's mode and settings, e.g. 'topk k=1024' or 'topk k=1024 c4' (code bits other than the default)."""
+    value = {"softmax": "eps={eps:g}", "topk": "k={budget_tokens}", "relu": "b={bias:g}"}[r["mode"]].format(**r)
+    bits = r.get("code_bits", DEFAULT_CODE_BITS)
+    return f"{r['mode']} {value}" + ("" if bits == DEFAULT_CODE_BITS else f" c{bits}")
 
 
 def run_point(workload: str, context: int, batch: int, cfg: HSRConfig, repeat: int) -> dict:
@@ -191,7 +207,7 @@ def run_point(workload: str, context: int, batch: int, cfg: HSRConfig, repeat: i
         "context": context, "batch": batch, "workload": workload, "mode": cfg.mode,
         "eps": cfg.eps if cfg.mode == "softmax" else None,
         "budget_tokens": cfg.budget_tokens if cfg.mode == "topk" else None,
-        "bias": cfg.bias if cfg.mode == "relu" else None,
+        "bias": cfg.bias if cfg.mode == "relu" else None, "code_bits": cfg.code_bits,
         "bytes_read_fraction": stats.bytes_read_fraction,
         "tokens_read_fraction": stats.keys_read / stats.dense_keys,
         "oracle_read_fraction": statistics.mean(oracle) if oracle else stats.keys_read / stats.dense_keys,
@@ -202,13 +218,12 @@ def run_point(workload: str, context: int, batch: int, cfg: HSRConfig, repeat: i
     }
 
 
-HEADER = (f"{'workload':<11}{'ctx':>8}{'bs':>4} {'mode':<14}{'bytes':>8}{'tokens':>8}{'oracle':>8}"
+HEADER = (f"{'workload':<11}{'ctx':>8}{'bs':>4} {'mode':<18}{'bytes':>8}{'tokens':>8}{'oracle':>8}"
           f"{'rel.err':>9}{'cert':>9}{'hsr ms':>9}{'dense ms':>9}{'speedup':>8}{'GB/s':>7}")
 
 
 def format_row(r: dict) -> str:
-    setting = {"softmax": "eps={eps:g}", "topk": "k={budget_tokens}", "relu": "b={bias:g}"}[r["mode"]].format(**r)
-    return (f"{r['workload']:<11}{r['context']:>8}{r['batch']:>4} {r['mode'] + ' ' + setting:<14}"
+    return (f"{r['workload']:<11}{r['context']:>8}{r['batch']:>4} {setting(r):<18}"
             f"{r['bytes_read_fraction']:>8.2%}{r['tokens_read_fraction']:>8.2%}{r['oracle_read_fraction']:>8.2%}"
             f"{r['max_rel_error']:>9.1e}{r['max_error_bound']:>9.1e}{r['hsr_ms']:>9.1f}{r['dense_ms']:>9.1f}"
             f"{r['speedup']:>7.2f}x{r['gbps']:>7.2f}")
@@ -220,8 +235,7 @@ def markdown(records: list[dict]) -> str:
             "certificate | HSR ms | dense ms | speedup |")
     rows = [f"Machine: {records[0]['device']}.", "", head, "|" + "---|" * 12]
     for r in records:
-        setting = {"softmax": "eps={eps:g}", "topk": "k={budget_tokens}", "relu": "b={bias:g}"}[r["mode"]]
-        rows.append(f"| {r['workload']} | {r['context']} | {r['batch']} | {r['mode']} {setting.format(**r)} | "
+        rows.append(f"| {r['workload']} | {r['context']} | {r['batch']} | {setting(r)} | "
                     f"{r['bytes_read_fraction']:.1%} | {r['tokens_read_fraction']:.2%} | "
                     f"{r['oracle_read_fraction']:.2%} | {r['max_rel_error']:.1e} | {r['max_error_bound']:.1e} | "
                     f"{r['hsr_ms']:.1f} | {r['dense_ms']:.1f} | {r['speedup']:.2f}x |")
@@ -241,16 +255,19 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    kinds = sorted({(r["workload"], r["mode"]) for r in records})
-    colors = {kind: f"C{i}" for i, kind in enumerate(kinds)}
-    for (workload, mode), batch in sorted({((r["workload"], r["mode"]), r["batch"]) for r in records}):
-        pts = sorted((r for r in records if (r["workload"], r["mode"], r["batch"]) == (workload, mode, batch)),
+    def variant(r: dict) -> str:     # the mode, and the code bits where they are not the default
+        return setting(r).split(" ")[0] + ("" if r.get("code_bits", DEFAULT_CODE_BITS) == DEFAULT_CODE_BITS
+                                           else f" c{r['code_bits']}")
+    kinds = sorted({(r["workload"], variant(r)) for r in records})
+    colors = {kind: f"C{i % 10}" for i, kind in enumerate(kinds)}
+    for (workload, mode), batch in sorted({((r["workload"], variant(r)), r["batch"]) for r in records}):
+        pts = sorted((r for r in records if (r["workload"], variant(r), r["batch"]) == (workload, mode, batch)),
                      key=lambda r: r["context"])
         style = dict(color=colors[(workload, mode)], linestyle="-" if batch == 1 else "--", marker="o")
         label = f"{workload} {mode} b={batch}"
         axes[0].plot([p["context"] for p in pts], [100 * p["bytes_read_fraction"] for p in pts], label=label, **style)
         axes[1].plot([p["context"] for p in pts], [p["speedup"] for p in pts], label=label, **style)
-        if mode == "softmax":
+        if mode.startswith("softmax"):
             axes[2].plot([p["context"] for p in pts],
                          [p["tokens_read_fraction"] / p["oracle_read_fraction"] for p in pts], label=label, **style)
     axes[0].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV bytes read, % of dense",
@@ -288,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
               for b in map(int, args.batches.split(",")) for m in modes]
     print(f"# {machine()}; {len(points)} points")
     print(HEADER, flush=True)
-    key = ("workload", "context", "batch", "mode", "eps", "budget_tokens", "bias")
+    key = ("workload", "context", "batch", "mode", "eps", "budget_tokens", "bias", "code_bits")
     kept = json.loads(args.json.read_text()) if args.merge and args.json.exists() else []
     args.json.parent.mkdir(parents=True, exist_ok=True)
     records = []
@@ -297,8 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         records.append(record)
         print(format_row(record), f"  [{i}/{len(points)}]", flush=True)
         # after every point, so an interrupted run keeps what it measured (resume with --merge)
-        fresh = {tuple(r[k] for k in key) for r in records}
-        args.json.write_text(json.dumps([r for r in kept if tuple(r[k] for k in key) not in fresh] + records,
+        fresh = {record_key(r, key) for r in records}
+        args.json.write_text(json.dumps([r for r in kept if record_key(r, key) not in fresh] + records,
                                         indent=1))
     write_outputs(json.loads(args.json.read_text()), args.json, args.plot)
 

@@ -218,12 +218,12 @@ def run_point(workload: str, context: int, batch: int, cfg: HSRConfig, repeat: i
     }
 
 
-HEADER = (f"{'workload':<11}{'ctx':>8}{'bs':>4} {'mode':<18}{'bytes':>8}{'tokens':>8}{'oracle':>8}"
+HEADER = (f"{'workload':<11}{'ctx':>8}{'bs':>4} {'mode':<22}{'bytes':>8}{'tokens':>8}{'oracle':>8}"
           f"{'rel.err':>9}{'cert':>9}{'hsr ms':>9}{'dense ms':>9}{'speedup':>8}{'GB/s':>7}")
 
 
 def format_row(r: dict) -> str:
-    return (f"{r['workload']:<11}{r['context']:>8}{r['batch']:>4} {setting(r):<18}"
+    return (f"{r['workload']:<11}{r['context']:>8}{r['batch']:>4} {setting(r):<22}"
             f"{r['bytes_read_fraction']:>8.2%}{r['tokens_read_fraction']:>8.2%}{r['oracle_read_fraction']:>8.2%}"
             f"{r['max_rel_error']:>9.1e}{r['max_error_bound']:>9.1e}{r['hsr_ms']:>9.1f}{r['dense_ms']:>9.1f}"
             f"{r['speedup']:>7.2f}x{r['gbps']:>7.2f}")

@@ -173,8 +173,13 @@ def record_key(r: dict, key: tuple) -> tuple:
 def setting(r: dict) -> str:
     """A record's mode and settings, e.g. 'topk k=1024' or 'topk k=1024 c4' (code bits other than the default)."""
     value = {"softmax": "eps={eps:g}", "topk": "k={budget_tokens}", "relu": "b={bias:g}"}[r["mode"]].format(**r)
+    return f"{r['mode']} {value}{code_suffix(r)}"
+
+
+def code_suffix(r: dict) -> str:
+    """' c4' for a record with 4-bit codes; '' for the default width (or a record from before it was kept)."""
     bits = r.get("code_bits", DEFAULT_CODE_BITS)
-    return f"{r['mode']} {value}" + ("" if bits == DEFAULT_CODE_BITS else f" c{bits}")
+    return "" if bits == DEFAULT_CODE_BITS else f" c{bits}"
 
 
 def run_point(workload: str, context: int, batch: int, cfg: HSRConfig, repeat: int) -> dict:
@@ -256,8 +261,7 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     def variant(r: dict) -> str:     # the mode, and the code bits where they are not the default
-        return setting(r).split(" ")[0] + ("" if r.get("code_bits", DEFAULT_CODE_BITS) == DEFAULT_CODE_BITS
-                                           else f" c{r['code_bits']}")
+        return r["mode"] + code_suffix(r)
     kinds = sorted({(r["workload"], variant(r)) for r in records})
     colors = {kind: f"C{i % 10}" for i, kind in enumerate(kinds)}
     for (workload, mode), batch in sorted({((r["workload"], variant(r)), r["batch"]) for r in records}):

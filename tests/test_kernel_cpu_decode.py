@@ -113,7 +113,8 @@ def test_native_reads_the_key_copy(mode, layout, dtype, monkeypatch):
 
 @pytest.mark.parametrize("num_kv_heads,group,head_dim,cell_size,code_bits", (
     (1, 1, 64, 16, 8),      # one query head per KV head
-    (2, 3, 48, 16, 8),      # an odd group: the vectorized path's pairs and a single head
+    (2, 3, 48, 16, 8),      # an odd group: the vectorized path's three-head pass
+    (1, 6, 72, 16, 8),      # six heads: a pass of four and one of two; 72 channels: a masked last chunk
     (2, 2, 36, 16, 8),      # a plane of 18 bytes: the portable path on every CPU
     (1, 4, 64, 32, 4),      # 32-token cells: the portable path
     (2, 2, 64, 16, 2),      # 2-bit codes: whole bytes of 4 channels

@@ -68,13 +68,13 @@ def test_vllm_settings_with_environment_overrides():
     assert (cfg.mode, cfg.budget_tokens, cfg.summary_dtype, cfg.scale) == ("topk", 512, "bfloat16", None)
     assert HSRConfig.from_vllm(None, {}) == HSRConfig()
     assert HSRConfig.from_vllm(None, {"VLLM_HSR_KEY_COPY": "off"}).key_copy == "off"
+    with pytest.raises(ValueError, match=r"HSRConfig\.eps="):
+        HSRConfig.from_vllm({}, {"VLLM_HSR_EPS": "2"})
+    with pytest.raises(ValueError, match="unknown HSR setting"):
+        HSRConfig.from_vllm({"hsr": {"epsilon": 0.1}}, {})
 
 
 @pytest.mark.parametrize("key_copy,scattered,copies", (("auto", True, True), ("auto", False, False),
                                                        ("on", False, True), ("off", True, False)))
 def test_key_copy_follows_the_partner_unless_forced(key_copy, scattered, copies):
     assert HSRConfig(key_copy=key_copy).copies_keys(partner_scatters_keys=scattered) is copies
-    with pytest.raises(ValueError, match=r"HSRConfig\.eps="):
-        HSRConfig.from_vllm({}, {"VLLM_HSR_EPS": "2"})
-    with pytest.raises(ValueError, match="unknown HSR setting"):
-        HSRConfig.from_vllm({"hsr": {"epsilon": 0.1}}, {})

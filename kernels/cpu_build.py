@@ -81,5 +81,3 @@ def library() -> ctypes.CDLL:
     except OSError as error:
         raise NativeBuildError(f"cannot load {path}: {error}") from error
     return lib
-
-

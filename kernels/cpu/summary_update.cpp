@@ -83,13 +83,14 @@ void summarise(const SummaryArgs& a, i64 cell, i64 head) {
   if (a.codes) {
     const i64 levels = (i64(1) << a.code_bits) - 1, planes = a.code_bits / a.plane_bits;
     const i64 per_byte = 8 / a.plane_bits, mask = (i64(1) << a.plane_bits) - 1;
+    std::vector<float> step(D);       // per channel, once for the cell's tokens
+    for (i64 d = 0; d < D; ++d) step[d] = (hi[d] - lo[d]) / float(levels);
     for (i64 t = 0; t < T; ++t) {
       uint8_t* packed = a.codes + block * a.code_block_stride + head * a.code_head_stride +
                         (first + t) * a.code_token_stride;
       std::fill(packed, packed + planes * a.plane_bytes, uint8_t(0));
       for (i64 d = 0; d < D; ++d) {
-        const float step = (hi[d] - lo[d]) / float(levels);
-        float scaled = (keys[t * D + d] - lo[d]) / step;
+        float scaled = (keys[t * D + d] - lo[d]) / step[d];
         if (!std::isfinite(scaled)) scaled = 0.0f;    // a flat channel or an overflowed box encodes nothing
         const i64 code = i64(std::min(std::max(std::floor(scaled + 0.5f), 0.0f), float(levels)));
         for (i64 p = 0; p < planes; ++p) {

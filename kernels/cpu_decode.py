@@ -36,7 +36,8 @@ class HsrArgs(ctypes.Structure):
         (_I, "mode alpha budget_tokens cell_size fanout tree_levels sink_tokens window_tokens seed_cells capacity"),
         (_D, "eps bias tree_budget_share refine_share scale margin_rel margin_abs step_slack magnitude_slack "
              "abs_slack"),
-        (_I, "hist_bins"), (_D, "hist_range budget_slack"), (_P, "out error_bound counters tokens"),
+        (_I, "hist_bins"), (_D, "hist_range budget_slack"), (_I, "code_weight_range"),
+        (_P, "out error_bound counters tokens"),
         (_I, "token_capacity"), (_P, "counts dense skipped"), (_I, "num_threads"),
     ) for name in names.split()]
 
@@ -70,7 +71,8 @@ def hsr_decode_cpu(q: torch.Tensor, flat_cache: torch.Tensor, block_stride: int,
                    sink_tokens: int, window_tokens: int, seed_cells: int, capacity: int, tree_budget_share: float,
                    refine_share: float, scale: float, margins: tuple[float, float],
                    code_slacks: tuple[float, float, float], histogram: tuple[int, float, float],
-                   out: torch.Tensor | None = None, candidates: bool = False, num_threads: int | None = None):
+                   code_weight_range: int, out: torch.Tensor | None = None, candidates: bool = False,
+                   num_threads: int | None = None):
     """Query and attention of one decode token per sequence, every (sequence, KV head) row at once.
 
     q: [batch, num_q_heads, head_dim]; flat_cache: 1-D cache, K and V at block * block_stride +
@@ -79,7 +81,8 @@ def hsr_decode_cpu(q: torch.Tensor, flat_cache: torch.Tensor, block_stride: int,
     codes: [blocks, block_size, kv_heads, bytes] uint8 (token stride = bytes) or None with code_bits=0.
     key_rows: [blocks, block_size, kv_heads, head_dim] in the cache dtype (token stride = head_dim), a copy
     of complete cells' keys read in place of the cache's, or None.
-    margins: (relative, absolute); code_slacks: (step, magnitude, absolute); histogram: (bins, range, slack).
+    margins: (relative, absolute); code_slacks: (step, magnitude, absolute); histogram: (bins, range, slack);
+    code_weight_range: the largest |integer code weight| (core.summaries.code_weight_range).
     returns out [batch, num_q_heads, head_dim] fp32, error_bound [batch, num_q_heads] fp32, counters
     {name: int} summed over rows, and with candidates=True (tokens [rows, max_tokens] int64, counts [rows],
     dense [rows] bool, skipped [batch, num_q_heads] fp32) as the query left them (rows = batch * kv_heads)
@@ -135,7 +138,8 @@ def hsr_decode_cpu(q: torch.Tensor, flat_cache: torch.Tensor, block_stride: int,
         capacity=capacity, eps=eps, bias=bias, tree_budget_share=tree_budget_share, refine_share=refine_share,
         scale=scale, margin_rel=margins[0], margin_abs=margins[1], step_slack=code_slacks[0],
         magnitude_slack=code_slacks[1], abs_slack=code_slacks[2], hist_bins=histogram[0], hist_range=histogram[1],
-        budget_slack=histogram[2], out=ptr(out), error_bound=ptr(bound), counters=ptr(counters),
+        budget_slack=histogram[2], code_weight_range=code_weight_range, out=ptr(out), error_bound=ptr(bound),
+        counters=ptr(counters),
         tokens=ptr(found[0]) if found else None, token_capacity=token_capacity,
         counts=ptr(found[1]) if found else None, dense=ptr(found[2]) if found else None,
         skipped=ptr(found[3]) if found else None, num_threads=num_threads or torch.get_num_threads())

@@ -38,6 +38,28 @@ def _finite_bounds(center, width, margin, scale):
 
 
 @triton.jit
+def _integer_weights(w, RANGE: tl.constexpr, RANGE_BITS: tl.constexpr):
+    """core.summaries.integer_weights of w [..., HEAD_DIM_PAD] (padding 0): x (int32), 2^e and the residual.
+    For a largest |w| below 2^-100 (then 2^-e is no float), e stays at -100: still a valid split, with a
+    larger residual than the twin's."""
+    top = tl.max(tl.abs(w), axis=2)
+    bits = top.to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 255) - 126                              # top = m * 2^exponent, m in [0.5, 1)
+    mantissa = ((bits & 0x7FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
+    exponent = exponent - RANGE_BITS - tl.where(mantissa * (2 << RANGE_BITS) <= RANGE, 1, 0)
+    usable = (top > 0) & (top < float("inf"))
+    exponent = tl.where(usable, tl.maximum(exponent, -100), 0)
+    down = ((127 - exponent) << 23).to(tl.float32, bitcast=True)      # 2^-e and 2^e: e is in [-100, 114]
+    power = ((127 + exponent) << 23).to(tl.float32, bitcast=True)
+    y = w * down[:, :, None]
+    magic = 12582912.0                                                 # 1.5 * 2^23: adding it rounds to even
+    rounded = (y + magic) - magic
+    x = tl.where(usable[:, :, None], rounded, 0.0)
+    residual = tl.where(usable, tl.sum(tl.abs(y - rounded), axis=2), tl.where(top == 0, 0.0, float("inf")))
+    return x.to(tl.int32), power, residual
+
+
+@triton.jit
 def _node_box_bounds_kernel(
     q_ptr, nodes_ptr, tables_ptr, kv_heads_ptr, boxes_ptr, ub_ptr, lb_ptr,
     num_nodes, scale, margin_rel, margin_abs,
@@ -86,7 +108,7 @@ def _token_code_bounds_kernel(
     stride_box_block, stride_box_slot, stride_box_side, stride_box_head,
     stride_code_block, stride_code_token, stride_code_head,
     CELL_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BITS: tl.constexpr, PLANE_BITS: tl.constexpr,
-    PLANE_BYTES: tl.constexpr, PLANES: tl.constexpr,
+    PLANE_BYTES: tl.constexpr, PLANES: tl.constexpr, RANGE: tl.constexpr, RANGE_BITS: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -118,11 +140,14 @@ def _token_code_bounds_kernel(
     magnitude = tl.maximum(tl.abs(lo), tl.abs(hi))
     half = step * (0.5 + UNKNOWN / 2 + step_slack) + magnitude * magnitude_slack + abs_slack
     step = tl.where(tl.abs(step) < float("inf"), step, 0.0)
-    centre_key = lo + (known.to(tl.float32) * (UNKNOWN + 1) + UNKNOWN / 2) * step     # [BLOCK_T, HEAD_DIM_PAD]
     q3 = q[None, :, :]
-    center = tl.sum(centre_key[:, None, :] * q3, axis=2)                               # [BLOCK_T, GROUP_PAD]
+    cell_part = tl.sum((lo + (UNKNOWN / 2) * step)[:, None, :] * q3, axis=2)            # [BLOCK_T, GROUP_PAD]
+    # the known codes against the cell's integer weights: an exact integer dot (core.summaries.code_bounds)
+    x, power, residual = _integer_weights(step[:, None, :] * q3, RANGE, RANGE_BITS)    # [BLOCK_T, GROUP_PAD, D]
+    dot = tl.sum(x * known[:, None, :], axis=2).to(tl.float32) * power
+    center = cell_part + (UNKNOWN + 1) * dot
     q_abs = tl.abs(q)[None, :, :]
-    width = tl.sum(half[:, None, :] * q_abs, axis=2)
+    width = tl.sum(half[:, None, :] * q_abs, axis=2) + ((1 << BITS) - (UNKNOWN + 1)) * residual * power
     margin = scale * margin_rel * tl.sum((magnitude + half)[:, None, :] * q_abs, axis=2) + margin_abs
     ub, lb = _finite_bounds(center, width, margin, scale)
     out = (row * num_tokens + t)[:, None] * GROUP + g[None, :]
@@ -164,11 +189,11 @@ def node_box_bounds(q: torch.Tensor, nodes: torch.Tensor, tables: torch.Tensor, 
 def token_code_bounds(q: torch.Tensor, tokens: torch.Tensor, tables: torch.Tensor, kv_heads: torch.Tensor,
                       boxes: torch.Tensor, codes: torch.Tensor, *, cell_size: int, block_size: int, bits: int,
                       plane_bits: int, planes: int, scale: float, margin_rel: float, margin_abs: float,
-                      step_slack: float, magnitude_slack: float, abs_slack: float,
+                      step_slack: float, magnitude_slack: float, abs_slack: float, weight_range: int,
                       block_t: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [R, G, D] fp32; tokens: [R, P] tokens of complete cells (padding: any token of the row's first
     block); codes: [num_blocks, block_size, Hkv, bytes] uint8 in planes of plane_bits, of which the first
-    `planes` are read. returns ub, lb: [R, P, G] fp32"""
+    `planes` are read; weight_range: core.summaries.code_weight_range. returns ub, lb: [R, P, G] fp32"""
     num_rows, num_tokens = tokens.shape
     ub, lb = _bounds_out(q, tokens)
     if ub.numel() == 0:
@@ -179,5 +204,6 @@ def token_code_bounds(q: torch.Tensor, tokens: torch.Tensor, tables: torch.Tenso
         step_slack, magnitude_slack, abs_slack, q.stride(0), q.stride(1), tokens.stride(0), tables.stride(0),
         *boxes.stride()[:4], *codes.stride()[:3], CELL_SIZE=cell_size, BLOCK_SIZE=block_size, BITS=bits,
         PLANE_BITS=plane_bits, PLANE_BYTES=codes.shape[-1] // (bits // plane_bits), PLANES=planes,
+        RANGE=weight_range, RANGE_BITS=weight_range.bit_length() - 1,
         BLOCK_T=block_t, **_launch_shapes(q))
     return ub, lb

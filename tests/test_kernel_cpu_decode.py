@@ -119,6 +119,8 @@ def test_native_reads_the_key_copy(mode, layout, dtype, monkeypatch):
     (1, 4, 64, 32, 4),      # 32-token cells: the portable path
     (2, 2, 64, 16, 2),      # 2-bit codes: whole bytes of 4 channels
     (2, 2, 64, 16, 1),
+    (1, 2, 128, 16, 8),     # a 64-byte code plane: one token row per vector
+    (1, 2, 160, 16, 4),     # an 80-byte plane: gathered code words
 ))
 @pytest.mark.parametrize("mode", ("topk", "softmax"))
 def test_native_shapes(mode, num_kv_heads, group, head_dim, cell_size, code_bits, monkeypatch):
@@ -202,6 +204,25 @@ def test_portable_build_equals_vectorized(monkeypatch, tmp_path):
     for got, want in zip(portable[2].tokens_read, default[2].tokens_read):
         assert len(set(got.tolist()) ^ set(want.tolist())) <= 2
     torch.testing.assert_close(portable[0], default[0], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86 build flag")
+def test_build_without_vnni_equals_default(monkeypatch, tmp_path):
+    """Without AVX-512 VNNI the code dots take byte pairs (maddubs) instead of dpbusd: the same integers, so
+    the same output to the bit."""
+    cfg = HSRConfig(mode="topk", budget_tokens=64)
+    batch = _batch(cfg, seed=10)
+    q = _query(batch, 2, seed=7)
+    default = _decode(batch, q, cfg, "native", monkeypatch)
+    monkeypatch.setenv("VLLM_HSR_CXXFLAGS", "-mno-avx512vnni")
+    monkeypatch.setenv("VLLM_HSR_BUILD_DIR", str(tmp_path))
+    cpu_build.library.cache_clear()
+    try:
+        without = _decode(batch, q, cfg, "native", monkeypatch)
+    finally:
+        cpu_build.library.cache_clear()
+    assert list(tmp_path.glob("hsr_cpu-*.so"))
+    assert torch.equal(without[0], default[0]) and torch.equal(without[1], default[1])
 
 
 def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog):

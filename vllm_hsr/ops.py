@@ -25,7 +25,7 @@ from vllm_hsr.core.decode import decode_candidates
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view
 from vllm_hsr.core.query import REFINE_SHARE, Candidates, RowBounds, TreeQuery, TreeRows, cell_tokens
 from vllm_hsr.core.selection import BUDGET_SLACK, HIST_BINS, HIST_RANGE
-from vllm_hsr.core.summaries import code_planes, code_slacks, margin_terms, plane_bytes
+from vllm_hsr.core.summaries import code_planes, code_slacks, code_weight_range, margin_terms, plane_bytes
 from vllm_hsr.kernels import cpu_decode, cpu_summary
 
 KERNEL_CHOICES = ("auto", "torch", "triton", "native")
@@ -126,7 +126,8 @@ class TritonRowBounds(RowBounds):
                                    summaries.boxes, summaries.codes, cell_size=size, block_size=summaries.block_size,
                                    bits=bits, plane_bits=plane_bits, planes=num_planes if planes is None else planes,
                                    scale=rows.scale, step_slack=step_slack, magnitude_slack=magnitude_slack,
-                                   abs_slack=abs_slack, **self._margins())
+                                   abs_slack=abs_slack, weight_range=code_weight_range(rows.q.shape[-1], bits),
+                                   **self._margins())
         return ub.view(*cells.shape, size, -1), lb.view(*cells.shape, size, -1)
 
     def _margins(self) -> dict:
@@ -167,7 +168,8 @@ def native_settings(cfg: HSRConfig, head_dim: int) -> dict:
                 sink_tokens=cfg.sink_tokens, window_tokens=cfg.window_tokens, seed_cells=cfg.seed_cells,
                 capacity=cfg.max_candidates, tree_budget_share=cfg.tree_budget_share, refine_share=REFINE_SHARE,
                 margins=margin_terms(head_dim), code_slacks=code_slacks(),
-                histogram=(HIST_BINS, HIST_RANGE, BUDGET_SLACK))
+                histogram=(HIST_BINS, HIST_RANGE, BUDGET_SLACK),
+                code_weight_range=code_weight_range(head_dim, bits) if bits else 0)
 
 
 def native_decode(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,

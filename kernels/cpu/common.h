@@ -5,6 +5,13 @@
 #include <cstdint>
 #include <cstring>
 
+// The vectorized paths use AVX-512 F, BW, DQ and VL (every AVX-512 x86 core since Skylake-SP has all four).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define HSR_AVX512 1
+#else
+#define HSR_AVX512 0
+#endif
+
 namespace hsr {
 
 using i64 = int64_t;

@@ -12,11 +12,11 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#include "common.h"
+
+#if HSR_AVX512
 #include <immintrin.h>
 #endif
-
-#include "common.h"
 
 namespace {
 
@@ -55,6 +55,7 @@ struct HsrArgs {
   double margin_rel, margin_abs, step_slack, magnitude_slack, abs_slack;
   i64 hist_bins;
   double hist_range, budget_slack;
+  i64 code_weight_range;          // the largest |integer code weight| (core.summaries.code_weight_range)
   float* out;                     // [batch, num_q_heads, head_dim]
   float* error_bound;             // [batch, num_q_heads]
   i64* counters;                  // [batch * num_kv_heads, NUM_COUNTERS]
@@ -93,6 +94,29 @@ inline float exp_nonpositive(float x) {
   return p;
 }
 constexpr double EXP_SLACK = 1.0 + 1e-5;   // covers exp_nonpositive and fp32 exponents and block sums
+
+#if HSR_AVX512
+// exp_nonpositive in 16 lanes (the same polynomial, with fused multiply-adds); NaN stays NaN, as in the scalar
+// one (a vector max or min returns its second operand where either is NaN)
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f),
+                                    _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x));
+  __m512 p = _mm512_set1_ps(1.98412698e-4f);
+  for (const float c : {1.38888889e-3f, 8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_cvtps_epi32(k), 23)));
+}
+
+// lanes whose byte flag (16 of them from `flags`, the first `count`) is nonzero
+inline __mmask16 flag_mask(const uint8_t* flags, i64 count) {
+  const __mmask16 in = count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
+  return _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(in, flags)), _mm512_set1_epi32(0xff));
+}
+#endif
 
 // An offset table [block_size, head_dim] that is base + token * token_stride + channel * channel_stride.
 struct Affine {
@@ -279,7 +303,7 @@ class Row {
     const float* qa = &q_abs_[g * D_];
     i64 d = 0;
     upper = lower = magnitude = 0;
-#if defined(__AVX512F__)
+#if HSR_AVX512
     __m512 up = _mm512_setzero_ps(), down = _mm512_setzero_ps(), mag = _mm512_setzero_ps();
     for (; d + 16 <= D_; d += 16) {
       const __m512 qv = _mm512_loadu_ps(q + d), l = _mm512_loadu_ps(lo + d), h = _mm512_loadu_ps(hi + d);
@@ -300,47 +324,50 @@ class Row {
     }
   }
 
-  // Bounds of the tokens of a complete cell from its first `planes` code planes (core.summaries.code_bounds),
-  // written to entries [first, first + cell_size) of tb. dots_ [G, tb.n] holds each token's code dot over
-  // the first `read` planes and gets the plane read here added (planes == read + 1), so a refinement reads only
-  // its new plane.
+  // -- token code bounds (core.summaries.code_bounds) ----------------------------------------------------------
+  // Per cell and query head the bounds need <lo, q>, <step, q>, the half widths against |q| and the integer code
+  // weights x = rint(q * step / 2^e) (core.summaries.integer_weights): a token's known code value v dots them
+  // exactly, in integers, so its bound centre is cell_part + 2^u * 2^e * <x, v> (u: the code bits not read) in
+  // every implementation, and the weights' rounding widens each bound by (2^bits - 2^u) * 2^e * residual.
+
+  // Bounds of the tokens of a complete cell from its first `planes` code planes, written to entries
+  // [first, first + cell_size) of tb. dots_ [G, tb.n] holds each token's integer dot over the first `read` planes
+  // and becomes the dot over `planes` = read + 1 (shifted by a plane and the plane read here added), so a
+  // refinement reads only its new plane.
   void code_bounds(i64 cell, i64 planes, i64 read, Bounds& tb, i64 first) {
-    const uint8_t* codes = read_cell_box(cell) + read * a_.plane_bytes;
-    PlaneTerms& terms = plane_terms_[0];
-    plane_terms({{planes, read, &terms}});
-#if defined(__AVX512F__)
+    const uint8_t* codes = cell_terms(cell, {planes}) + read * a_.plane_bytes;
+#if HSR_AVX512
     if (vector_dots()) {
       for (i64 g = 0; g < G_; g += MAX_HEADS)
-        with_heads(G_ - g, [&](auto heads) { cell_dots_avx512<heads()>(codes, terms, g, tb, first, read); });
+        with_heads(G_ - g, [&](auto heads) { cell_dots_avx512<heads()>(codes, g, tb, first, read); });
       return;
     }
 #endif
-    const float s = float(a_.scale);
     const i64 stride = weight_stride(), plane_bits = a_.plane_bits;
     value_.resize(stride);
     const i64 per_byte = 8 / plane_bits, mask = (i64(1) << plane_bits) - 1;
     for (i64 t = 0; t < a_.cell_size; ++t) {
       const uint8_t* packed = codes + t * a_.code_token_stride;
-      for (i64 d = 0; d < stride; ++d) value_[d] = float((packed[d / per_byte] >> ((d % per_byte) * plane_bits)) & mask);
+      for (i64 d = 0; d < stride; ++d) value_[d] = int32_t((packed[d / per_byte] >> ((d % per_byte) * plane_bits)) & mask);
       for (i64 g = 0; g < G_; ++g) {
-        const float* weights = &terms.weights[g * stride];
-        float dot = 0;
-        for (i64 d = 0; d < stride; ++d) dot += weights[d] * value_[d];
+        const int32_t* x = &weights_[g * stride];
+        int32_t dot = 0;
+        for (i64 d = 0; d < stride; ++d) dot += x[d] * value_[d];
         const i64 at = g * tb.n + first + t;
-        dot += read ? dots_[at] : 0.0f;
+        dot += read ? dots_[at] << plane_bits : 0;
         dots_[at] = dot;
-        const float center = terms.cell_part[g] + dot;
-        tb.ub[at] = finite_or(s * (center + terms.width[g]) + terms.margin[g], INF_F);
-        tb.lb[at] = finite_or(s * (center - terms.width[g]) - terms.margin[g], -INF_F);
+        const float center = terms_[0].cell_part[g] + terms_[0].place * times_power_of_two(float(dot), exponent_[g]);
+        const float width = terms_[0].width[g], margin = terms_[0].margin[g], s = float(a_.scale);
+        tb.ub[at] = finite_or(s * (center + width) + margin, INF_F);
+        tb.lb[at] = finite_or(s * (center - width) - margin, -INF_F);
       }
     }
   }
 
   // code_bounds(cell, 1, 0, tb, first), and into fine_ the bounds code_bounds(cell, 2, 1) would then give
   void code_bounds_both(i64 cell, Bounds& tb, i64 first) {
-#if defined(__AVX512F__)
-    const uint8_t* codes = read_cell_box(cell);
-    plane_terms({{1, 0, &plane_terms_[0]}, {2, 1, &plane_terms_[1]}});
+#if HSR_AVX512
+    const uint8_t* codes = cell_terms(cell, {1, 2});
     for (i64 g = 0; g < G_; g += MAX_HEADS)
       with_heads(G_ - g, [&](auto heads) { cell_dots_both<heads()>(codes, g, tb, fine_, first); });
 #endif
@@ -348,133 +375,235 @@ class Row {
   bool both_planes_ = false;
   Bounds fine_;
 
-  // One code plane's per-cell terms: weights [G, weight_stride()] and, per head, the cell part, width and
-  // margin of the bounds
+  // The per-cell, per-head terms of the bounds from the first `planes` planes of a job: centre = cell_part +
+  // place * 2^e * dot, half width `width` (the weights' rounding included), rounding margin `margin`
   struct PlaneTerms {
-    std::vector<float> weights, cell_part, width, margin;
+    float place = 1;              // 2^u
+    std::vector<float> cell_part, width, margin;
   };
-  PlaneTerms plane_terms_[2];
-  // code_bounds' per-cell scratch: the box read (lo_, hi_ hold a converted one), steps, magnitudes
-  const float *cell_lo_ = nullptr, *cell_hi_ = nullptr;
-  std::vector<float> step_, half_, magnitude_, value_;
-  std::vector<float> dots_;       // [G, tokens] code dot of each token over the planes read so far
+  PlaneTerms terms_[2];
+  std::vector<int32_t> weights_;  // [G, weight_stride()] the cell's integer code weights x (portable path)
+  std::vector<int32_t> exponent_; // [G] their e
+  std::vector<int32_t> words_;    // [G, 4, 2 * ceil(D / 16)] x as signed bytes for the vector dots: high byte of
+                                  // the even channels, of the odd ones, then low bytes (x = 256 * high + low);
+                                  // word k holds the channels of code bytes [4k, 4k + 4) of one parity
+  std::vector<float> step_, half_, magnitude_, scaled_;
+  std::vector<int32_t> value_;
+  std::vector<int32_t> dots_;     // [G, tokens] integer code dot of each token over the planes read so far
 
   i64 weight_stride() const { return D_ + D_ % 2; }   // even: a byte of 4-bit codes is channels 2j and 2j + 1
+  // words_ per (head, part): a word per 4 code bytes, and at least as many as row_dots reads (those past the
+  // plane stay 0)
+  i64 words_stride() const {
+    const i64 words = 2 * ((D_ + 15) / 16);
+    return a_.plane_bytes <= 32 ? std::max<i64>(words, 8) : a_.plane_bytes <= 64 ? std::max<i64>(words, 16) : words;
+  }
   bool vector_dots() const {
-#if defined(__AVX512F__)
+#if HSR_AVX512
     return a_.plane_bits == 4 && a_.cell_size == 16 && a_.plane_bytes % 4 == 0;
 #else
     return false;
 #endif
   }
 
-  // The cell's box (cell_lo_, cell_hi_), steps and magnitudes; returns its codes from plane 0
-  const uint8_t* read_cell_box(i64 cell) {
+  // Reads the cell's box and sets up terms_[j] for each job (planes read in all: 1 or 2 jobs) and the integer
+  // weights; returns the cell's codes from plane 0.
+  const uint8_t* cell_terms(i64 cell, std::initializer_list<i64> jobs) {
     i64 block, slot;
     locate(0, cell, block, slot);
-    box(block, slot, cell_lo_, cell_hi_);
-    const float levels = float((i64(1) << a_.code_bits) - 1);
-    step_.resize(D_);
+    const float *lo, *hi;
+    box(block, slot, lo, hi);
+    const i64 bits = a_.code_bits, plane_bits = a_.plane_bits, num_jobs = i64(jobs.size());
+    float half_steps[2], unknown_half[2], rounding[2];
+    i64 j = 0;
+    for (const i64 planes : jobs) {
+      const i64 unknown = (i64(1) << (bits - planes * plane_bits)) - 1;
+      half_steps[j] = float(0.5 + unknown / 2.0 + a_.step_slack);
+      unknown_half[j] = float(unknown / 2.0);
+      rounding[j] = float((i64(1) << bits) - (unknown + 1));
+      terms_[j].place = float(unknown + 1);
+      terms_[j].cell_part.resize(G_);
+      terms_[j].width.resize(G_);
+      terms_[j].margin.resize(G_);
+      ++j;
+    }
+    exponent_.resize(G_);
+#if HSR_AVX512
+    if (vector_dots()) {
+      cell_terms_avx512(lo, hi, num_jobs, half_steps, unknown_half, rounding);
+      return cell_codes(block, slot, 0);
+    }
+#endif
+    const i64 stride = weight_stride();
+    const float levels = float((i64(1) << bits) - 1);
+    step_.assign(stride, 0.0f);                   // (a padding channel, when D is odd, weighs nothing)
     magnitude_.resize(D_);
+    half_.resize(num_jobs * D_);
     for (i64 d = 0; d < D_; ++d) {
-      const float st = (cell_hi_[d] - cell_lo_[d]) / levels;
-      magnitude_[d] = std::max(std::fabs(cell_lo_[d]), std::fabs(cell_hi_[d]));
-      step_[d] = st;              // kept unsanitised for the half widths; see plane_terms
+      const float step = (hi[d] - lo[d]) / levels;
+      magnitude_[d] = std::max(std::fabs(lo[d]), std::fabs(hi[d]));
+      for (j = 0; j < num_jobs; ++j)
+        half_[j * D_ + d] = step * half_steps[j] + magnitude_[d] * float(a_.magnitude_slack) + float(a_.abs_slack);
+      step_[d] = std::isfinite(step) ? step : 0.0f;  // a non-finite step weighs nothing in the dots
+    }
+    weights_.resize(G_ * stride);
+    scaled_.resize(stride);
+    for (i64 g = 0; g < G_; ++g) {
+      const float* q = &q_[g * D_];
+      const float* qa = &q_abs_[g * D_];
+      float base = 0, steps = 0;
+      for (i64 d = 0; d < D_; ++d) base += lo[d] * q[d], steps += step_[d] * q[d];
+      const float residual = integer_weights(g);
+      for (j = 0; j < num_jobs; ++j) {
+        float wide = 0, mag = 0;
+        const float* half = &half_[j * D_];
+        for (i64 d = 0; d < D_; ++d) wide += half[d] * qa[d], mag += (magnitude_[d] + half[d]) * qa[d];
+        terms_[j].cell_part[g] = base + unknown_half[j] * steps;
+        terms_[j].width[g] = wide + times_power_of_two(rounding[j] * residual, exponent_[g]);
+        terms_[j].margin[g] = margin(mag);
+      }
     }
     return cell_codes(block, slot, 0);
   }
 
-  // The terms of the bounds from the first `planes` planes when plane `read` is the one read (read_cell_box
-  // first), for one or two such jobs at once. Plane p weighs 2^(plane_bits * (planes after it)) steps, as
-  // core.summaries._code_dot does.
-  struct PlaneJob {
-    i64 planes, read;
-    PlaneTerms* terms;
-  };
-  void plane_terms(std::initializer_list<PlaneJob> list) {
-    const i64 bits = a_.code_bits, plane_bits = a_.plane_bits, total_planes = bits / plane_bits;
-    const i64 stride = weight_stride(), jobs = i64(list.size());
-    const PlaneJob* job = list.begin();
-    float unknown_half[2], place[2];
-    for (i64 j = 0; j < jobs; ++j) {
-      const i64 unknown = (i64(1) << (bits - job[j].planes * plane_bits)) - 1;
-      const float half_steps = float(0.5 + unknown / 2.0 + a_.step_slack);
-      unknown_half[j] = float(unknown / 2.0);
-      place[j] = float(i64(1) << (plane_bits * (total_planes - 1 - job[j].read)));
-      halves_[j].resize(D_);
-      for (i64 d = 0; d < D_; ++d)
-        halves_[j][d] = step_[d] * half_steps + magnitude_[d] * float(a_.magnitude_slack) + float(a_.abs_slack);
-      PlaneTerms& terms = *job[j].terms;
-      terms.weights.resize(G_ * stride);
-      terms.cell_part.resize(G_);
-      terms.width.resize(G_);
-      terms.margin.resize(G_);
+  // The e of integer weights whose largest |w| is top (> 0, finite): the power of two that brings it into
+  // [range / 4, range] (core.summaries.integer_weights); range_bits = floor(log2(range))
+  int weight_exponent(float top, int range_bits) const {
+    int exponent;
+    float mantissa;
+    uint32_t bits;
+    std::memcpy(&bits, &top, 4);
+    if (bits >= 0x00800000u) {        // normal: top = mantissa * 2^exponent, mantissa in [0.5, 1), from its bits
+      exponent = int(bits >> 23) - 126;
+      bits = (bits & 0x007fffffu) | 0x3f000000u;
+      std::memcpy(&mantissa, &bits, 4);
+    } else {
+      mantissa = std::frexp(top, &exponent);
     }
-    for (i64 g = 0; g < G_; ++g) {
-      float base, steps, wide[2], mag[2];
-      head_terms(g, jobs, place, base, steps, wide, mag, job);
-      for (i64 j = 0; j < jobs; ++j) {
-        PlaneTerms& terms = *job[j].terms;
-        if (stride > D_) terms.weights[g * stride + D_] = 0.0f;
-        terms.cell_part[g] = base + unknown_half[j] * steps;
-        terms.width[g] = wide[j];
-        terms.margin[g] = margin(mag[j]);
-      }
-    }
+    return exponent - range_bits - (mantissa * float(i64(1) << (range_bits + 1)) <= float(a_.code_weight_range));
   }
-  std::vector<float> halves_[2];   // plane_terms' half widths per channel, one per job
+  // x * 2^e (as std::ldexp), by a multiply where 2^e is a normal float
+  static float times_power_of_two(float x, int e) {
+    if (e < -126 || e > 127) return std::ldexp(x, e);
+    const uint32_t bits = uint32_t(e + 127) << 23;
+    float power;
+    std::memcpy(&power, &bits, 4);
+    return x * power;
+  }
 
-  // One head's sums over the channels for plane_terms (and its weights): base = <lo, q>, steps = <step, q>,
-  // and per job wide = <half, |q|>, mag = <magnitude + half, |q|>. A non-finite step weighs nothing in the
-  // dots (its half width still makes the bounds infinite).
-  void head_terms(i64 g, i64 jobs, const float* place, float& base, float& steps, float* wide, float* mag,
-                  const PlaneJob* job) const {
+  // Head g's integer weights x = rint(q * step / 2^e) into weights_ and e into exponent_ (the portable path's
+  // core.summaries.integer_weights); returns the residual sum |q * step / 2^e - x|.
+  float integer_weights(i64 g) {
     const float* q = &q_[g * D_];
-    const float* qa = &q_abs_[g * D_];
-    const float* lo = cell_lo_;
     const i64 stride = weight_stride();
-    i64 d = 0;
-#if defined(__AVX512F__)
-    __m512 base_v = _mm512_setzero_ps(), steps_v = _mm512_setzero_ps(), wide_v[2], mag_v[2];
-    for (i64 j = 0; j < 2; ++j) wide_v[j] = mag_v[j] = _mm512_setzero_ps();
-    const __m512 inf = _mm512_set1_ps(INF_F);
-    for (; d < D_; d += 16) {
-      const __mmask16 in = D_ - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D_ - d)) - 1);
-      const __m512 qv = _mm512_maskz_loadu_ps(in, q + d), qav = _mm512_maskz_loadu_ps(in, qa + d);
-      const __m512 step = _mm512_maskz_loadu_ps(in, &step_[d]), magnitude = _mm512_maskz_loadu_ps(in, &magnitude_[d]);
-      const __m512 finite = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(step), inf, _CMP_LT_OQ), step);
-      base_v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, lo + d), qv, base_v);
-      steps_v = _mm512_fmadd_ps(finite, qv, steps_v);
-      const __m512 weight = _mm512_mul_ps(qv, finite);
-      for (i64 j = 0; j < jobs; ++j) {
-        const __m512 half = _mm512_maskz_loadu_ps(in, &halves_[j][d]);
-        wide_v[j] = _mm512_fmadd_ps(half, qav, wide_v[j]);
-        mag_v[j] = _mm512_fmadd_ps(_mm512_add_ps(magnitude, half), qav, mag_v[j]);
-        _mm512_mask_storeu_ps(&job[j].terms->weights[g * stride + d], in, _mm512_mul_ps(weight, _mm512_set1_ps(place[j])));
-      }
+    int32_t* x = &weights_[g * stride];
+    float top = 0;
+    for (i64 d = 0; d < stride; ++d) {
+      scaled_[d] = (d < D_ ? q[d] : 0.0f) * step_[d];
+      top = std::max(top, std::fabs(scaled_[d]));       // NaN-free: q and the sanitised steps are finite
     }
-    base = _mm512_reduce_add_ps(base_v);
-    steps = _mm512_reduce_add_ps(steps_v);
-    for (i64 j = 0; j < jobs; ++j) wide[j] = _mm512_reduce_add_ps(wide_v[j]), mag[j] = _mm512_reduce_add_ps(mag_v[j]);
-#else
-    base = steps = 0;
-    for (i64 j = 0; j < jobs; ++j) wide[j] = mag[j] = 0;
-    for (; d < D_; ++d) {
-      const float step = std::isfinite(step_[d]) ? step_[d] : 0.0f;
-      base += lo[d] * q[d];
-      steps += step * q[d];
-      for (i64 j = 0; j < jobs; ++j) {
-        wide[j] += halves_[j][d] * qa[d];
-        mag[j] += (magnitude_[d] + halves_[j][d]) * qa[d];
-        job[j].terms->weights[g * stride + d] = q[d] * step * place[j];
-      }
+    exponent_[g] = 0;
+    std::fill(x, x + stride, 0);
+    float residual = 0;
+    if (!(top > 0) || !std::isfinite(top)) return top == 0 ? 0.0f : INF_F;
+    const int exponent = weight_exponent(top, 31 - __builtin_clz(uint32_t(a_.code_weight_range)));
+    exponent_[g] = exponent;
+    for (i64 d = 0; d < stride; ++d) {
+      const float y = std::ldexp(scaled_[d], -exponent);
+      const float rounded = std::nearbyint(y);
+      residual += std::fabs(y - rounded);
+      x[d] = int32_t(rounded);
     }
-#endif
+    return residual;
   }
 
-#if defined(__AVX512F__)
+#if HSR_AVX512
+  // cell_terms' work on the vector path (vector_dots()): every channel sum in 16 lanes, and the integer weights
+  // rounded and split into words_ there too. lo, hi: the cell's box; per job its half width in steps, the
+  // cell part's weight of <step, q> and the factor of the weights' residual.
+  void cell_terms_avx512(const float* lo, const float* hi, i64 num_jobs, const float* half_steps,
+                         const float* unknown_half, const float* rounding) {
+    const i64 chunks = (D_ + 15) / 16, word_stride = words_stride(), width = 16 * chunks;
+    const __m512 inf = _mm512_set1_ps(INF_F), levels = _mm512_set1_ps(float((i64(1) << a_.code_bits) - 1));
+    // the cell's channels, once for all heads (lanes past D hold zeros: they weigh nothing)
+    step_.resize(width);
+    half_.resize(2 * 2 * width);       // per job: half widths, then magnitude + half width
+    for (i64 c = 0; c < chunks; ++c) {
+      const i64 d = 16 * c;
+      const __mmask16 in = D_ - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D_ - d)) - 1);
+      const __m512 l = _mm512_maskz_loadu_ps(in, lo + d), h = _mm512_maskz_loadu_ps(in, hi + d);
+      const __m512 step = _mm512_div_ps(_mm512_sub_ps(h, l), levels);
+      const __m512 magnitude = _mm512_max_ps(_mm512_abs_ps(l), _mm512_abs_ps(h));
+      _mm512_storeu_ps(&step_[d], _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(step), inf, _CMP_LT_OQ), step));
+      const __m512 slack = _mm512_fmadd_ps(magnitude, _mm512_set1_ps(float(a_.magnitude_slack)),
+                                           _mm512_set1_ps(float(a_.abs_slack)));
+      for (i64 j = 0; j < num_jobs; ++j) {
+        const __m512 half = _mm512_maskz_mov_ps(in, _mm512_fmadd_ps(step, _mm512_set1_ps(half_steps[j]), slack));
+        _mm512_storeu_ps(&half_[2 * j * width + d], half);
+        _mm512_storeu_ps(&half_[(2 * j + 1) * width + d], _mm512_add_ps(magnitude, half));
+      }
+    }
+    const __m128i deinterleave = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const int range_bits = 31 - __builtin_clz(uint32_t(a_.code_weight_range));
+    words_.resize(G_ * 4 * word_stride);
+    scaled_.resize(width);
+    for (i64 g = 0; g < G_; ++g) {
+      const float* q = &q_[g * D_];
+      const float* qa = &q_abs_[g * D_];
+      __m512 base = _mm512_setzero_ps(), steps = base, top = base, wide[2] = {base, base}, mag[2] = {base, base};
+      for (i64 c = 0; c < chunks; ++c) {
+        const i64 d = 16 * c;
+        const __mmask16 in = D_ - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D_ - d)) - 1);
+        const __m512 qv = _mm512_maskz_loadu_ps(in, q + d), qav = _mm512_maskz_loadu_ps(in, qa + d);
+        const __m512 step = _mm512_loadu_ps(&step_[d]);
+        base = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, lo + d), qv, base);
+        steps = _mm512_fmadd_ps(step, qv, steps);
+        for (i64 j = 0; j < num_jobs; ++j) {
+          wide[j] = _mm512_fmadd_ps(_mm512_loadu_ps(&half_[2 * j * width + d]), qav, wide[j]);
+          mag[j] = _mm512_fmadd_ps(_mm512_loadu_ps(&half_[(2 * j + 1) * width + d]), qav, mag[j]);
+        }
+        const __m512 w = _mm512_mul_ps(qv, step);
+        _mm512_storeu_ps(&scaled_[d], w);
+        top = _mm512_max_ps(top, _mm512_abs_ps(w));
+      }
+      const float top_value = _mm512_reduce_max_ps(top);
+      const bool usable = top_value > 0 && top_value < INF_F;
+      const int exponent = usable ? weight_exponent(top_value, range_bits) : 0;
+      exponent_[g] = exponent;
+      __m512 residuals = _mm512_setzero_ps();
+      const __m512 down = _mm512_set1_ps(float(-exponent));
+      int32_t* words = &words_[g * 4 * word_stride];
+      for (i64 c = 0; c < chunks; ++c) {
+        __m512i x = _mm512_setzero_si512();
+        if (usable) {
+          const __m512 y = _mm512_scalef_ps(_mm512_loadu_ps(&scaled_[16 * c]), down);
+          const __m512 rounded = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          residuals = _mm512_add_ps(residuals, _mm512_abs_ps(_mm512_sub_ps(y, rounded)));
+          x = _mm512_cvtps_epi32(rounded);
+        }
+        const __m512i up = _mm512_srai_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(128)), 8);
+        const __m128i high = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(up), deinterleave);
+        const __m128i low = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(_mm512_sub_epi32(x, _mm512_slli_epi32(up, 8))),
+                                             deinterleave);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(&words[2 * c]), high);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(&words[word_stride + 2 * c]), _mm_unpackhi_epi64(high, high));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(&words[2 * word_stride + 2 * c]), low);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(&words[3 * word_stride + 2 * c]), _mm_unpackhi_epi64(low, low));
+      }
+      const float residual = usable ? _mm512_reduce_add_ps(residuals) : top_value == 0 ? 0.0f : INF_F;
+      const float base_sum = _mm512_reduce_add_ps(base), steps_sum = _mm512_reduce_add_ps(steps);
+      for (i64 j = 0; j < num_jobs; ++j) {
+        terms_[j].cell_part[g] = base_sum + unknown_half[j] * steps_sum;
+        terms_[j].width[g] = _mm512_reduce_add_ps(wide[j]) + times_power_of_two(rounding[j] * residual, exponent);
+        terms_[j].margin[g] = margin(_mm512_reduce_add_ps(mag[j]));
+      }
+    }
+  }
+#endif
+
+#if HSR_AVX512
   // The vector code dots take up to MAX_HEADS query heads per pass over a cell's codes: each gathered word is
-  // unpacked and converted once for all of them (four heads' accumulators of both planes fit the registers).
+  // split into its nibbles once for all of them.
   static constexpr i64 MAX_HEADS = 4;
   template <typename F>
   static void with_heads(i64 remaining, F&& f) {
@@ -486,18 +615,16 @@ class Row {
     }
   }
 
-  // code_bounds for 16-token cells and HEADS query heads from g: one lane per token, so no horizontal sums;
-  // each gather brings 4 code bytes of all 16 tokens, whose nibbles are converted once for the heads.
+  // code_bounds for 16-token cells and HEADS query heads from g: one lane per token, so no horizontal sums
   template <int HEADS>
-  void cell_dots_avx512(const uint8_t* codes, const PlaneTerms& terms, i64 g, Bounds& tb, i64 first, i64 read) {
-    __m512 acc[HEADS];
-    plane_dots<HEADS>(codes, terms, g, acc);
+  void cell_dots_avx512(const uint8_t* codes, i64 g, Bounds& tb, i64 first, i64 read) {
+    __m512i dot[HEADS];
+    plane_dots<HEADS>(codes, g, dot);
     for (int h = 0; h < HEADS; ++h) {
       const i64 at = (g + h) * tb.n + first;
-      __m512 dot = acc[h];
-      if (read) dot = _mm512_add_ps(dot, _mm512_loadu_ps(&dots_[at]));
-      _mm512_storeu_ps(&dots_[at], dot);
-      store_bounds(dot, terms, g + h, tb, at);
+      if (read) dot[h] = _mm512_add_epi32(dot[h], _mm512_slli_epi32(_mm512_loadu_si512(&dots_[at]), 4));
+      _mm512_storeu_si512(&dots_[at], dot[h]);
+      store_bounds(dot[h], terms_[0], g + h, tb, at);
     }
   }
 
@@ -506,46 +633,125 @@ class Row {
   // the cache lines the first one's brought (a token's planes share one).
   template <int HEADS>
   void cell_dots_both(const uint8_t* codes, i64 g, Bounds& tb, Bounds& fine, i64 first) {
-    __m512 coarse[HEADS], extra[HEADS];
-    plane_dots<HEADS>(codes, plane_terms_[0], g, coarse);
-    plane_dots<HEADS>(codes + a_.plane_bytes, plane_terms_[1], g, extra);
+    __m512i coarse[HEADS], extra[HEADS];
+    plane_dots<HEADS>(codes, g, coarse);
+    plane_dots<HEADS>(codes + a_.plane_bytes, g, extra);
     for (int h = 0; h < HEADS; ++h) {
       const i64 at = (g + h) * tb.n + first;
-      _mm512_storeu_ps(&dots_[at], coarse[h]);
-      store_bounds(coarse[h], plane_terms_[0], g + h, tb, at);
-      store_bounds(_mm512_add_ps(extra[h], coarse[h]), plane_terms_[1], g + h, fine, at);
+      _mm512_storeu_si512(&dots_[at], coarse[h]);
+      store_bounds(coarse[h], terms_[0], g + h, tb, at);
+      store_bounds(_mm512_add_epi32(_mm512_slli_epi32(coarse[h], 4), extra[h]), terms_[1], g + h, fine, at);
     }
   }
 
-  // acc[h] = the 16 tokens' code dots of one plane (codes: its first byte of token 0) for head g + h
+  // Unsigned code bytes times signed weight bytes, summed in groups of four into the int32 lanes of acc
+  static __m512i dot_bytes(__m512i acc, __m512i codes, __m512i weights) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, codes, weights);
+#else   // pairs first: a code (<= 15) times a weight byte (|.| <= 128), twice, fits an int16 without saturating
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, weights), _mm512_set1_epi16(1)));
+#endif
+  }
+
+  // dot[h] = the 16 tokens' integer code dots of one plane (codes: its first byte of token 0) for head g + h.
+  // A plane of at most 64 bytes is read a token row at a time (two rows per vector up to 32 bytes), its bytes
+  // dotted with the weight bytes in place and each token's lanes summed by a transposing reduction; wider
+  // planes gather 4 bytes of all 16 tokens at a time.
   template <int HEADS>
-  void plane_dots(const uint8_t* codes, const PlaneTerms& terms, i64 g, __m512* acc) const {
-    const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(int32_t(a_.code_token_stride)));
-    const __m512i nibble = _mm512_set1_epi32(15);
-    const i64 stride = weight_stride();
-    // even and odd channels in separate sums: one chain of dependent FMAs per head would wait on their latency
-    __m512 odd[HEADS];
-    for (int h = 0; h < HEADS; ++h) acc[h] = odd[h] = _mm512_setzero_ps();
-    for (i64 k = 0; k < a_.plane_bytes; k += 4) {
-      const __m512i word = _mm512_i32gather_epi32(index, codes + k, 1);
-      for (int j = 0; j < 4; ++j) {
-        const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j), nibble));
-        const __m512 high = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(word, 8 * j + 4), nibble));
-        for (int h = 0; h < HEADS; ++h) {
-          const float* weights = &terms.weights[(g + h) * stride + 2 * (k + j)];
-          acc[h] = _mm512_fmadd_ps(low, _mm512_set1_ps(weights[0]), acc[h]);
-          odd[h] = _mm512_fmadd_ps(high, _mm512_set1_ps(weights[1]), odd[h]);
-        }
+  void plane_dots(const uint8_t* codes, i64 g, __m512i* dot) const {
+    if (a_.plane_bytes <= 32) return row_dots<HEADS, 8>(codes, g, dot);
+    if (a_.plane_bytes <= 64) return row_dots<HEADS, 16>(codes, g, dot);
+    gathered_dots<HEADS>(codes, g, dot);
+  }
+
+  // plane_dots from token rows: WORDS = 8 (rows of up to 32 bytes, two tokens per vector) or 16 (up to 64)
+  template <int HEADS, int WORDS>
+  void row_dots(const uint8_t* codes, i64 g, __m512i* dot) const {
+    constexpr int VECTORS = WORDS;        // 16 tokens, 16 / WORDS of them per vector
+    const __m512i nibbles = _mm512_set1_epi8(15);
+    const i64 stride = a_.code_token_stride, word_stride = words_stride();
+    const uint64_t row_mask = a_.plane_bytes >= 64 ? ~uint64_t(0) : (uint64_t(1) << a_.plane_bytes) - 1;
+    __m512i weights[HEADS][4];
+    for (int h = 0; h < HEADS; ++h)
+      for (int part = 0; part < 4; ++part) {
+        const int32_t* words = &words_[((g + h) * 4 + part) * word_stride];
+        weights[h][part] = WORDS == 8
+            ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words)))
+            : _mm512_loadu_si512(words);
+      }
+    __m512i partial[HEADS][VECTORS];
+    for (int v = 0; v < VECTORS; ++v) {
+      __m512i row;
+      if (WORDS == 8) {     // tokens (v, v + 4), then (v + 4, v + 8): the reduction then leaves tokens in order
+        const i64 first = v < 4 ? v : v + 4;
+        row = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(__mmask32(row_mask), codes + first * stride)),
+            _mm256_maskz_loadu_epi8(__mmask32(row_mask), codes + (first + 4) * stride), 1);
+      } else {
+        row = _mm512_maskz_loadu_epi8(__mmask64(row_mask), codes + v * stride);
+      }
+      const __m512i even = _mm512_and_si512(row, nibbles), odd = _mm512_and_si512(_mm512_srli_epi32(row, 4), nibbles);
+      for (int h = 0; h < HEADS; ++h) {
+        const __m512i high = dot_bytes(dot_bytes(_mm512_setzero_si512(), even, weights[h][0]), odd, weights[h][1]);
+        const __m512i low = dot_bytes(dot_bytes(_mm512_setzero_si512(), even, weights[h][2]), odd, weights[h][3]);
+        partial[h][v] = _mm512_add_epi32(_mm512_slli_epi32(high, 8), low);
       }
     }
-    for (int h = 0; h < HEADS; ++h) acc[h] = _mm512_add_ps(acc[h], odd[h]);
+    for (int h = 0; h < HEADS; ++h) dot[h] = sum_rows<VECTORS>(partial[h]);
   }
 
-  // ub, lb of 16 tokens at entries [at, at + 16) of b from their code dots
-  void store_bounds(__m512 dot, const PlaneTerms& terms, i64 g, Bounds& b, i64 at) const {
+  // The transposing reduction of row_dots: 8 vectors of two tokens (tokens v, v + 4 and v + 4, v + 8 in 8 lanes
+  // each) or 16 of one token (16 lanes each) -> the 16 tokens' sums, in token order
+  template <int VECTORS>
+  static __m512i sum_rows(const __m512i* v) {
+    __m512i a[VECTORS / 2], b[VECTORS / 4];
+    for (int i = 0; i < VECTORS / 2; ++i) {   // per 128-bit lane: halves of 4-word sums of v[2i], v[2i + 1]
+      const __m512i x = v[2 * i], y = v[2 * i + 1];
+      a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
+    }
+    for (int i = 0; i < VECTORS / 4; ++i) {   // per 128-bit lane L: the 4-word sums of v[4i .. 4i + 3] at L
+      const __m512i x = a[2 * i], y = a[2 * i + 1];
+      b[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+    }
+    auto join = [](__m512i x, __m512i y) {    // lanes (0 + 1, 2 + 3) of x, then of y
+      return _mm512_add_epi32(_mm512_shuffle_i32x4(x, y, 0x88), _mm512_shuffle_i32x4(x, y, 0xDD));
+    };
+    if (VECTORS == 8) return join(b[0], b[1]);
+    return join(join(b[0], b[1]), join(b[2], b[3]));
+  }
+
+  // plane_dots by gathers: each brings 4 code bytes of all 16 tokens
+  template <int HEADS>
+  void gathered_dots(const uint8_t* codes, i64 g, __m512i* dot) const {
+    const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(int32_t(a_.code_token_stride)));
+    const __m512i nibbles = _mm512_set1_epi8(15);
+    const i64 per_part = a_.plane_bytes / 4, word_stride = words_stride();
+    // high and low weight bytes in separate sums, and even and odd channels: short dependency chains
+    __m512i high[HEADS][2], low[HEADS][2];
+    for (int h = 0; h < HEADS; ++h)
+      for (int p = 0; p < 2; ++p) high[h][p] = low[h][p] = _mm512_setzero_si512();
+    for (i64 k = 0; k < per_part; ++k) {
+      const __m512i word = _mm512_i32gather_epi32(index, codes + 4 * k, 1);
+      const __m512i even = _mm512_and_si512(word, nibbles), odd = _mm512_and_si512(_mm512_srli_epi32(word, 4), nibbles);
+      for (int h = 0; h < HEADS; ++h) {
+        const int32_t* words = &words_[(g + h) * 4 * word_stride + k];
+        high[h][0] = dot_bytes(high[h][0], even, _mm512_set1_epi32(words[0]));
+        high[h][1] = dot_bytes(high[h][1], odd, _mm512_set1_epi32(words[word_stride]));
+        low[h][0] = dot_bytes(low[h][0], even, _mm512_set1_epi32(words[2 * word_stride]));
+        low[h][1] = dot_bytes(low[h][1], odd, _mm512_set1_epi32(words[3 * word_stride]));
+      }
+    }
+    for (int h = 0; h < HEADS; ++h)
+      dot[h] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(high[h][0], high[h][1]), 8),
+                                _mm512_add_epi32(low[h][0], low[h][1]));
+  }
+
+  // ub, lb of 16 tokens at entries [at, at + 16) of b from their integer code dots
+  void store_bounds(__m512i dot, const PlaneTerms& terms, i64 g, Bounds& b, i64 at) const {
     const __m512 s = _mm512_set1_ps(float(a_.scale)), inf = _mm512_set1_ps(INF_F);
-    const __m512 center = _mm512_add_ps(_mm512_set1_ps(terms.cell_part[g]), dot);
+    const __m512 value = _mm512_scalef_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(float(exponent_[g])));
+    const __m512 center = _mm512_fmadd_ps(_mm512_set1_ps(terms.place), value, _mm512_set1_ps(terms.cell_part[g]));
     const __m512 width = _mm512_set1_ps(terms.width[g]), margin_g = _mm512_set1_ps(terms.margin[g]);
     const __m512 up = _mm512_fmadd_ps(s, _mm512_add_ps(center, width), margin_g);
     const __m512 down = _mm512_fmsub_ps(s, _mm512_sub_ps(center, width), margin_g);
@@ -692,9 +898,7 @@ class Row {
         for (i64 p = 0; p < P; ++p)
           if (dropped[p]) top = std::max(top, double(x[p]) + std::log(double((*counts)[p])));
       } else {
-        masked_.resize(P);
-        for (i64 p = 0; p < P; ++p) masked_[p] = dropped[p] ? x[p] : -INF_F;
-        top = max_of(masked_.data(), P);
+        top = flagged_max(x, dropped.data(), P);
       }
       if (!std::isfinite(top)) { added[g] = top; continue; }
       double sum = 0;
@@ -702,15 +906,7 @@ class Row {
         for (i64 p = 0; p < P; ++p)
           if (dropped[p]) sum += double((*counts)[p]) * std::exp(double(x[p]) - top);
       } else {
-        const float top_f = float(top);
-        constexpr i64 BLOCK = 16;
-        for (i64 p0 = 0; p0 < P; p0 += BLOCK) {
-          float block = 0;
-          for (i64 p = p0; p < std::min(p0 + BLOCK, P); ++p)
-            block += float(dropped[p]) * exp_nonpositive(std::min(masked_[p] - top_f, 0.0f));
-          sum += block;
-        }
-        sum *= EXP_SLACK;
+        sum = sum_exp_below(x, dropped.data(), P, float(top)) * EXP_SLACK;
       }
       added[g] = top + std::log(sum);
     }
@@ -718,17 +914,49 @@ class Row {
     return added;
   }
 
-  std::vector<float> masked_;     // record_skipped's ub of the dropped tokens, -inf elsewhere
-
-  // max of x[0, n) (no NaN), -inf if empty: in 16 lanes, as a vector max
-  static float max_of(const float* x, i64 n) {
-    float lanes[16];
-    std::fill(lanes, lanes + 16, -INF_F);
+  // max of x[p] over the flagged p < n (no NaN), -inf if none
+  static float flagged_max(const float* x, const uint8_t* flags, i64 n) {
     i64 p = 0;
-    for (; p + 16 <= n; p += 16)
-      for (int j = 0; j < 16; ++j) lanes[j] = std::max(lanes[j], x[p + j]);
-    for (; p < n; ++p) lanes[0] = std::max(lanes[0], x[p]);
-    return *std::max_element(lanes, lanes + 16);
+    float top = -INF_F;
+#if HSR_AVX512
+    __m512 lanes = _mm512_set1_ps(-INF_F);
+    for (; p < n; p += 16) {
+      const __mmask16 in = flag_mask(flags + p, n - p);
+      lanes = _mm512_mask_max_ps(lanes, in, lanes, _mm512_maskz_loadu_ps(in, x + p));
+    }
+    top = _mm512_reduce_max_ps(lanes);
+#endif
+    for (; p < n; ++p) if (flags[p]) top = std::max(top, x[p]);
+    return top;
+  }
+
+  // sum of exp(x[p] - top) over the flagged p < n, every x[p] <= top: fp32 terms summed in fp32 blocks of 256
+  // (16 per lane) and the blocks in fp64
+  static double sum_exp_below(const float* x, const uint8_t* flags, i64 n, float top) {
+    double sum = 0;
+    i64 p = 0;
+#if HSR_AVX512
+    const __m512 top_v = _mm512_set1_ps(top), zero = _mm512_setzero_ps();
+    constexpr i64 VECTOR_BLOCK = 256;
+    for (; p < n; p += VECTOR_BLOCK) {
+      __m512 block = zero;
+      for (i64 i = p; i < std::min(p + VECTOR_BLOCK, n); i += 16) {
+        const __mmask16 in = flag_mask(flags + i, n - i);
+        const __m512 e = exp_nonpositive(_mm512_min_ps(zero, _mm512_sub_ps(_mm512_maskz_loadu_ps(in, x + i), top_v)));
+        block = _mm512_mask_add_ps(block, in, block, e);
+      }
+      sum += _mm512_reduce_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(block)),
+                                                _mm512_cvtps_pd(_mm512_extractf32x8_ps(block, 1))));
+    }
+#endif
+    constexpr i64 BLOCK = 16;
+    for (; p < n; p += BLOCK) {
+      float block = 0;
+      for (i64 i = p; i < std::min(p + BLOCK, n); ++i)
+        block += float(flags[i]) * exp_nonpositive(std::min(x[i] - top, 0.0f));
+      sum += block;
+    }
+    return sum;
   }
 
   // out[p] = max over the group of x [G, P]
@@ -1077,7 +1305,7 @@ class Row {
   i64 page_at(i64 token) const { return table_[token / a_.block_size] * a_.block_stride + h_ * a_.head_stride; }
   const float* fp32_page(i64 token) const { return static_cast<const float*>(a_.cache) + page_at(token); }
 
-  static constexpr i64 PREFETCH_ROWS = 8;   // tokens ahead whose contiguous K or V row is requested
+  static constexpr i64 PREFETCH_ROWS = 16;  // tokens ahead whose contiguous K or V row is requested
   static void prefetch_row(const void* row, i64 bytes) {
     for (i64 b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b);
   }
@@ -1085,7 +1313,9 @@ class Row {
 
   // Exact scores [count, G] of tokens[0, count) (ascending). Keys of complete cells come from the key copy
   // when there is one (each key one contiguous row, whatever the cache's layout); the rest from the cache.
-  void scores_of(const i64* tokens, i64 count, float* scores) {
+  // with_values: also request the tokens' value rows ahead, for an accumulate_values that follows (a token's
+  // key and value then travel at once, which halves the waits on this memory-latency-bound read).
+  void scores_of(const i64* tokens, i64 count, float* scores, bool with_values = false) {
     const i64 copied = a_.key_rows ? std::lower_bound(tokens, tokens + count, n_ / a_.cell_size * a_.cell_size) - tokens
                                    : 0;
     if (copied) {
@@ -1093,20 +1323,27 @@ class Row {
       scores_from_rows(tokens, copied, scores, [&](i64 token) {
         return copy + (table_[token / a_.block_size] * a_.key_rows_block_stride + (token % a_.block_size) * D_) *
                       item_size();
-      });
+      }, with_values);
     }
-    cache_scores(tokens + copied, count - copied, scores + copied * G_);
+    cache_scores(tokens + copied, count - copied, scores + copied * G_, with_values);
   }
 
   // scores_of for keys whose channels are contiguous at row_of(token) (bytes, cache dtype), requested ahead
   template <typename RowOf>
-  void scores_from_rows(const i64* tokens, i64 count, float* scores, RowOf row_of) {
+  void scores_from_rows(const i64* tokens, i64 count, float* scores, RowOf row_of, bool with_values) {
     const float s = float(a_.scale);
     const i64 bytes = D_ * item_size();
-    for (i64 i = 0; i < std::min(PREFETCH_ROWS, count); ++i) prefetch_row(row_of(tokens[i]), bytes);
+    with_values = with_values && value_rows();
+    for (i64 i = 0; i < std::min(PREFETCH_ROWS, count); ++i) {
+      prefetch_row(row_of(tokens[i]), bytes);
+      if (with_values) prefetch_row(value_row(tokens[i]), D_ * 4);
+    }
     key_.resize(D_);
     for (i64 i = 0; i < count; ++i) {
-      if (i + PREFETCH_ROWS < count) prefetch_row(row_of(tokens[i + PREFETCH_ROWS]), bytes);
+      if (i + PREFETCH_ROWS < count) {
+        prefetch_row(row_of(tokens[i + PREFETCH_ROWS]), bytes);
+        if (with_values) prefetch_row(value_row(tokens[i + PREFETCH_ROWS]), D_ * 4);
+      }
       const float* k = as_floats(row_of(tokens[i]), key_.data());
       for (i64 g = 0; g < G_; ++g) scores[i * G_ + g] = dot(&q_[g * D_], k) * s;
     }
@@ -1123,13 +1360,13 @@ class Row {
   // as rows; keys whose channels are strided (CPU_ATTN's K, stored transposed per block) touch one cache line
   // per channel, so while one block's tokens are scored the lines of the next block's are requested. Other
   // layouts go through the offset table.
-  void cache_scores(const i64* tokens, i64 count, float* scores) {
+  void cache_scores(const i64* tokens, i64 count, float* scores, bool with_values) {
     const Affine& key = key_layout_;
     const float s = float(a_.scale);
     if (a_.cache_dtype == F32 && key.affine && key.channel == 1) {
       scores_from_rows(tokens, count, scores, [&](i64 token) {
         return reinterpret_cast<const char*>(fp32_page(token) + key.base + (token % a_.block_size) * key.token);
-      });
+      }, with_values);
       return;
     }
     if (a_.cache_dtype == F32 && key.affine) {
@@ -1168,12 +1405,18 @@ class Row {
     return sum;
   }
 
+  // an fp32 cache whose values are plain rows (then read in place, one row per token)
+  bool value_rows() const { return a_.cache_dtype == F32 && value_layout_.affine && value_layout_.channel == 1; }
+  const float* value_row(i64 token) const {
+    return fp32_page(token) + value_layout_.base + (token % a_.block_size) * value_layout_.token;
+  }
+
   // acc[g] += weights[i, g] * V[tokens[i]] for i < count
   void accumulate_values(const i64* tokens, i64 count, const float* weights, float* acc) {
     const Affine& value = value_layout_;
     if (a_.cache_dtype == F32 && value.affine) {
       auto row_of = [&](i64 token) { return fp32_page(token) + value.base + (token % a_.block_size) * value.token; };
-      const bool rows = value.channel == 1;     // then one row per token, requested ahead
+      const bool rows = value_rows();           // then requested ahead
       for (i64 i = 0; rows && i < std::min(PREFETCH_ROWS, count); ++i) prefetch_row(row_of(tokens[i]), D_ * 4);
       for (i64 i = 0; i < count; ++i) {
         if (rows && i + PREFETCH_ROWS < count) prefetch_row(row_of(tokens[i + PREFETCH_ROWS]), D_ * 4);
@@ -1197,34 +1440,62 @@ class Row {
   }
   std::vector<float> rows_;
 
+  // x [L, G] scores -> exp(x - m[g]) (every x <= m[g]); norm[g] += their sum over the L tokens
+  void softmax_weights(float* x, i64 L, const float* m, float* norm) const {
+    i64 i = 0;
+#if HSR_AVX512
+    if (16 % G_ == 0) {                // then lane j always holds head j % G
+      float pattern[16];
+      for (int j = 0; j < 16; ++j) pattern[j] = m[j % G_];
+      const __m512 top = _mm512_loadu_ps(pattern), zero = _mm512_setzero_ps();
+      __m512 sums = zero;
+      for (; i < L * G_; i += 16) {
+        const __mmask16 in = L * G_ - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (L * G_ - i)) - 1);
+        const __m512 w = exp_nonpositive(_mm512_min_ps(zero, _mm512_sub_ps(_mm512_maskz_loadu_ps(in, x + i), top)));
+        _mm512_mask_storeu_ps(x + i, in, w);
+        sums = _mm512_mask_add_ps(sums, in, sums, w);
+      }
+      float lanes[16];
+      _mm512_storeu_ps(lanes, sums);
+      for (int j = 0; j < 16; ++j) norm[j % G_] += lanes[j];
+      return;
+    }
+#endif
+    for (; i < L * G_; ++i) {
+      x[i] = exp_nonpositive(std::min(x[i] - m[i % G_], 0.0f));
+      norm[i % G_] += x[i];
+    }
+  }
+
   void attend(const std::vector<i64>& list) {
     const i64 L = i64(list.size());
     std::vector<float> scores(L * G_), m(G_, -INF_F), acc(G_ * D_, 0.0f), norm(G_, 0.0f);
-    scores_of(list.data(), L, scores.data());
+    scores_of(list.data(), L, scores.data(), true);
     for (i64 i = 0; i < L; ++i)
       for (i64 g = 0; g < G_; ++g) m[g] = std::max(m[g], scores[i * G_ + g]);
     const bool relu = a_.mode == RELU;
     std::vector<i64> weighted;           // tokens with a nonzero weight: only their values are read
     std::vector<float> weights;          // [weighted, G]
-    for (i64 i = 0; i < L; ++i) {
-      bool any = false;
-      for (i64 g = 0; g < G_; ++g) {
-        const float x = scores[i * G_ + g];
-        float w;
-        if (relu) {
-          const float r = std::max(x - float(a_.bias), 0.0f);
-          w = 1.0f;
+    if (relu) {
+      for (i64 i = 0; i < L; ++i) {
+        bool any = false;
+        for (i64 g = 0; g < G_; ++g) {
+          const float r = std::max(scores[i * G_ + g] - float(a_.bias), 0.0f);
+          float w = 1.0f;
           for (i64 k = 0; k < a_.alpha; ++k) w *= r;
-        } else {
-          w = std::exp(x - (std::isfinite(m[g]) ? m[g] : 0.0f));
+          scores[i * G_ + g] = w;
+          norm[g] += w;
+          any = any || w != 0;
         }
-        scores[i * G_ + g] = w;
-        norm[g] += w;
-        any = any || w != 0;
+        if (!any) continue;
+        weighted.push_back(list[i]);
+        weights.insert(weights.end(), &scores[i * G_], &scores[i * G_] + G_);
       }
-      if (!any) continue;
-      weighted.push_back(list[i]);
-      weights.insert(weights.end(), &scores[i * G_], &scores[i * G_] + G_);
+    } else {                             // exp_nonpositive is never 0: every listed token is weighted
+      for (float& x : m) x = std::isfinite(x) ? x : 0.0f;
+      softmax_weights(scores.data(), L, m.data(), norm.data());
+      weighted = list;
+      weights.swap(scores);
     }
     accumulate_values(weighted.data(), i64(weighted.size()), weights.data(), acc.data());
     for (i64 g = 0; g < G_; ++g) {
@@ -1234,8 +1505,7 @@ class Row {
       float bound = 0.0f;
       const float skipped = float(skipped_[g]);
       if (!relu && skipped != -INF_F) {
-        const float m_safe = std::isfinite(m[g]) ? m[g] : 0.0f;
-        bound = std::exp(skipped - m_safe - std::log(norm[g])) * (1.0f + 1e-5f);
+        bound = std::exp(skipped - m[g] - std::log(norm[g])) * (1.0f + 1e-5f);
         bound = std::max(bound, CERTIFICATE_FLOOR);
       }
       a_.error_bound[head] = bound;

@@ -120,6 +120,36 @@ def unpack_codes(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor
     return codes
 
 
+CODE_WEIGHT_LIMIT = 32512   # an integer code weight splits into two signed bytes: 256 * high + low
+
+
+def code_weight_range(head_dim: int, bits: int) -> int:
+    """The largest |integer code weight| (integer_weights): it splits into two signed bytes, and a token's
+    dot over every plane, (2^bits - 1) * limit * head_dim at most, fits an int32."""
+    return min(CODE_WEIGHT_LIMIT, (2 ** 31 - 1) // (((1 << bits) - 1) * (head_dim + head_dim % 2)))
+
+
+def integer_weights(weights: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Code weights as integers, so that a token's code dot is exact in any arithmetic: x = rint(w / 2^e) with
+    the power of two 2^e that brings max |w| into [limit / 4, limit] (both scalings exact).
+
+    weights: [..., D] fp32 -> x [..., D] float64 holding integers, exponent e [...] float64, residual [...]
+    float64 = sum |w / 2^e - x| (exact terms; w = 2^e * x + 2^e * r with sum |r| = residual). Non-finite or
+    all-zero weights give x = 0, e = 0 and residual inf (non-finite) or 0.
+    """
+    top = weights.abs().amax(-1)
+    mantissa, exponent = torch.frexp(top)                   # top = mantissa * 2^exponent, mantissa in [0.5, 1)
+    bits = limit.bit_length() - 1                           # 2^bits <= limit < 2^(bits + 1)
+    exponent = (exponent - bits - (mantissa * 2.0 ** (bits + 1) <= limit).int()).double()
+    usable = torch.isfinite(top) & (top > 0)
+    exponent = torch.where(usable, exponent, torch.zeros_like(exponent))
+    scaled = weights.double() * torch.exp2(-exponent).unsqueeze(-1)
+    x = torch.where(usable.unsqueeze(-1), torch.round(scaled), torch.zeros_like(scaled))
+    residual = torch.where(usable, (scaled - x).abs().sum(-1),
+                           torch.where(top == 0, 0.0, torch.inf).double())
+    return x, exponent, residual
+
+
 def margin_terms(head_dim: int) -> tuple[float, float]:
     """(relative, absolute) rounding allowance: margin = scale * relative * <magnitude, |q|> + absolute."""
     return (4 * head_dim + 16) * _U32, head_dim * _ABS_SLACK
@@ -161,7 +191,8 @@ def _code_dot(packed: torch.Tensor, weights: torch.Tensor, bits: int, planes: in
     """<weights, known code> of every token: the value of the first `planes` planes, as an integer,
     dotted with per-cell weights.
 
-    packed: [..., c, T, bytes] (at least the planes read); weights: [..., c, G, D] fp32 -> [..., c, T, G] fp32
+    packed: [..., c, T, bytes] (at least the planes read); weights: [..., c, G, D] -> [..., c, T, G] in weights'
+    dtype (integer weights in float64: the dot is exact)
     4-bit planes are read a nibble at a time: a byte's low nibble is channel 2j, its high nibble
     channel 2j + 1, and plane p weighs 16**(planes - 1 - p); so all planes take two matmuls on the
     bytes (weights scaled by exact powers of two), with no unpacked copy of the codes.
@@ -171,12 +202,12 @@ def _code_dot(packed: torch.Tensor, weights: torch.Tensor, bits: int, planes: in
     width = plane_bytes(head_dim, bits)
     packed = packed[..., :planes * width]
     if plane_bits != 4:
-        return unpack_codes(packed, planes * plane_bits, head_dim).float() @ weights.mT
+        return unpack_codes(packed, planes * plane_bits, head_dim).to(weights.dtype) @ weights.mT
     pad = torch.nn.functional.pad(weights, (0, 2 * width - head_dim)).unflatten(-1, (width, 2))  # [..., c, G, W, 2]
-    place = torch.tensor([16.0 ** (planes - 1 - p) for p in range(planes)], device=weights.device)
+    place = torch.tensor([16.0 ** (planes - 1 - p) for p in range(planes)], dtype=weights.dtype, device=weights.device)
     scaled = (pad.unsqueeze(-3) * place.view(-1, 1, 1)).flatten(-3, -2)                     # [..., c, G, P*W, 2]
     even, odd = scaled[..., 0].mT.contiguous(), scaled[..., 1].mT.contiguous()               # [..., c, P*W, G]
-    return (packed & 15).float() @ even + (packed >> 4).float() @ odd
+    return (packed & 15).to(weights.dtype) @ even + (packed >> 4).to(weights.dtype) @ odd
 
 
 def code_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: torch.Tensor,
@@ -184,7 +215,10 @@ def code_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: tor
     """Max and min of s*<q,k> over each token's code box, from the first `planes` planes of its
     code (None: all). Known high bits v of a code leave it in [v * 2^u, v * 2^u + 2^u - 1] (u
     unknown bits): a box of half width (2^u - 1/2) steps around lo + (v * 2^u + (2^u - 1)/2) * step,
-    whose centre scores <q, lo> + (2^u - 1)/2 * <q, step> + 2^u * <q * step, v>.
+    whose centre scores <q, lo> + (2^u - 1)/2 * <q, step> + 2^u * <q * step, v>. The last dot takes the
+    per-cell integer weights x = rint(q * step / 2^e) (integer_weights): 2^e * <x, v> is exact in any
+    arithmetic (every kernel computes the same value), and their rounding, at most (2^bits - 2^u) * 2^e *
+    residual over any v, widens the box.
 
     q: [..., G, D] fp32; lo, hi: [..., c, D] (the cells' boxes); packed: [..., c, T, bytes] (pack_codes,
     at least the planes read) returns ub, lb: [..., c, T, G] fp32
@@ -200,9 +234,13 @@ def code_bounds(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: tor
     step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
     cell_part = lo32 @ q.mT + (unknown / 2) * (step @ q.mT)                               # [..., c, G]
     weights = q.unsqueeze(-3) * step.unsqueeze(-2)                                        # [..., c, G, D]
-    center = cell_part.unsqueeze(-2) + (unknown + 1) * _code_dot(packed, weights, bits, planes)   # [..., c, T, G]
+    x, exponent, residual = integer_weights(weights, code_weight_range(q.shape[-1], bits))  # [.., c, G, D], [.., c, G]
+    power = torch.exp2(exponent)
+    dot = (_code_dot(packed, x, bits, planes) * power.unsqueeze(-2)).float()               # [..., c, T, G]
+    center = cell_part.unsqueeze(-2) + (unknown + 1) * dot
     q_abs = q.abs()
-    width = (half @ q_abs.mT).unsqueeze(-2)                             # [..., c, 1, G]
+    rounding = (((1 << bits) - (unknown + 1)) * residual * power).float()                  # [..., c, G]
+    width = (half @ q_abs.mT + rounding).unsqueeze(-2)                  # [..., c, 1, G]
     margin = _margin(q_abs, magnitude + half, scale).unsqueeze(-2)
     return (_finite_or(scale * (center + width) + margin, torch.inf),
             _finite_or(scale * (center - width) - margin, -torch.inf))

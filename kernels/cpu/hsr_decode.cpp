@@ -136,6 +136,24 @@ struct Affine {
   }
 };
 
+// The int16 lanes of the channel groups of 64 channels packed as packs_epi32(x0, x1) | packs_epi32(x2, x3)
+// (x_m: channels 16m .. 16m + 15; packs interleaves them 4 at a time per 128-bit lane): lanes[0] holds groups 0
+// then 1, lanes[1] groups 2 then 3 (group r, lane k: channel 4k + r), as indices for permutex2var_epi16
+struct GroupLanes {
+  alignas(64) int16_t lanes[2][32];
+};
+constexpr GroupLanes group_lanes() {
+  GroupLanes t{};
+  for (int r = 0; r < 4; ++r)
+    for (int k = 0; k < 16; ++k) {
+      const int channel = 4 * k + r, half = channel / 32, c = channel % 32;
+      const int lane = c < 16 ? 8 * (c / 4) + c % 4 : 8 * ((c - 16) / 4) + 4 + c % 4;
+      t.lanes[r / 2][16 * (r % 2) + k] = int16_t(32 * half + lane);
+    }
+  return t;
+}
+constexpr GroupLanes GROUP_LANES = group_lanes();
+
 // Upper and lower bounds of n nodes or tokens for every query head of a group, head-major: [G, n].
 struct Bounds {
   std::vector<float> ub, lb;
@@ -148,10 +166,18 @@ class Row {
   Row(const HsrArgs& a, const Affine& key_layout, const Affine& value_layout, i64 row)
       : a_(a), key_layout_(key_layout), value_layout_(value_layout), b_(row / a.num_kv_heads),
         h_(row % a.num_kv_heads), row_(row), G_(a.num_q_heads / a.num_kv_heads), D_(a.head_dim),
-        n_(a.seq_lens[b_]), table_(a.block_table + b_ * a.table_width), q_(G_ * D_), q_abs_(G_ * D_),
+        n_(a.seq_lens[b_]), table_(a.block_table + b_ * a.table_width), q_(G_ * D_), q_abs_(G_ * D_), q_pos_(G_ * D_),
+        q_neg_(G_ * D_), q_abs_sum_(G_),
         skipped_(G_, NEG_INF), counters_(a.counters + row * NUM_COUNTERS) {
     const float* q = a.q + (b_ * a.num_q_heads + h_ * G_) * D_;
-    for (i64 i = 0; i < G_ * D_; ++i) { q_[i] = q[i]; q_abs_[i] = std::fabs(q[i]); }
+    for (i64 i = 0; i < G_ * D_; ++i) {
+      q_[i] = q[i];
+      q_abs_[i] = std::fabs(q[i]);
+      q_pos_[i] = std::max(q[i], 0.0f);
+      q_neg_[i] = std::min(q[i], 0.0f);
+    }
+    for (i64 g = 0; g < G_; ++g)
+      for (i64 d = 0; d < D_; ++d) q_abs_sum_[g] += q_abs_[g * D_ + d];
     for (i64 c = 0; c < NUM_COUNTERS; ++c) counters_[c] = 0;
   }
 
@@ -179,7 +205,7 @@ class Row {
   const Affine &key_layout_, &value_layout_;
   const i64 b_, h_, row_, G_, D_, n_;
   const i64* table_;
-  std::vector<float> q_, q_abs_;
+  std::vector<float> q_, q_abs_, q_pos_, q_neg_, q_abs_sum_;   // [G, D]: q, |q|, max(q, 0), min(q, 0); [G] <1, |q|>
   std::vector<double> skipped_;   // [G] ln of the skipped mass bound
   i64* counters_;
   std::vector<i64> seeds_;        // ascending
@@ -238,11 +264,12 @@ class Row {
            + slot * a_.cell_size * a_.code_token_stride + first * a_.plane_bytes;
   }
 
-  // Ask for a cell's box and the codes of planes [first, planes) of its tokens ahead of code_bounds: cells lie
-  // in scattered blocks, where the hardware prefetcher cannot follow.
-  void prefetch_cell(i64 cell, i64 first, i64 planes) const {
+  // Ask for a cell's box (with_box) and the codes of planes [first, planes) of its tokens ahead of code_bounds:
+  // cells lie in scattered blocks, where the hardware prefetcher cannot follow.
+  void prefetch_cell(i64 cell, i64 first, i64 planes, bool with_box) const {
     i64 block, slot;
-    prefetch_box(0, cell, block, slot);
+    if (with_box) prefetch_box(0, cell, block, slot);
+    else locate(0, cell, block, slot);
     const uint8_t* codes = cell_codes(block, slot, first);
     for (i64 t = 0; t < a_.cell_size; ++t)
       for (i64 b = 0; b < (planes - first) * a_.plane_bytes; b += 64) __builtin_prefetch(codes + t * a_.code_token_stride + b);
@@ -331,18 +358,12 @@ class Row {
   // every implementation, and the weights' rounding widens each bound by (2^bits - 2^u) * 2^e * residual.
 
   // Bounds of the tokens of a complete cell from its first `planes` code planes, written to entries
-  // [first, first + cell_size) of tb. dots_ [G, tb.n] holds each token's integer dot over the first `read` planes
-  // and becomes the dot over `planes` = read + 1 (shifted by a plane and the plane read here added), so a
-  // refinement reads only its new plane.
+  // [first, first + cell_size) of tb (the portable path; the vector one is cell_pass and stashed_bounds).
+  // dots_ [G, tb.n] holds each token's integer dot over the first `read` planes and becomes the dot over
+  // `planes` = read + 1 (shifted by a plane and the plane read here added), so a refinement reads only its new
+  // plane.
   void code_bounds(i64 cell, i64 planes, i64 read, Bounds& tb, i64 first) {
     const uint8_t* codes = cell_terms(cell, {planes}) + read * a_.plane_bytes;
-#if HSR_AVX512
-    if (vector_dots()) {
-      for (i64 g = 0; g < G_; g += MAX_HEADS)
-        with_heads(G_ - g, [&](auto heads) { cell_dots_avx512<heads()>(codes, g, tb, first, read); });
-      return;
-    }
-#endif
     const i64 stride = weight_stride(), plane_bits = a_.plane_bits;
     value_.resize(stride);
     const i64 per_byte = 8 / plane_bits, mask = (i64(1) << plane_bits) - 1;
@@ -364,16 +385,8 @@ class Row {
     }
   }
 
-  // code_bounds(cell, 1, 0, tb, first), and into fine_ the bounds code_bounds(cell, 2, 1) would then give
-  void code_bounds_both(i64 cell, Bounds& tb, i64 first) {
-#if HSR_AVX512
-    const uint8_t* codes = cell_terms(cell, {1, 2});
-    for (i64 g = 0; g < G_; g += MAX_HEADS)
-      with_heads(G_ - g, [&](auto heads) { cell_dots_both<heads()>(codes, g, tb, fine_, first); });
-#endif
-  }
-  bool both_planes_ = false;
-  Bounds fine_;
+  bool both_planes_ = false;     // 8-bit codes on the vector path: both planes' bounds in one pass
+  Bounds fine_;                   // [G, tokens] with both_planes_: the bounds from both planes
 
   // The per-cell, per-head terms of the bounds from the first `planes` planes of a job: centre = cell_part +
   // place * 2^e * dot, half width `width` (the weights' rounding included), rounding margin `margin`
@@ -381,23 +394,18 @@ class Row {
     float place = 1;              // 2^u
     std::vector<float> cell_part, width, margin;
   };
-  PlaneTerms terms_[2];
+  PlaneTerms terms_[2];           // the portable path's, of one cell
   std::vector<int32_t> weights_;  // [G, weight_stride()] the cell's integer code weights x (portable path)
   std::vector<int32_t> exponent_; // [G] their e
-  std::vector<int32_t> words_;    // [G, 4, 2 * ceil(D / 16)] x as signed bytes for the vector dots: high byte of
-                                  // the even channels, of the odd ones, then low bytes (x = 256 * high + low);
-                                  // word k holds the channels of code bytes [4k, 4k + 4) of one parity
   std::vector<float> step_, half_, magnitude_, scaled_;
   std::vector<int32_t> value_;
   std::vector<int32_t> dots_;     // [G, tokens] integer code dot of each token over the planes read so far
 
   i64 weight_stride() const { return D_ + D_ % 2; }   // even: a byte of 4-bit codes is channels 2j and 2j + 1
-  // words_ per (head, part): a word per 4 code bytes, and at least as many as row_dots reads (those past the
-  // plane stay 0)
-  i64 words_stride() const {
-    const i64 words = 2 * ((D_ + 15) / 16);
-    return a_.plane_bytes <= 32 ? std::max<i64>(words, 8) : a_.plane_bytes <= 64 ? std::max<i64>(words, 16) : words;
-  }
+  // stash words per (head, group): a word per 4 code bytes (8 channels), in blocks of 64 channels
+  i64 words_stride() const { return 8 * ((D_ + 63) / 64); }
+  // the vector path: cells summarised by the walk (cell_pass), their tokens bounded from the stash
+  bool stashed() const { return a_.code_bits && vector_dots(); }
   bool vector_dots() const {
 #if HSR_AVX512
     return a_.plane_bits == 4 && a_.cell_size == 16 && a_.plane_bytes % 4 == 0;
@@ -407,7 +415,7 @@ class Row {
   }
 
   // Reads the cell's box and sets up terms_[j] for each job (planes read in all: 1 or 2 jobs) and the integer
-  // weights; returns the cell's codes from plane 0.
+  // weights (portable path); returns the cell's codes from plane 0.
   const uint8_t* cell_terms(i64 cell, std::initializer_list<i64> jobs) {
     i64 block, slot;
     locate(0, cell, block, slot);
@@ -428,12 +436,6 @@ class Row {
       ++j;
     }
     exponent_.resize(G_);
-#if HSR_AVX512
-    if (vector_dots()) {
-      cell_terms_avx512(lo, hi, num_jobs, half_steps, unknown_half, rounding);
-      return cell_codes(block, slot, 0);
-    }
-#endif
     const i64 stride = weight_stride();
     const float levels = float((i64(1) << bits) - 1);
     step_.assign(stride, 0.0f);                   // (a padding channel, when D is odd, weighs nothing)
@@ -518,91 +520,171 @@ class Row {
   }
 
 #if HSR_AVX512
-  // cell_terms' work on the vector path (vector_dots()): every channel sum in 16 lanes, and the integer weights
-  // rounded and split into words_ there too. lo, hi: the cell's box; per job its half width in steps, the
-  // cell part's weight of <step, q> and the factor of the weights' residual.
-  void cell_terms_avx512(const float* lo, const float* hi, i64 num_jobs, const float* half_steps,
-                         const float* unknown_half, const float* rounding) {
-    const i64 chunks = (D_ + 15) / 16, word_stride = words_stride(), width = 16 * chunks;
+  // -- the vector path (vector_dots()): cells summarised by the walk, their tokens bounded from the stash ------
+  // The walk's pass over the cells (cell_pass) reads each box once: it gives the cell's box bounds and stashes,
+  // per head, the terms its tokens' code bounds need (for the jobs of stash_jobs_: the first plane, and with
+  // both_planes_ both) and the integer weights as bytes. The code pass then reads only the kept cells' codes.
+  // (A cell the walk drops costs its terms, never a code read.)
+  static constexpr i64 STASH_TERMS = 8;   // per cell and head: cell_part[2], width[2], margin[2], e, (pad)
+  i64 stash_jobs_ = 1;
+  float stash_place_[2] = {1, 1};         // per job: 2^u
+  std::vector<float> stash_terms_;        // [P, G, STASH_TERMS] P: the walk's cells
+  std::vector<int32_t> stash_words_;      // [P, G, 4, words_stride()] x as int16 pairs: word k of group r holds
+                                          // channels 8k + r and 8k + 4 + r (the nibbles r of code bytes 4k, 4k + 1
+                                          // and of 4k + 2, 4k + 3)
+  std::vector<i64> stash_of_;             // [kept cells] each kept cell's entry in the stash
+  std::vector<float> lanes_;              // cell_pass' per-cell channels: ranges, steps, finite steps, magnitudes
+
+  // Box bounds of the cells nodes[0, P) (entries of b, as box_bounds) and their stash entries.
+  void cell_pass(const std::vector<i64>& nodes, Bounds& b) {
+    const i64 P = i64(nodes.size()), word_stride = words_stride(), bits = a_.code_bits;
+    const i64 jobs = both_planes_ ? 2 : 1;
+    float half_steps[2], unknown_half[2], rounding[2];
+    for (i64 j = 0; j < jobs; ++j) {
+      const i64 unknown = (i64(1) << (bits - (j + 1) * a_.plane_bits)) - 1;
+      half_steps[j] = float(0.5 + unknown / 2.0 + a_.step_slack);
+      unknown_half[j] = float(unknown / 2.0);
+      rounding[j] = float((i64(1) << bits) - (unknown + 1));
+      stash_place_[j] = float(unknown + 1);
+    }
+    stash_jobs_ = jobs;
+    stash_terms_.resize(P * G_ * STASH_TERMS);
+    stash_words_.resize(P * G_ * 4 * word_stride);   // words past the plane are never written: they stay 0
+    for (i64 i = 0, block, slot; i < P; ++i) {
+      if (i + PREFETCH_CELLS < P) prefetch_box(0, nodes[i + PREFETCH_CELLS], block, slot);
+      locate(0, nodes[i], block, slot);
+      const float *lo, *hi;
+      box(block, slot, lo, hi);
+      summarise_cell(lo, hi, i, b, jobs, half_steps, unknown_half, rounding);
+    }
+  }
+
+  // cell_pass for one cell (entry i), in 16 lanes. Box bounds as base + <range, max(q, 0)> and base + <range,
+  // min(q, 0)> (range = hi - lo, base = <lo, q>). The half widths enter only through their sums against |q|:
+  // <half_j, |q|> = half_steps_j * <step, |q|> + magnitude_slack * <magnitude, |q|> + abs_slack * <1, |q|>, and
+  // the margin's <magnitude + half_j, |q|> = <magnitude, |q|> + <half_j, |q|>, where <magnitude, |q|> is the box
+  // bound's margin sum too. Heads go in pairs, whose 14 sums take one transposing reduction.
+  void summarise_cell(const float* lo, const float* hi, i64 i, Bounds& b, i64 jobs, const float* half_steps,
+                      const float* unknown_half, const float* rounding) {
+    const i64 chunks = (D_ + 15) / 16, blocks = (D_ + 63) / 64, width = 64 * blocks, word_stride = words_stride();
     const __m512 inf = _mm512_set1_ps(INF_F), levels = _mm512_set1_ps(float((i64(1) << a_.code_bits) - 1));
+    const bool steps_needed = unknown_half[0] != 0 || (jobs > 1 && unknown_half[1] != 0);
     // the cell's channels, once for all heads (lanes past D hold zeros: they weigh nothing)
-    step_.resize(width);
-    half_.resize(2 * 2 * width);       // per job: half widths, then magnitude + half width
+    lanes_.resize(4 * width);
+    float *range = lanes_.data(), *step = range + width, *finite = step + width, *magnitude = finite + width;
     for (i64 c = 0; c < chunks; ++c) {
       const i64 d = 16 * c;
       const __mmask16 in = D_ - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D_ - d)) - 1);
       const __m512 l = _mm512_maskz_loadu_ps(in, lo + d), h = _mm512_maskz_loadu_ps(in, hi + d);
-      const __m512 step = _mm512_div_ps(_mm512_sub_ps(h, l), levels);
-      const __m512 magnitude = _mm512_max_ps(_mm512_abs_ps(l), _mm512_abs_ps(h));
-      _mm512_storeu_ps(&step_[d], _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(step), inf, _CMP_LT_OQ), step));
-      const __m512 slack = _mm512_fmadd_ps(magnitude, _mm512_set1_ps(float(a_.magnitude_slack)),
-                                           _mm512_set1_ps(float(a_.abs_slack)));
-      for (i64 j = 0; j < num_jobs; ++j) {
-        const __m512 half = _mm512_maskz_mov_ps(in, _mm512_fmadd_ps(step, _mm512_set1_ps(half_steps[j]), slack));
-        _mm512_storeu_ps(&half_[2 * j * width + d], half);
-        _mm512_storeu_ps(&half_[(2 * j + 1) * width + d], _mm512_add_ps(magnitude, half));
-      }
+      const __m512 r = _mm512_sub_ps(h, l), st = _mm512_div_ps(r, levels);
+      _mm512_storeu_ps(range + d, r);
+      _mm512_storeu_ps(step + d, st);
+      _mm512_storeu_ps(finite + d, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(st), inf, _CMP_LT_OQ), st));
+      _mm512_storeu_ps(magnitude + d, _mm512_max_ps(_mm512_abs_ps(l), _mm512_abs_ps(h)));
     }
-    const __m128i deinterleave = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     const int range_bits = 31 - __builtin_clz(uint32_t(a_.code_weight_range));
-    words_.resize(G_ * 4 * word_stride);
+    const float s = float(a_.scale);
     scaled_.resize(width);
-    for (i64 g = 0; g < G_; ++g) {
-      const float* q = &q_[g * D_];
-      const float* qa = &q_abs_[g * D_];
-      __m512 base = _mm512_setzero_ps(), steps = base, top = base, wide[2] = {base, base}, mag[2] = {base, base};
-      for (i64 c = 0; c < chunks; ++c) {
-        const i64 d = 16 * c;
-        const __mmask16 in = D_ - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D_ - d)) - 1);
-        const __m512 qv = _mm512_maskz_loadu_ps(in, q + d), qav = _mm512_maskz_loadu_ps(in, qa + d);
-        const __m512 step = _mm512_loadu_ps(&step_[d]);
-        base = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, lo + d), qv, base);
-        steps = _mm512_fmadd_ps(step, qv, steps);
-        for (i64 j = 0; j < num_jobs; ++j) {
-          wide[j] = _mm512_fmadd_ps(_mm512_loadu_ps(&half_[2 * j * width + d]), qav, wide[j]);
-          mag[j] = _mm512_fmadd_ps(_mm512_loadu_ps(&half_[(2 * j + 1) * width + d]), qav, mag[j]);
+    for (i64 g0 = 0; g0 < G_; g0 += 2) {
+      const i64 pair = std::min<i64>(2, G_ - g0);
+      // per head: the box's upper and lower sums' parts past base, <magnitude, |q|>, <lo, q>, <step, q>,
+      // <step, |q|>, the residual
+      __m512 sums[2][7];
+      int exponent[2];
+      float top[2];
+      for (__m512& x : sums[1]) x = _mm512_setzero_ps();     // (an odd last head)
+      for (i64 h = 0; h < pair; ++h) {
+        const i64 g = g0 + h;
+        const float *q = &q_[g * D_], *qa = &q_abs_[g * D_], *pos = &q_pos_[g * D_], *neg = &q_neg_[g * D_];
+        __m512 largest = _mm512_setzero_ps(), sum[7];           // in registers: sums[h] is memory
+        for (__m512& x : sum) x = _mm512_setzero_ps();
+        for (i64 c = 0; c < chunks; ++c) {
+          const i64 d = 16 * c;
+          const __mmask16 in = D_ - d >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D_ - d)) - 1);
+          const __m512 qv = _mm512_maskz_loadu_ps(in, q + d), qav = _mm512_maskz_loadu_ps(in, qa + d);
+          const __m512 r = _mm512_loadu_ps(range + d);
+          sum[0] = _mm512_fmadd_ps(r, _mm512_maskz_loadu_ps(in, pos + d), sum[0]);
+          sum[1] = _mm512_fmadd_ps(r, _mm512_maskz_loadu_ps(in, neg + d), sum[1]);
+          sum[2] = _mm512_fmadd_ps(_mm512_loadu_ps(magnitude + d), qav, sum[2]);
+          sum[3] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, lo + d), qv, sum[3]);
+          const __m512 w = _mm512_mul_ps(qv, _mm512_loadu_ps(finite + d));
+          if (steps_needed) sum[4] = _mm512_add_ps(sum[4], w);
+          sum[5] = _mm512_fmadd_ps(_mm512_loadu_ps(step + d), qav, sum[5]);
+          _mm512_storeu_ps(&scaled_[d], w);
+          largest = _mm512_max_ps(largest, _mm512_abs_ps(w));
         }
-        const __m512 w = _mm512_mul_ps(qv, step);
-        _mm512_storeu_ps(&scaled_[d], w);
-        top = _mm512_max_ps(top, _mm512_abs_ps(w));
-      }
-      const float top_value = _mm512_reduce_max_ps(top);
-      const bool usable = top_value > 0 && top_value < INF_F;
-      const int exponent = usable ? weight_exponent(top_value, range_bits) : 0;
-      exponent_[g] = exponent;
-      __m512 residuals = _mm512_setzero_ps();
-      const __m512 down = _mm512_set1_ps(float(-exponent));
-      int32_t* words = &words_[g * 4 * word_stride];
-      for (i64 c = 0; c < chunks; ++c) {
-        __m512i x = _mm512_setzero_si512();
-        if (usable) {
-          const __m512 y = _mm512_scalef_ps(_mm512_loadu_ps(&scaled_[16 * c]), down);
-          const __m512 rounded = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          residuals = _mm512_add_ps(residuals, _mm512_abs_ps(_mm512_sub_ps(y, rounded)));
-          x = _mm512_cvtps_epi32(rounded);
+        top[h] = _mm512_reduce_max_ps(largest);
+        const bool usable = top[h] > 0 && top[h] < INF_F;
+        exponent[h] = usable ? weight_exponent(top[h], range_bits) : 0;
+        // x = rint(w / 2^e) (cvtps rounds to nearest even), 64 channels at a time; packed to int16 (packs'
+        // lane order, which GROUP_LANES undoes) and split into the four channel groups: word k of group r holds
+        // channels 8k + r and 8k + 4 + r, as the codes' 16-bit lanes split into nibbles pair them
+        const __m512 down = _mm512_set1_ps(float(-exponent[h]));
+        int32_t* words = &stash_words_[(i * G_ + g) * 4 * word_stride];
+        for (i64 j = 0; j < blocks; ++j) {
+          __m512i x[4];
+          for (i64 k = 0; k < 4; ++k) {
+            const i64 c = 4 * j + k;
+            x[k] = _mm512_setzero_si512();
+            if (!usable || c >= chunks) continue;         // 0 past D, and for unusable weights
+            const __m512 y = _mm512_scalef_ps(_mm512_loadu_ps(&scaled_[16 * c]), down);
+            x[k] = _mm512_cvtps_epi32(y);
+            sum[6] = _mm512_add_ps(sum[6], _mm512_abs_ps(_mm512_sub_ps(y, _mm512_cvtepi32_ps(x[k]))));
+          }
+          const __m512i v0 = _mm512_packs_epi32(x[0], x[1]), v1 = _mm512_packs_epi32(x[2], x[3]);
+          const __m512i groups01 = _mm512_permutex2var_epi16(v0, _mm512_load_si512(GROUP_LANES.lanes[0]), v1);
+          const __m512i groups23 = _mm512_permutex2var_epi16(v0, _mm512_load_si512(GROUP_LANES.lanes[1]), v1);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(&words[8 * j]), _mm512_castsi512_si256(groups01));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(&words[word_stride + 8 * j]),
+                              _mm512_extracti64x4_epi64(groups01, 1));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(&words[2 * word_stride + 8 * j]),
+                              _mm512_castsi512_si256(groups23));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(&words[3 * word_stride + 8 * j]),
+                              _mm512_extracti64x4_epi64(groups23, 1));
         }
-        const __m512i up = _mm512_srai_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(128)), 8);
-        const __m128i high = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(up), deinterleave);
-        const __m128i low = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(_mm512_sub_epi32(x, _mm512_slli_epi32(up, 8))),
-                                             deinterleave);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(&words[2 * c]), high);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(&words[word_stride + 2 * c]), _mm_unpackhi_epi64(high, high));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(&words[2 * word_stride + 2 * c]), low);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(&words[3 * word_stride + 2 * c]), _mm_unpackhi_epi64(low, low));
+        for (int k = 0; k < 7; ++k) sums[h][k] = sum[k];
       }
-      const float residual = usable ? _mm512_reduce_add_ps(residuals) : top_value == 0 ? 0.0f : INF_F;
-      const float base_sum = _mm512_reduce_add_ps(base), steps_sum = _mm512_reduce_add_ps(steps);
-      for (i64 j = 0; j < num_jobs; ++j) {
-        terms_[j].cell_part[g] = base_sum + unknown_half[j] * steps_sum;
-        terms_[j].width[g] = _mm512_reduce_add_ps(wide[j]) + times_power_of_two(rounding[j] * residual, exponent);
-        terms_[j].margin[g] = margin(_mm512_reduce_add_ps(mag[j]));
+      float total[16];
+      sum_lanes(&sums[0][0], total);          // sums[h][k] at total[7 * h + k]
+      for (i64 h = 0; h < pair; ++h) {
+        const i64 g = g0 + h;
+        const float* t = &total[7 * h];
+        const float box_margin = margin(t[2]);
+        b.ub[g * b.n + i] = finite_or(s * (t[3] + t[0]) + box_margin, INF_F);
+        b.lb[g * b.n + i] = finite_or(s * (t[3] + t[1]) - box_margin, -INF_F);
+        const bool usable = top[h] > 0 && top[h] < INF_F;
+        const float residual = usable ? t[6] : top[h] == 0 ? 0.0f : INF_F;
+        float* terms = &stash_terms_[(i * G_ + g) * STASH_TERMS];
+        for (i64 k = 0; k < jobs; ++k) {
+          const float wide = half_steps[k] * t[5] + float(a_.magnitude_slack) * t[2] + float(a_.abs_slack) * q_abs_sum_[g];
+          terms[k] = t[3] + unknown_half[k] * t[4];
+          terms[2 + k] = wide + times_power_of_two(rounding[k] * residual, exponent[h]);
+          terms[4 + k] = margin(t[2] + wide);
+        }
+        terms[6] = float(exponent[h]);
       }
     }
   }
-#endif
 
-#if HSR_AVX512
-  // The vector code dots take up to MAX_HEADS query heads per pass over a cell's codes: each gathered word is
+  // out[k] = the sum of the lanes of v[k], k < 14 (out has room for 16): one transposing reduction
+  static void sum_lanes(const __m512* v, float* out) {
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 a[8], b[4];
+    for (int k = 0; k < 8; ++k) {           // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] of v[2k], v[2k + 1]
+      const __m512 x = 2 * k < 14 ? v[2 * k] : zero, y = 2 * k + 1 < 14 ? v[2 * k + 1] : zero;
+      a[k] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    }
+    for (int k = 0; k < 4; ++k) {           // per 128-bit lane L: the sums over L of v[4k .. 4k + 3]
+      const __m512d p = _mm512_castps_pd(a[2 * k]), q = _mm512_castps_pd(a[2 * k + 1]);
+      b[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+    }
+    auto join = [](__m512 x, __m512 y) {    // 128-bit lanes (0 + 1, 2 + 3) of x, then of y
+      return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+    };
+    _mm512_storeu_ps(out, join(join(b[0], b[1]), join(b[2], b[3])));
+  }
+
+  // The vector code dots take up to MAX_HEADS query heads per pass over a cell's codes: each code byte is
   // split into its nibbles once for all of them.
   static constexpr i64 MAX_HEADS = 4;
   template <typename F>
@@ -615,69 +697,79 @@ class Row {
     }
   }
 
-  // code_bounds for 16-token cells and HEADS query heads from g: one lane per token, so no horizontal sums
-  template <int HEADS>
-  void cell_dots_avx512(const uint8_t* codes, i64 g, Bounds& tb, i64 first, i64 read) {
-    __m512i dot[HEADS];
-    plane_dots<HEADS>(codes, g, dot);
-    for (int h = 0; h < HEADS; ++h) {
-      const i64 at = (g + h) * tb.n + first;
-      if (read) dot[h] = _mm512_add_epi32(dot[h], _mm512_slli_epi32(_mm512_loadu_si512(&dots_[at]), 4));
-      _mm512_storeu_si512(&dots_[at], dot[h]);
-      store_bounds(dot[h], terms_[0], g + h, tb, at);
-    }
+  // The bounds of a kept cell's 16 tokens (entries [first, first + 16) of tb; with both_planes_ also those from
+  // both planes into fine_), from its stash entry `entry`, capped by the cell's box bounds (cell_ub, cell_lb:
+  // [G] at the given stride).
+  void stashed_bounds(i64 cell, i64 entry, Bounds& tb, i64 first, const float* cell_ub, const float* cell_lb,
+                      i64 cell_stride) {
+    i64 block, slot;
+    locate(0, cell, block, slot);
+    const uint8_t* codes = cell_codes(block, slot, 0);
+    for (i64 g = 0; g < G_; g += MAX_HEADS)
+      with_heads(G_ - g, [&](auto heads) { stashed_dots<heads()>(codes, entry, g, tb, first, cell_ub, cell_lb,
+                                                                 cell_stride); });
   }
 
-  // Both planes of 8-bit codes at once (code_bounds(cell, 1, 0) into tb, and what code_bounds(cell, 2, 1)
-  // would then give into fine): the box is read and the cell set up once, and the second plane's gathers hit
-  // the cache lines the first one's brought (a token's planes share one).
   template <int HEADS>
-  void cell_dots_both(const uint8_t* codes, i64 g, Bounds& tb, Bounds& fine, i64 first) {
+  void stashed_dots(const uint8_t* codes, i64 entry, i64 g, Bounds& tb, i64 first, const float* cell_ub,
+                    const float* cell_lb, i64 cell_stride) {
+    const int32_t* words = &stash_words_[(entry * G_ + g) * 4 * words_stride()];
+    const float* terms = &stash_terms_[(entry * G_ + g) * STASH_TERMS];
     __m512i coarse[HEADS], extra[HEADS];
-    plane_dots<HEADS>(codes, g, coarse);
-    plane_dots<HEADS>(codes + a_.plane_bytes, g, extra);
+    plane_dots<HEADS>(codes, words, coarse);
+    if (both_planes_) plane_dots<HEADS>(codes + a_.plane_bytes, words, extra);
     for (int h = 0; h < HEADS; ++h) {
       const i64 at = (g + h) * tb.n + first;
-      _mm512_storeu_si512(&dots_[at], coarse[h]);
-      store_bounds(coarse[h], terms_[0], g + h, tb, at);
-      store_bounds(_mm512_add_epi32(_mm512_slli_epi32(coarse[h], 4), extra[h]), terms_[1], g + h, fine, at);
+      const float* t = terms + h * STASH_TERMS;
+      const float up = cell_ub[(g + h) * cell_stride], down = cell_lb[(g + h) * cell_stride];
+      store_bounds(coarse[h], t, 0, up, down, tb, at);
+      if (both_planes_) store_bounds(_mm512_add_epi32(_mm512_slli_epi32(coarse[h], 4), extra[h]), t, 1, up, down,
+                                     fine_, at);
     }
   }
 
-  // Unsigned code bytes times signed weight bytes, summed in groups of four into the int32 lanes of acc
-  static __m512i dot_bytes(__m512i acc, __m512i codes, __m512i weights) {
+  // Code nibbles times weights, both int16, summed in pairs into the int32 lanes of acc
+  static __m512i dot_pairs(__m512i acc, __m512i codes, __m512i weights) {
 #if defined(__AVX512VNNI__)
-    return _mm512_dpbusd_epi32(acc, codes, weights);
-#else   // pairs first: a code (<= 15) times a weight byte (|.| <= 128), twice, fits an int16 without saturating
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, weights), _mm512_set1_epi16(1)));
+    return _mm512_dpwssd_epi32(acc, codes, weights);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(codes, weights));
 #endif
   }
 
-  // dot[h] = the 16 tokens' integer code dots of one plane (codes: its first byte of token 0) for head g + h.
-  // A plane of at most 64 bytes is read a token row at a time (two rows per vector up to 32 bytes), its bytes
-  // dotted with the weight bytes in place and each token's lanes summed by a transposing reduction; wider
-  // planes gather 4 bytes of all 16 tokens at a time.
+  // The nibble groups of 16-bit code lanes (4 channels each): group r holds nibble r of every lane
+  static void nibble_groups(__m512i codes, __m512i* group) {
+    const __m512i nibble = _mm512_set1_epi16(15);
+    group[0] = _mm512_and_si512(codes, nibble);
+    group[1] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
+    group[2] = _mm512_and_si512(_mm512_srli_epi16(codes, 8), nibble);
+    group[3] = _mm512_srli_epi16(codes, 12);
+  }
+
+  // dot[h] = the 16 tokens' integer code dots of one plane (codes: its first byte of token 0) for head h of
+  // the weight words `words` (heads words_stride() * 4 apart). A plane of at most 64 bytes is read a token row
+  // at a time (two rows per vector up to 32 bytes), dotted with the weights in place and each token's lanes
+  // summed by a transposing reduction; wider planes gather 4 bytes of all 16 tokens at a time.
   template <int HEADS>
-  void plane_dots(const uint8_t* codes, i64 g, __m512i* dot) const {
-    if (a_.plane_bytes <= 32) return row_dots<HEADS, 8>(codes, g, dot);
-    if (a_.plane_bytes <= 64) return row_dots<HEADS, 16>(codes, g, dot);
-    gathered_dots<HEADS>(codes, g, dot);
+  void plane_dots(const uint8_t* codes, const int32_t* words, __m512i* dot) const {
+    if (a_.plane_bytes <= 32) return row_dots<HEADS, 8>(codes, words, dot);
+    if (a_.plane_bytes <= 64) return row_dots<HEADS, 16>(codes, words, dot);
+    gathered_dots<HEADS>(codes, words, dot);
   }
 
   // plane_dots from token rows: WORDS = 8 (rows of up to 32 bytes, two tokens per vector) or 16 (up to 64)
   template <int HEADS, int WORDS>
-  void row_dots(const uint8_t* codes, i64 g, __m512i* dot) const {
+  void row_dots(const uint8_t* codes, const int32_t* words, __m512i* dot) const {
     constexpr int VECTORS = WORDS;        // 16 tokens, 16 / WORDS of them per vector
-    const __m512i nibbles = _mm512_set1_epi8(15);
     const i64 stride = a_.code_token_stride, word_stride = words_stride();
     const uint64_t row_mask = a_.plane_bytes >= 64 ? ~uint64_t(0) : (uint64_t(1) << a_.plane_bytes) - 1;
     __m512i weights[HEADS][4];
     for (int h = 0; h < HEADS; ++h)
-      for (int part = 0; part < 4; ++part) {
-        const int32_t* words = &words_[((g + h) * 4 + part) * word_stride];
-        weights[h][part] = WORDS == 8
-            ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words)))
-            : _mm512_loadu_si512(words);
+      for (int r = 0; r < 4; ++r) {
+        const int32_t* at = &words[(h * 4 + r) * word_stride];
+        weights[h][r] = WORDS == 8
+            ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)))
+            : _mm512_loadu_si512(at);
       }
     __m512i partial[HEADS][VECTORS];
     for (int v = 0; v < VECTORS; ++v) {
@@ -690,11 +782,12 @@ class Row {
       } else {
         row = _mm512_maskz_loadu_epi8(__mmask64(row_mask), codes + v * stride);
       }
-      const __m512i even = _mm512_and_si512(row, nibbles), odd = _mm512_and_si512(_mm512_srli_epi32(row, 4), nibbles);
+      __m512i group[4];
+      nibble_groups(row, group);
       for (int h = 0; h < HEADS; ++h) {
-        const __m512i high = dot_bytes(dot_bytes(_mm512_setzero_si512(), even, weights[h][0]), odd, weights[h][1]);
-        const __m512i low = dot_bytes(dot_bytes(_mm512_setzero_si512(), even, weights[h][2]), odd, weights[h][3]);
-        partial[h][v] = _mm512_add_epi32(_mm512_slli_epi32(high, 8), low);
+        const __m512i even = dot_pairs(dot_pairs(_mm512_setzero_si512(), group[0], weights[h][0]), group[2],
+                                       weights[h][2]);
+        partial[h][v] = dot_pairs(dot_pairs(even, group[1], weights[h][1]), group[3], weights[h][3]);
       }
     }
     for (int h = 0; h < HEADS; ++h) dot[h] = sum_rows<VECTORS>(partial[h]);
@@ -722,42 +815,38 @@ class Row {
 
   // plane_dots by gathers: each brings 4 code bytes of all 16 tokens
   template <int HEADS>
-  void gathered_dots(const uint8_t* codes, i64 g, __m512i* dot) const {
+  void gathered_dots(const uint8_t* codes, const int32_t* words, __m512i* dot) const {
     const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(int32_t(a_.code_token_stride)));
-    const __m512i nibbles = _mm512_set1_epi8(15);
-    const i64 per_part = a_.plane_bytes / 4, word_stride = words_stride();
-    // high and low weight bytes in separate sums, and even and odd channels: short dependency chains
-    __m512i high[HEADS][2], low[HEADS][2];
-    for (int h = 0; h < HEADS; ++h)
-      for (int p = 0; p < 2; ++p) high[h][p] = low[h][p] = _mm512_setzero_si512();
-    for (i64 k = 0; k < per_part; ++k) {
-      const __m512i word = _mm512_i32gather_epi32(index, codes + 4 * k, 1);
-      const __m512i even = _mm512_and_si512(word, nibbles), odd = _mm512_and_si512(_mm512_srli_epi32(word, 4), nibbles);
+    const i64 per_token = a_.plane_bytes / 4, word_stride = words_stride();
+    __m512i acc[HEADS][2];              // two sums per head: shorter dependency chains
+    for (int h = 0; h < HEADS; ++h) acc[h][0] = acc[h][1] = _mm512_setzero_si512();
+    for (i64 k = 0; k < per_token; ++k) {
+      __m512i group[4];
+      nibble_groups(_mm512_i32gather_epi32(index, codes + 4 * k, 1), group);
       for (int h = 0; h < HEADS; ++h) {
-        const int32_t* words = &words_[(g + h) * 4 * word_stride + k];
-        high[h][0] = dot_bytes(high[h][0], even, _mm512_set1_epi32(words[0]));
-        high[h][1] = dot_bytes(high[h][1], odd, _mm512_set1_epi32(words[word_stride]));
-        low[h][0] = dot_bytes(low[h][0], even, _mm512_set1_epi32(words[2 * word_stride]));
-        low[h][1] = dot_bytes(low[h][1], odd, _mm512_set1_epi32(words[3 * word_stride]));
+        const int32_t* at = &words[h * 4 * word_stride + k];
+        for (int r = 0; r < 4; ++r)
+          acc[h][r % 2] = dot_pairs(acc[h][r % 2], group[r], _mm512_set1_epi32(at[r * word_stride]));
       }
     }
-    for (int h = 0; h < HEADS; ++h)
-      dot[h] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(high[h][0], high[h][1]), 8),
-                                _mm512_add_epi32(low[h][0], low[h][1]));
+    for (int h = 0; h < HEADS; ++h) dot[h] = _mm512_add_epi32(acc[h][0], acc[h][1]);
   }
 
-  // ub, lb of 16 tokens at entries [at, at + 16) of b from their integer code dots
-  void store_bounds(__m512i dot, const PlaneTerms& terms, i64 g, Bounds& b, i64 at) const {
+  // ub, lb of 16 tokens at entries [at, at + 16) of b from their integer code dots and the stashed terms of
+  // job j, capped by the cell's box bounds (up, down)
+  void store_bounds(__m512i dot, const float* terms, i64 j, float up, float down, Bounds& b, i64 at) const {
     const __m512 s = _mm512_set1_ps(float(a_.scale)), inf = _mm512_set1_ps(INF_F);
-    const __m512 value = _mm512_scalef_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(float(exponent_[g])));
-    const __m512 center = _mm512_fmadd_ps(_mm512_set1_ps(terms.place), value, _mm512_set1_ps(terms.cell_part[g]));
-    const __m512 width = _mm512_set1_ps(terms.width[g]), margin_g = _mm512_set1_ps(terms.margin[g]);
-    const __m512 up = _mm512_fmadd_ps(s, _mm512_add_ps(center, width), margin_g);
-    const __m512 down = _mm512_fmsub_ps(s, _mm512_sub_ps(center, width), margin_g);
-    _mm512_storeu_ps(&b.ub[at], _mm512_mask_blend_ps(_mm512_cmp_ps_mask(up, up, _CMP_UNORD_Q), up, inf));
-    _mm512_storeu_ps(&b.lb[at], _mm512_mask_blend_ps(_mm512_cmp_ps_mask(down, down, _CMP_UNORD_Q), down,
-                                                     _mm512_sub_ps(_mm512_setzero_ps(), inf)));
+    const __m512 value = _mm512_scalef_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(terms[6]));
+    const __m512 center = _mm512_fmadd_ps(_mm512_set1_ps(stash_place_[j]), value, _mm512_set1_ps(terms[j]));
+    const __m512 width = _mm512_set1_ps(terms[2 + j]), margin_j = _mm512_set1_ps(terms[4 + j]);
+    const __m512 upper = _mm512_fmadd_ps(s, _mm512_add_ps(center, width), margin_j);
+    const __m512 lower = _mm512_fmsub_ps(s, _mm512_sub_ps(center, width), margin_j);
+    const __m512 ub = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(upper, upper, _CMP_UNORD_Q), upper, inf);
+    const __m512 lb = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(lower, lower, _CMP_UNORD_Q), lower,
+                                           _mm512_sub_ps(_mm512_setzero_ps(), inf));
+    _mm512_storeu_ps(&b.ub[at], _mm512_min_ps(ub, _mm512_set1_ps(up)));
+    _mm512_storeu_ps(&b.lb[at], _mm512_max_ps(lb, _mm512_set1_ps(down)));
   }
 #endif
 
@@ -1032,6 +1121,10 @@ class Row {
   bool select(std::vector<i64>& list) {
     make_seeds();
     const std::vector<double> budget = log_budget();
+    const bool refined = a_.code_bits && a_.code_bits / a_.plane_bits > 1;
+    // 8-bit codes on the vector path: the second plane's bounds come with the first, for the refinement to pick
+    // from
+    both_planes_ = refined && a_.code_bits / a_.plane_bits == 2 && stashed();
     std::vector<i64> cells;
     Bounds cell_bounds;
     const std::vector<double> token_budget = walk(budget, cells, cell_bounds);
@@ -1041,15 +1134,17 @@ class Row {
     Bounds tb;
     tb.resize(T, G_);
     dots_.resize(T * G_);
-    const bool refined = a_.code_bits && a_.code_bits / a_.plane_bits > 1;
-    // 8-bit codes on the vector path: the second plane's bounds come with the first (cell_dots_both), for the
-    // refinement to pick from
-    both_planes_ = refined && a_.code_bits / a_.plane_bits == 2 && vector_dots();
     if (both_planes_) fine_.resize(T, G_);
     for (i64 c = 0; c < C; ++c) {
-      if (a_.code_bits && c + PREFETCH_CELLS < C) prefetch_cell(cells[c + PREFETCH_CELLS], 0, both_planes_ ? 2 : 1);
-      if (both_planes_) code_bounds_both(cells[c], tb, c * cs);
-      else if (a_.code_bits) code_bounds(cells[c], 1, 0, tb, c * cs);
+      if (a_.code_bits && c + PREFETCH_CELLS < C)
+        prefetch_cell(cells[c + PREFETCH_CELLS], 0, both_planes_ ? 2 : 1, !stashed());
+#if HSR_AVX512
+      if (stashed()) {
+        stashed_bounds(cells[c], stash_of_[c], tb, c * cs, &cell_bounds.ub[c], &cell_bounds.lb[c], C);
+        continue;
+      }
+#endif
+      if (a_.code_bits) code_bounds(cells[c], 1, 0, tb, c * cs);
       for (i64 g = 0; g < G_; ++g) {
         float* ub = &tb.ub[g * T + c * cs];
         float* lb = &tb.lb[g * T + c * cs];
@@ -1110,6 +1205,10 @@ class Row {
       }
       const i64 P = i64(nodes.size());
       b.resize(P, G_);
+#if HSR_AVX512
+      if (level == 0 && stashed()) cell_pass(nodes, b);
+      else
+#endif
       for (i64 i = 0, block, slot; i < P; ++i) {
         if (i + PREFETCH_CELLS < P) prefetch_box(level, nodes[i + PREFETCH_CELLS], block, slot);
         box_bounds(level, nodes[i], b, i);
@@ -1139,6 +1238,9 @@ class Row {
       for (i64 i = 0; i < P; ++i) if (keep[i]) index.push_back(i);
       kept.clear();
       for (i64 i : index) kept.push_back(nodes[i]);
+#if HSR_AVX512
+      if (level == 0) stash_of_ = index;
+#endif
       kept_bounds.resize(i64(index.size()), G_);
       for (i64 g = 0; g < G_; ++g)
         for (size_t j = 0; j < index.size(); ++j) {
@@ -1204,7 +1306,7 @@ class Row {
     for (size_t i = 0; i < picked.size(); ++i) {
       const i64 c = picked[i];
       if (!both_planes_ && i + PREFETCH_CELLS < picked.size())
-        prefetch_cell(cells[picked[i + PREFETCH_CELLS]], 1, planes);
+        prefetch_cell(cells[picked[i + PREFETCH_CELLS]], 1, planes, true);
       if (!both_planes_) code_bounds(cells[c], planes, 1, fine, c * cs);
       for (i64 g = 0; g < G_; ++g)
         for (i64 i = g * T + c * cs; i < g * T + (c + 1) * cs; ++i) {

@@ -7,6 +7,7 @@
 // Plain C ABI (loaded with ctypes): no torch headers, so it builds in seconds.
 
 #include <algorithm>
+#include <functional>
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
@@ -555,7 +556,10 @@ class Row {
       locate(0, nodes[i], block, slot);
       const float *lo, *hi;
       box(block, slot, lo, hi);
-      summarise_cell(lo, hi, i, b, jobs, half_steps, unknown_half, rounding);
+      // the common head sizes (up to 64 and 128 channels) with their chunk counts known: unrolled, in registers
+      if (D_ > 48 && D_ <= 64) summarise_cell<4>(lo, hi, i, b, jobs, half_steps, unknown_half, rounding);
+      else if (D_ > 112 && D_ <= 128) summarise_cell<8>(lo, hi, i, b, jobs, half_steps, unknown_half, rounding);
+      else summarise_cell<0>(lo, hi, i, b, jobs, half_steps, unknown_half, rounding);
     }
   }
 
@@ -564,9 +568,12 @@ class Row {
   // <half_j, |q|> = half_steps_j * <step, |q|> + magnitude_slack * <magnitude, |q|> + abs_slack * <1, |q|>, and
   // the margin's <magnitude + half_j, |q|> = <magnitude, |q|> + <half_j, |q|>, where <magnitude, |q|> is the box
   // bound's margin sum too. Heads go in pairs, whose 14 sums take one transposing reduction.
+  // CHUNKS: the number of 16-channel chunks, ceil(D / 16), when fixed at compile time (0: D's)
+  template <i64 CHUNKS>
   void summarise_cell(const float* lo, const float* hi, i64 i, Bounds& b, i64 jobs, const float* half_steps,
                       const float* unknown_half, const float* rounding) {
-    const i64 chunks = (D_ + 15) / 16, blocks = (D_ + 63) / 64, width = 64 * blocks, word_stride = words_stride();
+    const i64 chunks = CHUNKS ? CHUNKS : (D_ + 15) / 16, blocks = (chunks + 3) / 4, width = 64 * blocks;
+    const i64 word_stride = words_stride();
     const __m512 inf = _mm512_set1_ps(INF_F), levels = _mm512_set1_ps(float((i64(1) << a_.code_bits) - 1));
     const bool steps_needed = unknown_half[0] != 0 || (jobs > 1 && unknown_half[1] != 0);
     // the cell's channels, once for all heads (lanes past D hold zeros: they weigh nothing)
@@ -960,6 +967,52 @@ class Row {
     }
     return key_value(prefix);
   }
+  // kth_largest(values, flags, budget) (unit weights) where budget is a small share of the values: the same
+  // value, found among the flagged values >= L only, where L comes from a strided sample (its rank there past
+  // the answer's expected rank, so L most likely lies below the answer) and is checked: once at least `budget`
+  // values reach L, so does the answer. A lower L is tried if it did not, then every value.
+  float kth_of_many(const std::vector<float>& values, const std::vector<uint8_t>& flags, i64 budget) {
+    constexpr i64 STRIDE = 16;
+    const i64 n = i64(values.size());
+    if (budget < 4 * STRIDE || n < 8 * budget) return kth_largest(values, flags, budget);
+    sample_.clear();
+    for (i64 t = 0; t < n; t += STRIDE) if (flags[t]) sample_.push_back(values[t]);
+    const i64 expected = budget / STRIDE;              // the answer's expected rank in the sample
+    for (const i64 rank : {expected * 5 / 4 + 8, expected * 2 + 16, expected * 4 + 32}) {
+      if (rank < 1 || rank > i64(sample_.size())) break;
+      std::nth_element(sample_.begin(), sample_.begin() + rank - 1, sample_.end(), std::greater<float>());
+      const float floor = sample_[rank - 1];
+      candidates_.resize(n + 16);
+      const i64 count = values_reaching(values.data(), flags.data(), n, floor, candidates_.data());
+      if (count >= budget) {
+        candidates_.resize(count);
+        return kth_largest(candidates_, std::vector<uint8_t>(count, 1), budget);
+      }
+    }
+    return kth_largest(values, flags, budget);
+  }
+  std::vector<float> sample_, candidates_;
+
+  // the flagged values[t] >= floor, in order, into out (room for n + 16); returns their count
+  static i64 values_reaching(const float* values, const uint8_t* flags, i64 n, float floor, float* out) {
+    i64 count = 0, t = 0;
+#if HSR_AVX512
+    const __m512 f = _mm512_set1_ps(floor);
+    for (; t < n; t += 16) {
+      const __mmask16 in = flag_mask(flags + t, n - t);
+      const __m512 v = _mm512_maskz_loadu_ps(in, values + t);
+      const __mmask16 reach = _mm512_mask_cmp_ps_mask(in, v, f, _CMP_GE_OQ);
+      _mm512_storeu_ps(out + count, _mm512_maskz_compress_ps(reach, v));   // (a register compress: the store
+      count += __builtin_popcount(reach);                                   //  form is slow on some cores)
+    }
+#endif
+    for (; t < n; ++t) {
+      out[count] = values[t];
+      count += flags[t] && values[t] >= floor;
+    }
+    return count;
+  }
+
   // float <-> uint32 whose unsigned order is the floats' order (-inf lowest, +inf highest)
   static uint32_t ordered_key(float x) {
     uint32_t bits;
@@ -1100,10 +1153,6 @@ class Row {
     seeds_.erase(std::unique(seeds_.begin(), seeds_.end()), seeds_.end());
   }
 
-  i64 seeds_in(i64 start, i64 end) const {
-    return std::lower_bound(seeds_.begin(), seeds_.end(), end) - std::lower_bound(seeds_.begin(), seeds_.end(), start);
-  }
-
   // ln(eps * sum over seeded keys of exp(score)) per head (-inf: skip nothing)
   std::vector<double> log_budget() {
     std::vector<double> budget(G_, NEG_INF);
@@ -1198,9 +1247,16 @@ class Row {
       const std::vector<i64> frontier_nodes = frontier(level, kept);
       const i64 s = span(level);
       std::vector<i64> nodes, counts;
+      nodes.reserve(frontier_nodes.size());
+      counts.reserve(frontier_nodes.size());
+      // the frontier ascends and its spans are disjoint: one pass over the seeds counts those in each span
+      auto seed = seeds_.begin();
       for (i64 node : frontier_nodes) {
         const i64 start = node * s, end = std::min((node + 1) * s, n_);
-        const i64 count = end - start - seeds_in(start, end);
+        while (seed != seeds_.end() && *seed < start) ++seed;
+        i64 seeded = 0;
+        for (auto at = seed; at != seeds_.end() && *at < end; ++at) ++seeded;
+        const i64 count = end - start - seeded;
         if (count > 0) { nodes.push_back(node); counts.push_back(count); }
       }
       const i64 P = i64(nodes.size());
@@ -1333,7 +1389,7 @@ class Row {
       std::vector<float> upper;
       group_max(tb.ub, upper);
       // the budget best: those above the budget-th largest, then its ties in token order
-      const float kth = kth_largest(upper, valid, a_.budget_tokens);
+      const float kth = kth_of_many(upper, valid, a_.budget_tokens);
       // raw pointers: a byte store may alias the vectors' own pointers, which kept these loops scalar
       const uint8_t* __restrict in = valid.data();
       const float* __restrict up = upper.data();

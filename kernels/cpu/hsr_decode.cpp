@@ -1336,7 +1336,7 @@ class Row {
       std::vector<float> lower, upper;
       group_max(tb.lb, lower);
       group_max(tb.ub, upper);
-      const float floor = kth_largest(lower, valid, a_.budget_tokens);
+      const float floor = kth_of_many(lower, valid, a_.budget_tokens);
       std::vector<uint8_t> cut(T);
       const float* __restrict up = upper.data();
       uint8_t* __restrict in = valid.data();

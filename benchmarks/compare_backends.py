@@ -2,7 +2,7 @@
 
     python benchmarks/compare_backends.py [--model DIR] [--input-lens 512,2048,8192,16384]
         [--output-len 128] [--num-prompts 4] [--hsr '{"mode": "topk", "budget_tokens": 1024}']
-        [--latency] [--json PATH] [--plot PATH] [--render-only]
+        [--latency] [--repeats N] [--json PATH] [--plot PATH] [--render-only]
 
 Every point runs `vllm bench throughput` (random dataset, exact lengths) once per backend
 through the `vllm-hsr` command line, in its own process, and once more with one output
@@ -12,7 +12,8 @@ ceiling of the output-throughput ratio any decode-side speedup can reach (Amdahl
 --latency also `vllm bench latency` at batch size 1 for output_len and for 1 token, giving
 the time per output token tpot = (latency(output_len) - latency(1)) / (output_len - 1). The
 dense baseline is FLASH_ATTN on CUDA and CPU_ATTN on CPU. Without --model the tiny local
-model is built.
+model is built. --repeats N runs every point N times, in rounds that alternate which backend goes
+first (so a machine's drift falls on both), and records the median of each measure with its runs.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import os
 import subprocess
 import sys
 import tempfile
+import statistics
 import time
 from pathlib import Path
 
 from common import RESULTS, machine
 
 LATENCY_PROMPT_IDS = 10240   # `vllm bench latency` draws dummy prompt token ids from [0, 10000)
-
+MEASURES = ("requests_per_s", "output_tokens_per_s", "elapsed_s", "prefill_s", "decode_tokens_per_s", "tpot_ms")
 
 
 def dense_backend() -> str:
@@ -85,11 +87,31 @@ def run_point(model: str, backend: str, input_len: int, args, log: Path) -> dict
     return record
 
 
+def combine(runs: list[dict]) -> dict:
+    """One record from the repeated runs of a point: each measure's median, the runs' measures kept."""
+    record = dict(runs[0])
+    for key in MEASURES:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        record[key] = statistics.median(values) if values else None
+    record["repeats"] = len(runs)
+    record["runs"] = [{key: r.get(key) for key in MEASURES} for r in runs]
+    return record
+
+
+def spread(record: dict) -> str:
+    """The range of the runs' output tok/s around their median, in percent ('-' for a single run)."""
+    values = [r["output_tokens_per_s"] for r in record.get("runs", [])]
+    if len(values) < 2:
+        return "-"
+    return f"{100 * (max(values) - min(values)) / record['output_tokens_per_s']:.0f}%"
+
+
 def table(records: list[dict]) -> str:
     """One row per point; ratios against the dense backend at the same input length. The dense row's
-    ceiling is the best output-throughput ratio a decode-only change could give there."""
+    ceiling is the best output-throughput ratio a decode-only change could give there; `spread` is the
+    range of a repeated point's output tok/s."""
     rows = [f"{'backend':<10}{'input':>7}{'output':>7}{'req/s':>9}{'out tok/s':>11}{'vs dense':>10}"
-            f"{'decode tok/s':>14}{'vs dense':>10}{'tpot ms':>9}{'ceiling':>9}"]
+            f"{'decode tok/s':>14}{'vs dense':>10}{'tpot ms':>9}{'ceiling':>9}{'spread':>8}"]
     dense = {r["input_len"]: r for r in records if r["backend"] != "HSR"}
 
     def ratio(r: dict, key: str) -> str:
@@ -104,7 +126,7 @@ def table(records: list[dict]) -> str:
         ceiling = f"{r['elapsed_s'] / r['prefill_s']:.2f}x" if r["backend"] != "HSR" and r.get("prefill_s") else "-"
         rows.append(f"{r['backend']:<10}{r['input_len']:>7}{r['output_len']:>7}{r['requests_per_s']:>9.3f}"
                     f"{r['output_tokens_per_s']:>11.1f}{ratio(r, 'output_tokens_per_s'):>10}{decode:>14}"
-                    f"{ratio(r, 'decode_tokens_per_s'):>10}{tpot:>9}{ceiling:>9}")
+                    f"{ratio(r, 'decode_tokens_per_s'):>10}{tpot:>9}{ceiling:>9}{spread(r):>8}")
     return "\n".join(rows)
 
 
@@ -135,6 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--hsr", default='{"mode": "topk", "budget_tokens": 1024}', help="HSR settings (JSON)")
     parser.add_argument("--latency", action="store_true", help="also measure the time per output token")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per point; the records hold their medians")
     parser.add_argument("--json", type=Path, default=RESULTS / "compare_backends.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "compare_backends.png")
     parser.add_argument("--log", type=Path, default=RESULTS / "compare_backends.log")
@@ -142,6 +165,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--merge", action="store_true",
                         help="keep the records already in --json, replacing those of the points run now")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, not {args.repeats}")
     if args.render_only:
         records = json.loads(args.json.read_text())
         print(table(records))
@@ -155,14 +180,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.merge:
         args.log.write_text("")
     input_lens = [int(x) for x in args.input_lens.split(",")]
-    points = [(n, b) for n in input_lens for b in ("HSR", dense_backend())]
-    records = []
-    for i, (input_len, backend) in enumerate(points, 1):
+    backends = ("HSR", dense_backend())
+    points = [(round_, n, b) for round_ in range(args.repeats) for n in input_lens
+              for b in (backends if round_ % 2 == 0 else backends[::-1])]
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for i, (round_, input_len, backend) in enumerate(points, 1):
         start = time.monotonic()
-        print(f"[{i}/{len(points)}] {backend} input {input_len} output {args.output_len} ...", end=" ", flush=True)
+        repeat = f" run {round_ + 1}/{args.repeats}" if args.repeats > 1 else ""
+        print(f"[{i}/{len(points)}] {backend} input {input_len} output {args.output_len}{repeat} ...", end=" ",
+              flush=True)
         record = run_point(model, backend, input_len, args, args.log)
-        records.append(record)
+        runs.setdefault((backend, input_len), []).append(record)
         print(f"{record['output_tokens_per_s']:.1f} out tok/s ({time.monotonic() - start:.0f}s)", flush=True)
+    records = [combine(runs[(b, n)]) for n in input_lens for b in backends]
     if args.merge and args.json.exists():
         ran = {(r["backend"], r["input_len"], r["output_len"]) for r in records}
         kept = [r for r in json.loads(args.json.read_text())

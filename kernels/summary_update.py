@@ -132,4 +132,5 @@ def update_union(boxes: torch.Tensor, nodes: torch.Tensor, rows: torch.Tensor, b
     _union_kernel[(nodes.numel(), num_kv_heads)](
         boxes, nodes, rows, block_table, block_table.stride(0), *boxes.stride()[:4],
         CHILD_SPAN=child_span, CHILD_FIRST_SLOT=child_first_slot, SPAN=span, FIRST_SLOT=first_slot,
-        FANOUT=fanout, FANOUT_PAD=triton.next_power_of_2(fanout), BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
+        FANOUT=fanout, FANOUT_PAD=triton.next_power_of_2(fanout), BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim))

@@ -6,8 +6,8 @@ Twin: vllm_hsr.core.query.RowBounds (box and code bounds, core/summaries.py's fo
 (sequence, KV head) row through its block-table row, loads their boxes once and bounds
 s*<q,k> over each box for every query head of the GQA group. `token_code_bounds`: grid
 (rows, cdiv(P, BLOCK_T)); each program reads the first PLANES code planes of BLOCK_T tokens
-of complete cells (with their cells' boxes) and bounds every token. All offsets are int64. The rounding allowances (margins)
-are passed in by the caller, so kernel and twin share one definition of them.
+of complete cells (with their cells' boxes) and bounds every token. All offsets are int64. The
+rounding allowances (margins) are passed in by the caller, so kernel and twin share one definition of them.
 """
 
 from __future__ import annotations

@@ -273,7 +273,8 @@ class Row {
     else locate(0, cell, block, slot);
     const uint8_t* codes = cell_codes(block, slot, first);
     for (i64 t = 0; t < a_.cell_size; ++t)
-      for (i64 b = 0; b < (planes - first) * a_.plane_bytes; b += 64) __builtin_prefetch(codes + t * a_.code_token_stride + b);
+      for (i64 b = 0; b < (planes - first) * a_.plane_bytes; b += 64)
+        __builtin_prefetch(codes + t * a_.code_token_stride + b);
   }
   // Ask for the box of node `node` of `level` (found at block, slot)
   void prefetch_box(i64 level, i64 node, i64& block, i64& slot) const {
@@ -364,13 +365,14 @@ class Row {
   // `planes` = read + 1 (shifted by a plane and the plane read here added), so a refinement reads only its new
   // plane.
   void code_bounds(i64 cell, i64 planes, i64 read, Bounds& tb, i64 first) {
-    const uint8_t* codes = cell_terms(cell, {planes}) + read * a_.plane_bytes;
+    const uint8_t* codes = cell_terms(cell, planes) + read * a_.plane_bytes;
     const i64 stride = weight_stride(), plane_bits = a_.plane_bits;
     value_.resize(stride);
     const i64 per_byte = 8 / plane_bits, mask = (i64(1) << plane_bits) - 1;
     for (i64 t = 0; t < a_.cell_size; ++t) {
       const uint8_t* packed = codes + t * a_.code_token_stride;
-      for (i64 d = 0; d < stride; ++d) value_[d] = int32_t((packed[d / per_byte] >> ((d % per_byte) * plane_bits)) & mask);
+      for (i64 d = 0; d < stride; ++d)
+        value_[d] = int32_t((packed[d / per_byte] >> ((d % per_byte) * plane_bits)) & mask);
       for (i64 g = 0; g < G_; ++g) {
         const int32_t* x = &weights_[g * stride];
         int32_t dot = 0;
@@ -378,8 +380,8 @@ class Row {
         const i64 at = g * tb.n + first + t;
         dot += read ? dots_[at] << plane_bits : 0;
         dots_[at] = dot;
-        const float center = terms_[0].cell_part[g] + terms_[0].place * times_power_of_two(float(dot), exponent_[g]);
-        const float width = terms_[0].width[g], margin = terms_[0].margin[g], s = float(a_.scale);
+        const float center = terms_.cell_part[g] + terms_.place * times_power_of_two(float(dot), exponent_[g]);
+        const float width = terms_.width[g], margin = terms_.margin[g], s = float(a_.scale);
         tb.ub[at] = finite_or(s * (center + width) + margin, INF_F);
         tb.lb[at] = finite_or(s * (center - width) - margin, -INF_F);
       }
@@ -395,7 +397,7 @@ class Row {
     float place = 1;              // 2^u
     std::vector<float> cell_part, width, margin;
   };
-  PlaneTerms terms_[2];           // the portable path's, of one cell
+  PlaneTerms terms_;              // the portable path's, of one cell
   std::vector<int32_t> weights_;  // [G, weight_stride()] the cell's integer code weights x (portable path)
   std::vector<int32_t> exponent_; // [G] their e
   std::vector<float> step_, half_, magnitude_, scaled_;
@@ -415,38 +417,31 @@ class Row {
 #endif
   }
 
-  // Reads the cell's box and sets up terms_[j] for each job (planes read in all: 1 or 2 jobs) and the integer
-  // weights (portable path); returns the cell's codes from plane 0.
-  const uint8_t* cell_terms(i64 cell, std::initializer_list<i64> jobs) {
+  // Reads the cell's box and sets up terms_ for bounds from its first `planes` planes and the integer weights
+  // (portable path); returns the cell's codes from plane 0.
+  const uint8_t* cell_terms(i64 cell, i64 planes) {
     i64 block, slot;
     locate(0, cell, block, slot);
     const float *lo, *hi;
     box(block, slot, lo, hi);
-    const i64 bits = a_.code_bits, plane_bits = a_.plane_bits, num_jobs = i64(jobs.size());
-    float half_steps[2], unknown_half[2], rounding[2];
-    i64 j = 0;
-    for (const i64 planes : jobs) {
-      const i64 unknown = (i64(1) << (bits - planes * plane_bits)) - 1;
-      half_steps[j] = float(0.5 + unknown / 2.0 + a_.step_slack);
-      unknown_half[j] = float(unknown / 2.0);
-      rounding[j] = float((i64(1) << bits) - (unknown + 1));
-      terms_[j].place = float(unknown + 1);
-      terms_[j].cell_part.resize(G_);
-      terms_[j].width.resize(G_);
-      terms_[j].margin.resize(G_);
-      ++j;
-    }
+    const i64 bits = a_.code_bits;
+    const i64 unknown = (i64(1) << (bits - planes * a_.plane_bits)) - 1;
+    const float half_steps = float(0.5 + unknown / 2.0 + a_.step_slack), unknown_half = float(unknown / 2.0);
+    const float rounding = float((i64(1) << bits) - (unknown + 1));
+    terms_.place = float(unknown + 1);
+    terms_.cell_part.resize(G_);
+    terms_.width.resize(G_);
+    terms_.margin.resize(G_);
     exponent_.resize(G_);
     const i64 stride = weight_stride();
     const float levels = float((i64(1) << bits) - 1);
     step_.assign(stride, 0.0f);                   // (a padding channel, when D is odd, weighs nothing)
     magnitude_.resize(D_);
-    half_.resize(num_jobs * D_);
+    half_.resize(D_);
     for (i64 d = 0; d < D_; ++d) {
       const float step = (hi[d] - lo[d]) / levels;
       magnitude_[d] = std::max(std::fabs(lo[d]), std::fabs(hi[d]));
-      for (j = 0; j < num_jobs; ++j)
-        half_[j * D_ + d] = step * half_steps[j] + magnitude_[d] * float(a_.magnitude_slack) + float(a_.abs_slack);
+      half_[d] = step * half_steps + magnitude_[d] * float(a_.magnitude_slack) + float(a_.abs_slack);
       step_[d] = std::isfinite(step) ? step : 0.0f;  // a non-finite step weighs nothing in the dots
     }
     weights_.resize(G_ * stride);
@@ -454,17 +449,15 @@ class Row {
     for (i64 g = 0; g < G_; ++g) {
       const float* q = &q_[g * D_];
       const float* qa = &q_abs_[g * D_];
-      float base = 0, steps = 0;
-      for (i64 d = 0; d < D_; ++d) base += lo[d] * q[d], steps += step_[d] * q[d];
-      const float residual = integer_weights(g);
-      for (j = 0; j < num_jobs; ++j) {
-        float wide = 0, mag = 0;
-        const float* half = &half_[j * D_];
-        for (i64 d = 0; d < D_; ++d) wide += half[d] * qa[d], mag += (magnitude_[d] + half[d]) * qa[d];
-        terms_[j].cell_part[g] = base + unknown_half[j] * steps;
-        terms_[j].width[g] = wide + times_power_of_two(rounding[j] * residual, exponent_[g]);
-        terms_[j].margin[g] = margin(mag);
+      float base = 0, steps = 0, wide = 0, mag = 0;
+      for (i64 d = 0; d < D_; ++d) {
+        base += lo[d] * q[d], steps += step_[d] * q[d];
+        wide += half_[d] * qa[d], mag += (magnitude_[d] + half_[d]) * qa[d];
       }
+      const float residual = integer_weights(g);
+      terms_.cell_part[g] = base + unknown_half * steps;
+      terms_.width[g] = wide + times_power_of_two(rounding * residual, exponent_[g]);
+      terms_.margin[g] = margin(mag);
     }
     return cell_codes(block, slot, 0);
   }
@@ -663,7 +656,8 @@ class Row {
         const float residual = usable ? t[6] : top[h] == 0 ? 0.0f : INF_F;
         float* terms = &stash_terms_[(i * G_ + g) * STASH_TERMS];
         for (i64 k = 0; k < jobs; ++k) {
-          const float wide = half_steps[k] * t[5] + float(a_.magnitude_slack) * t[2] + float(a_.abs_slack) * q_abs_sum_[g];
+          const float wide =
+              half_steps[k] * t[5] + float(a_.magnitude_slack) * t[2] + float(a_.abs_slack) * q_abs_sum_[g];
           terms[k] = t[3] + unknown_half[k] * t[4];
           terms[2 + k] = wide + times_power_of_two(rounding[k] * residual, exponent[h]);
           terms[4 + k] = margin(t[2] + wide);
@@ -926,9 +920,10 @@ class Row {
 
   // The largest v such that the weights of the values >= v sum to at least `budget` (unit weights: the
   // budget-th largest value; weight 0 leaves a value out), -inf if they never do. With token counts as
-  // weights it is core.selection.topk_floor: a score that at least `budget` tokens are known to reach. A radix select on
-  // order-preserving integer keys, 11 bits at a time: each pass sums the survivors' weights into 2048 bins and
-  // keeps the bin that holds the answer (no sort: a sort or nth_element was a tenth of the query at 16K tokens).
+  // weights it is core.selection.topk_floor: a score that at least `budget` tokens are known to reach. A radix
+  // select on order-preserving integer keys, 11 bits at a time: each pass sums the survivors' weights into 2048
+  // bins and keeps the bin that holds the answer (no sort: a sort or nth_element was a tenth of the query at 16K
+  // tokens).
   template <typename Weight>
   static float kth_largest(const std::vector<float>& values, const std::vector<Weight>& weights, i64 budget) {
     static thread_local std::vector<uint32_t> keys;
@@ -1113,7 +1108,8 @@ class Row {
   void keep_above_bias(const std::vector<float>& ub, std::vector<uint8_t>& valid) const {
     std::vector<float> best;
     group_max(ub, best);
-    for (size_t p = 0; p < valid.size(); ++p) valid[p] &= uint8_t(best[p] > float(a_.bias));   // fp32, as torch compares
+    // in fp32, as torch compares
+    for (size_t p = 0; p < valid.size(); ++p) valid[p] &= uint8_t(best[p] > float(a_.bias));
   }
 
   // -- seeds -----------------------------------------------------------------------------------
@@ -1182,7 +1178,7 @@ class Row {
     const i64 cs = a_.cell_size, C = i64(cells.size()), T = C * cs;
     Bounds tb;
     tb.resize(T, G_);
-    dots_.resize(T * G_);
+    if (!stashed()) dots_.resize(T * G_);
     if (both_planes_) fine_.resize(T, G_);
     for (i64 c = 0; c < C; ++c) {
       if (a_.code_bits && c + PREFETCH_CELLS < C)

@@ -187,20 +187,27 @@ def test_native_writes_every_output_element():
     torch.testing.assert_close(out, want, atol=0, rtol=0)
 
 
+def _decode_built_with(flags, batch, q, cfg, monkeypatch, tmp_path):
+    """The native decode from a second build of the library with extra compiler flags."""
+    monkeypatch.setenv("VLLM_HSR_CXXFLAGS", flags)
+    monkeypatch.setenv("VLLM_HSR_BUILD_DIR", str(tmp_path))
+    cpu_build.library.cache_clear()
+    try:
+        out = _decode(batch, q, cfg, "native", monkeypatch)
+    finally:
+        cpu_build.library.cache_clear()
+    assert list(tmp_path.glob("hsr_cpu-*.so"))               # it really was a second build
+    return out
+
+
 def test_portable_build_equals_vectorized(monkeypatch, tmp_path):
     """The library built without AVX-512 (the portable code-bound path) decodes like the default build."""
     cfg = HSRConfig(mode="topk", budget_tokens=64)
     batch = _batch(cfg, seed=9)
     q = _query(batch, 2, seed=6)
     default = _decode(batch, q, cfg, "native", monkeypatch)
-    monkeypatch.setenv("VLLM_HSR_CXXFLAGS", "-mno-avx512f" if platform.machine() == "x86_64" else "")
-    monkeypatch.setenv("VLLM_HSR_BUILD_DIR", str(tmp_path))
-    cpu_build.library.cache_clear()
-    try:
-        portable = _decode(batch, q, cfg, "native", monkeypatch)
-    finally:
-        cpu_build.library.cache_clear()
-    assert list(tmp_path.glob("hsr_cpu-*.so"))               # it really was a second build
+    flags = "-mno-avx512f" if platform.machine() == "x86_64" else ""
+    portable = _decode_built_with(flags, batch, q, cfg, monkeypatch, tmp_path)
     for got, want in zip(portable[2].tokens_read, default[2].tokens_read):
         assert len(set(got.tolist()) ^ set(want.tolist())) <= 2
     torch.testing.assert_close(portable[0], default[0], atol=1e-3, rtol=1e-3)
@@ -214,14 +221,7 @@ def test_build_without_vnni_equals_default(monkeypatch, tmp_path):
     batch = _batch(cfg, seed=10)
     q = _query(batch, 2, seed=7)
     default = _decode(batch, q, cfg, "native", monkeypatch)
-    monkeypatch.setenv("VLLM_HSR_CXXFLAGS", "-mno-avx512vnni")
-    monkeypatch.setenv("VLLM_HSR_BUILD_DIR", str(tmp_path))
-    cpu_build.library.cache_clear()
-    try:
-        without = _decode(batch, q, cfg, "native", monkeypatch)
-    finally:
-        cpu_build.library.cache_clear()
-    assert list(tmp_path.glob("hsr_cpu-*.so"))
+    without = _decode_built_with("-mno-avx512vnni", batch, q, cfg, monkeypatch, tmp_path)
     assert torch.equal(without[0], default[0]) and torch.equal(without[1], default[1])
 
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import statistics
 import time
 from pathlib import Path
 
@@ -139,16 +139,18 @@ def plot(records: list[dict], path: Path) -> None:
                            (axes[1], "decode_tokens_per_s", "decode tokens / s (prefill run subtracted)")):
         for backend in sorted({r["backend"] for r in records}):
             pts = sorted((r for r in records if r["backend"] == backend and r.get(key)), key=lambda r: r["input_len"])
-            runs = [[run[key] for run in p.get("runs", []) if run.get(key)] or [p[key]] for p in pts]
-            ax.errorbar([p["input_len"] for p in pts], [p[key] for p in pts], fmt="o-", capsize=3, label=backend,
-                        yerr=[[p[key] - min(r) for p, r in zip(pts, runs)], [max(r) - p[key] for p, r in zip(pts, runs)]])
+            values = [[run[key] for run in p.get("runs", []) if run.get(key)] or [p[key]] for p in pts]
+            below = [p[key] - min(v) for p, v in zip(pts, values)]
+            above = [max(v) - p[key] for p, v in zip(pts, values)]
+            ax.errorbar([p["input_len"] for p in pts], [p[key] for p in pts], yerr=[below, above], fmt="o-",
+                        capsize=3, label=backend)
         ax.set(xscale="log", yscale="log", xlabel="input tokens per request", ylabel=label)
         ax.legend()
     hsr = next((r["hsr_settings"] for r in records if r.get("hsr_settings")), None)
     repeats = max(r.get("repeats", 1) for r in records)
-    runs = f", median and range of {repeats} runs" if repeats > 1 else ""
+    repeated = f", median and range of {repeats} runs" if repeats > 1 else ""
     fig.suptitle(f"vllm bench throughput, {records[0]['output_len']} output tokens, {records[0]['num_prompts']} "
-                 f"prompts{runs}; HSR {json.dumps(hsr)}\n{records[0]['device']}", fontsize=9)
+                 f"prompts{repeated}; HSR {json.dumps(hsr)}\n{records[0]['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -1250,9 +1250,9 @@ class Row {
       for (i64 node : frontier_nodes) {
         const i64 start = node * s, end = std::min((node + 1) * s, n_);
         while (seed != seeds_.end() && *seed < start) ++seed;
-        i64 seeded = 0;
-        for (auto at = seed; at != seeds_.end() && *at < end; ++at) ++seeded;
-        const i64 count = end - start - seeded;
+        const auto first_seed = seed;
+        while (seed != seeds_.end() && *seed < end) ++seed;
+        const i64 count = end - start - i64(seed - first_seed);
         if (count > 0) { nodes.push_back(node); counts.push_back(count); }
       }
       const i64 P = i64(nodes.size());

@@ -1,12 +1,16 @@
-"""The benchmarks' command-line settings and bookkeeping: mode specs, record labels, repeated points."""
+"""The benchmarks' command-line settings and bookkeeping: mode specs, record labels, repeated points; the
+layer-call benchmark end to end at small contexts."""
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_decode  # noqa: E402
+import bench_layer_call  # noqa: E402
 import compare_backends  # noqa: E402
 
 from vllm_hsr import HSRConfig  # noqa: E402
@@ -69,3 +73,40 @@ def test_repeated_points_alternate_backends_and_record_medians(monkeypatch, tmp_
 def test_repeats_below_one_stop():
     with pytest.raises(SystemExit):
         compare_backends.main(["--repeats", "0", "--render-only"])
+
+
+def test_layer_call_pairs_alternate_and_give_medians():
+    calls = []
+
+    def fake(name):
+        return lambda: calls.append(name)
+    times = bench_layer_call.timed_pair(fake("dense"), fake("hsr"), 3)
+    assert calls == ["dense", "hsr", "hsr", "dense", "dense", "hsr"]
+    assert all(t >= 0 for t in times)
+
+
+def test_layer_call_benchmark_runs_both_impls_over_one_cache(tmp_path):
+    """Ragged contexts (not whole blocks or cells), GQA 3: eps=0 reads every token and must equal CPU_ATTN;
+    top-k reads its budget, sink and window only."""
+    common = ["--batch", "2", "--num-heads", "6", "--num-kv-heads", "2", "--repeat", "1",
+              "--threads", str(torch.get_num_threads())]      # main sets it, for the rest of this process
+    exact = bench_layer_call.main(["--contexts", "300,1000", "--hsr", json.dumps({"mode": "softmax", "eps": 0}),
+                                   "--json", str(tmp_path / "exact.json"), "--plot", str(tmp_path / "exact.png"),
+                                   *common])
+    assert [r["context"] for r in exact] == [300, 1000]
+    for r in exact:
+        assert r["tokens_read_fraction"] == 1.0 and r["max_error_bound"] == 0.0
+        assert r["max_rel_diff_vs_cpu_attn"] < 1e-5 and r["cpu_attn_ms"] > 0 and r["hsr_ms"] > 0
+    topk = {"mode": "topk", "budget_tokens": 128, "sink_tokens": 16, "window_tokens": 32, "code_bits": 4}
+    sparse, = bench_layer_call.main(["--contexts", "1500", "--hsr", json.dumps(topk), "--workload", "structured",
+                                     "--json", str(tmp_path / "topk.json"), "--plot", str(tmp_path / "topk.png"),
+                                     *common])
+    assert sparse["tokens_read_fraction"] == pytest.approx((128 + 16 + 32) / 1500, abs=2 / 1500)
+    assert sparse["bytes_read_fraction"] < 0.5
+    assert json.loads((tmp_path / "topk.json").read_text()) == [sparse]
+    assert (tmp_path / "topk.png").stat().st_size > 0
+
+
+def test_layer_call_bad_setting_stops_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="eps"):
+        bench_layer_call.main(["--hsr", json.dumps({"eps": 2}), "--json", str(tmp_path / "r.json")])

@@ -31,6 +31,13 @@ _PATHS = {
     "FullAttentionSpec": "vllm.v1.kv_cache_interface:FullAttentionSpec",
     "init_logger": "vllm.logger:init_logger",
     "cli_main": "vllm.entrypoints.cli.main:main",
+    # benchmarks/bench_layer_call.py: CPU_ATTN's kernel driven without an engine
+    "VllmConfig": "vllm.config:VllmConfig",
+    "set_current_vllm_config": "vllm.config:set_current_vllm_config",
+    "CPUAttentionMetadata": "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata",
+    "cpu_attn_isa": "vllm.v1.attention.backends.cpu_attn:_get_attn_isa",
+    "cpu_attn_get_scheduler_metadata": "vllm._custom_ops:cpu_attn_get_scheduler_metadata",
+    "VLLM_CPU_ATTN_SPLIT_KV": "vllm.envs:VLLM_CPU_ATTN_SPLIT_KV",
 }
 
 

@@ -18,6 +18,7 @@ BAD_SETTINGS = [
     ("scale", 0.0), ("scale", -1.0), ("scale", float("nan")),
     ("summary_dtype", "int8"), ("key_copy", True), ("key_copy", "yes"),
     ("tree_budget_share", 1.0), ("tree_budget_share", -0.5),
+    ("dense_below_tokens", -1), ("dense_below_tokens", "always"), ("dense_below_tokens", None),
 ]
 
 
@@ -78,3 +79,15 @@ def test_vllm_settings_with_environment_overrides():
                                                        ("on", False, True), ("off", True, False)))
 def test_key_copy_follows_the_partner_unless_forced(key_copy, scattered, copies):
     assert HSRConfig(key_copy=key_copy).copies_keys(partner_scatters_keys=scattered) is copies
+
+
+def test_dense_below_tokens_auto_follows_the_mode_unless_set():
+    assert HSRConfig().min_sparse_tokens() == 1024
+    assert HSRConfig(mode="relu").min_sparse_tokens() == 1024
+    # topk keeps sink + window + budget tokens; it pays off well above them
+    assert HSRConfig(mode="topk").min_sparse_tokens() == 8 * (16 + 64 + 1024)
+    assert HSRConfig(mode="topk", budget_tokens=256, sink_tokens=0, window_tokens=32).min_sparse_tokens() == 8 * 288
+    for mode in ("softmax", "topk"):
+        assert HSRConfig(mode=mode, dense_below_tokens=0).min_sparse_tokens() == 0
+        assert HSRConfig(mode=mode, dense_below_tokens=5000).min_sparse_tokens() == 5000
+    assert HSRConfig.from_vllm(None, {"VLLM_HSR_DENSE_BELOW_TOKENS": "auto"}).dense_below_tokens == "auto"

@@ -130,7 +130,7 @@ class _HSRBuilder:
         self.hsr = HSRConfig.from_vllm(vllm_config.additional_config)
         layers = _vllm.get_layers_from_vllm_config(vllm_config, _vllm.Attention, layer_names)
         # One metadata serves the whole group: if any layer cannot use HSR, every decode row is dense.
-        self.min_sparse_tokens = self.hsr.dense_below_tokens if all(
+        self.min_sparse_tokens = self.hsr.min_sparse_tokens() if all(
             getattr(layer.impl, "hsr_supported", False) for layer in layers.values()) else math.inf
 
     @classmethod

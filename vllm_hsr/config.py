@@ -14,6 +14,11 @@ CODE_BITS = (0, 1, 2, 4, 8)  # widths that pack whole codes into a byte
 SUMMARY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KEY_COPY = ("auto", "on", "off")
 ENV_PREFIX = "VLLM_HSR_"
+DENSE_BELOW_TOKENS = 1024   # dense_below_tokens="auto" in softmax and relu modes
+# dense_below_tokens="auto" in topk mode: this many times the tokens topk keeps. Topk bounds every token
+# before it reads the kept ones, so it pays off only well above them: in one layer call on the 2-core CPU
+# (benchmarks/bench_layer_call.py) it passed CPU_ATTN at 5.5-7x its kept tokens with 4-bit codes, ~11x with 8.
+TOPK_DENSE_RATIO = 8
 
 
 def _is_int(value: Any) -> bool:
@@ -63,7 +68,9 @@ class HSRConfig:
     tree_budget_share: part of the softmax budget spent pruning above the finest
         level (split evenly among those levels); the finest level gets the rest.
     dense_below_tokens: vLLM backend only: decode rows with fewer cached tokens
-        use the dense kernel (HSR cannot pay off on short contexts).
+        use the dense kernel (HSR cannot pay off on short contexts). "auto": 1024 in
+        softmax and relu modes; in topk mode TOPK_DENSE_RATIO times the tokens topk
+        keeps (sink + window + budget_tokens), see `min_sparse_tokens`.
     max_candidates: fixed length of each (sequence, KV head) candidate list in
         tokens; a row whose selection would not fit is read densely instead (no
         host sync, as CUDA graphs need). 0 sizes the lists to each batch.
@@ -88,7 +95,7 @@ class HSRConfig:
     scale: float | None = None
     summary_dtype: str = "auto"
     tree_budget_share: float = 0.25
-    dense_below_tokens: int = 1024
+    dense_below_tokens: int | str = "auto"
     max_candidates: int = 0
     key_copy: str = "auto"
 
@@ -115,8 +122,11 @@ class HSRConfig:
             raise _invalid("code_bits", self.code_bits, f"allowed values are {CODE_BITS}")
         for name in ("sink_tokens", "window_tokens", "seed_cells", "dense_below_tokens", "max_candidates"):
             value = getattr(self, name)
+            if name == "dense_below_tokens" and value == "auto":
+                continue
             if not _is_int(value) or value < 0:
-                raise _invalid(name, value, "must be a non-negative integer")
+                raise _invalid(name, value, "must be a non-negative integer"
+                               + (' or "auto"' if name == "dense_below_tokens" else ""))
         if self.scale is not None and (
                 not _is_number(self.scale) or not math.isfinite(self.scale) or self.scale <= 0):
             raise _invalid("scale", self.scale, "must be None or a finite number > 0")
@@ -156,6 +166,14 @@ class HSRConfig:
     def copies_keys(self, partner_scatters_keys: bool) -> bool:
         """Whether the KV pages keep a key copy, given whether the dense partner's layout scatters a key."""
         return self.key_copy == "on" or (self.key_copy == "auto" and partner_scatters_keys)
+
+    def min_sparse_tokens(self) -> int:
+        """Cached tokens a decode row needs to go through HSR (dense_below_tokens, "auto" resolved)."""
+        if self.dense_below_tokens != "auto":
+            return self.dense_below_tokens
+        if self.mode == "topk":
+            return TOPK_DENSE_RATIO * (self.sink_tokens + self.window_tokens + self.budget_tokens)
+        return DENSE_BELOW_TOKENS
 
     def resolved_scale(self, head_dim: int) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)

@@ -152,9 +152,8 @@ class _HSRBuilder:
             num_decodes, num_prefills, num_decode_tokens, _ = _vllm.split_decodes_and_prefills(
                 common, decode_threshold=1)
         token_rows, positions = _token_rows_and_positions(common)
-        no_rows = torch.zeros(0, dtype=torch.long)
-        sparse_rows = dense_rows = no_rows
-        # no decode row long enough (or a batch the split cannot carry): skip the split
+        # no decode row long enough (or a batch the split cannot carry): skip the split, every decode row is dense
+        sparse_rows, dense_rows = torch.zeros(0, dtype=torch.long), torch.arange(num_decodes)
         if common.max_seq_len >= self.min_sparse_tokens and self._splittable(common):
             long_enough = common.seq_lens[:num_decodes].cpu() >= self.min_sparse_tokens
             sparse_rows = torch.nonzero(long_enough).flatten()

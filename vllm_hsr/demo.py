@@ -1,6 +1,6 @@
 """`make demo`: build the tiny local model, serve it with HSR on loopback, ask it, compare backends.
 
-    python -m vllm_hsr.demo [--model-dir DIR] [--input-lens 512,4096] [--output-len 64]
+    python -m vllm_hsr.demo [--model-dir DIR] [--input-lens 512,16384] [--output-len 64]
 
 Steps: (1) build the tiny Llama model (no hub needed); (2) `vllm-hsr serve` it on
 127.0.0.1 and send one completion, then show the server's HSR metrics; (3) stop it and run
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path(".tiny-model/demo"))
-    parser.add_argument("--input-lens", default="512,4096")
+    # 16K: above where topk decodes sparsely by default (dense_below_tokens="auto": 8,832 tokens)
+    parser.add_argument("--input-lens", default="512,16384")
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path(".demo"))
     args = parser.parse_args(argv)

@@ -84,9 +84,12 @@ def test_key_copy_follows_the_partner_unless_forced(key_copy, scattered, copies)
 def test_dense_below_tokens_auto_follows_the_mode_unless_set():
     assert HSRConfig().min_sparse_tokens() == 1024
     assert HSRConfig(mode="relu").min_sparse_tokens() == 1024
-    # topk keeps sink + window + budget tokens; it pays off well above them
-    assert HSRConfig(mode="topk").min_sparse_tokens() == 8 * (16 + 64 + 1024)
-    assert HSRConfig(mode="topk", budget_tokens=256, sink_tokens=0, window_tokens=32).min_sparse_tokens() == 8 * 288
+    # topk keeps sink + window + budget tokens; it pays off well above them, further with two code planes
+    assert HSRConfig(mode="topk").min_sparse_tokens() == 12 * (16 + 64 + 1024)
+    assert HSRConfig(mode="topk", code_bits=4).min_sparse_tokens() == 6 * (16 + 64 + 1024)
+    small = dict(mode="topk", budget_tokens=256, sink_tokens=0, window_tokens=32)
+    assert HSRConfig(**small, code_bits=2).min_sparse_tokens() == 6 * 288
+    assert HSRConfig(**small, code_bits=0).min_sparse_tokens() == 6 * 288
     for mode in ("softmax", "topk"):
         assert HSRConfig(mode=mode, dense_below_tokens=0).min_sparse_tokens() == 0
         assert HSRConfig(mode=mode, dense_below_tokens=5000).min_sparse_tokens() == 5000

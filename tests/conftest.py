@@ -20,3 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_model() -> Path:
     from vllm_hsr.tiny_model import build_tiny_model
     return build_tiny_model(ROOT / ".tiny-model" / "tests", layers=2, max_position=8192)
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct as a float32 checkpoint (vllm_hsr.real_model), built once per checkout."""
+    from vllm_hsr.real_model import build_real_model
+    return build_real_model(ROOT / ".real-model")

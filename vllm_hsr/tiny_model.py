@@ -7,12 +7,12 @@ import inspect
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from vllm_hsr.model_dir import build_atomically, write_json
 
 MARKER_FILE = "vllm_hsr_tiny.json"
 # Bump when the builder's output changes, so existing directories get rebuilt.
@@ -152,21 +152,6 @@ def _check_params(params: dict[str, Any]) -> None:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {params['dtype']!r}")
 
 
-def _is_built(out_dir: Path, params: dict[str, Any]) -> bool:
-    """True if out_dir holds a complete model built by this module with exactly these params."""
-    try:
-        marker = json.loads((out_dir / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return marker == {"format": FORMAT_VERSION, "params": params} and all(
-        (out_dir / name).is_file() for name in REQUIRED_FILES
-    )
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def _build_tokenizer(out_dir: Path, vocab_size: int, max_position: int) -> None:
     """Train a byte-level BPE tokenizer on the built-in corpus and save it.
 
@@ -207,7 +192,7 @@ def _build_tokenizer(out_dir: Path, vocab_size: int, max_position: int) -> None:
     )
     hf_tokenizer.save_pretrained(out_dir)
     special_map = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
-    _write_json(out_dir / "special_tokens_map.json", special_map)
+    write_json(out_dir / "special_tokens_map.json", special_map)
 
 
 def _build_model(out_dir: Path, params: dict[str, Any]) -> None:
@@ -242,7 +227,7 @@ def _build_model(out_dir: Path, params: dict[str, Any]) -> None:
     config_path = out_dir / "config.json"
     config_json = json.loads(config_path.read_text())
     config_json.update(architectures=["LlamaForCausalLM"], torch_dtype=params["dtype"], rope_theta=rope_theta)
-    _write_json(config_path, config_json)
+    write_json(config_path, config_json)
 
 
 def build_tiny_model(
@@ -279,38 +264,15 @@ def build_tiny_model(
         "seed": seed,
     }
     _check_params(params)
-    out = Path(out_dir).expanduser().resolve()
-    if not force and _is_built(out, params):
-        return out
-    if out.exists() and not force and not (out / MARKER_FILE).is_file():
-        if not out.is_dir() or any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and was not built by vllm_hsr.tiny_model; pass force=True (--force)")
     if head_dim not in CPU_ATTN_HEAD_SIZES:
         print(f"warning: head_dim {head_dim} is not supported by vLLM's CPU attention backend", file=sys.stderr)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def build(tmp: Path) -> None:
         _build_tokenizer(tmp, vocab_size, max_position)
         _build_model(tmp, params)
-        _write_json(tmp / MARKER_FILE, {"format": FORMAT_VERSION, "params": params})
-        tmp.chmod(0o755)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if not force and _is_built(out, params):  # a concurrent build finished first
-            shutil.rmtree(tmp)
-            return out
-        if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "model")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return build_atomically(Path(out_dir), MARKER_FILE, {"format": FORMAT_VERSION, "params": params},
+                            REQUIRED_FILES, build, force=force, builder="vllm_hsr.tiny_model")
 
 
 _HELP = {

@@ -46,9 +46,9 @@ class PagedSequence:
     """One sequence's keys and values in a FLASH-layout paged cache, with HSR summaries."""
 
     def __init__(self, keys, values, cfg: HSRConfig, dtype=torch.bfloat16, chunk=8192):
-        num_tokens = keys.shape[0]
+        num_tokens, num_kv_heads, head_dim = keys.shape
         num_blocks = 1 + -(-num_tokens // BLOCK_SIZE)
-        self.cache = torch.zeros(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=dtype)
+        self.cache = torch.zeros(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype)
         self.layout = PagedKVLayout.from_views(self.cache, self.cache[0].permute(0, 2, 1, 3),
                                                self.cache[1].permute(0, 2, 1, 3))
         gen = torch.Generator().manual_seed(num_tokens)
@@ -56,9 +56,9 @@ class PagedSequence:
         self.num_tokens = num_tokens
         positions = torch.arange(num_tokens)
         slots = self.row[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
-        flat = self.cache.view(2, -1, NUM_KV_HEADS, HEAD_DIM)
+        flat = self.cache.view(2, -1, num_kv_heads, head_dim)
         flat[0, slots], flat[1, slots] = keys.to(dtype), values.to(dtype)
-        self.summaries = PagedSummaries.allocate(num_blocks, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, cfg, dtype)
+        self.summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, BLOCK_SIZE, cfg, dtype)
         for start in range(0, num_tokens, chunk):
             end = min(num_tokens, start + chunk)
             write = self.summaries.plan_write(slots[start:end], positions[start:end],
@@ -68,7 +68,7 @@ class PagedSequence:
     def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense read through the block table: K, V [N, Hkv, D]."""
         blocks = self.cache[:, self.row]                                   # [2, nb, bs, H, D]
-        kv = blocks.reshape(2, -1, NUM_KV_HEADS, HEAD_DIM)[:, :self.num_tokens]
+        kv = blocks.reshape(2, -1, *self.cache.shape[3:])[:, :self.num_tokens]
         return kv[0], kv[1]
 
 
@@ -105,19 +105,23 @@ def reference(q, keys, values, cfg: HSRConfig, scale: float) -> torch.Tensor:
 
 
 def oracle_tokens(q, keys, cfg: HSRConfig, scale: float) -> float:
-    """Fraction of tokens an exact-score selector must read (averaged over KV heads).
+    """oracle_fractions averaged over KV heads, of the keys as the bf16 cache holds them."""
+    return statistics.mean(oracle_fractions(q, keys.to(torch.bfloat16), cfg, scale))
+
+
+def oracle_fractions(q, keys, cfg: HSRConfig, scale: float) -> list[float]:
+    """Per KV head, the fraction of tokens an exact-score selector (fp64 scores) must read.
 
     softmax: seeds = sink + window + the seed_cells cells with the best exact scores; then skip
     the lowest-scoring other tokens while every head of the group keeps its dropped mass <= eps
     times the mass it keeps (the best certificate exact scores allow).
     relu: the tokens with a positive weight. topk: the same count HSR reads.
     """
-    group = NUM_Q_HEADS // NUM_KV_HEADS
-    n = keys.shape[0]
-    k = keys.to(torch.bfloat16).double()
+    n, num_kv_heads = keys.shape[:2]
+    k = keys.double()
     fractions = []
-    for h in range(NUM_KV_HEADS):
-        x = (k[:, h] @ q.double().view(NUM_KV_HEADS, group, -1)[h].T) * scale   # [N, G]
+    for h in range(num_kv_heads):
+        x = (k[:, h] @ q.double().view(num_kv_heads, -1, q.shape[-1])[h].T) * scale   # [N, G]
         if cfg.mode == "relu":
             fractions.append(float((x > cfg.bias).any(1).double().mean()))
             continue
@@ -138,7 +142,7 @@ def oracle_tokens(q, keys, cfg: HSRConfig, scale: float) -> float:
         # certified: every head's dropped mass is at most eps times the mass it keeps
         skipped = int((dropped <= cfg.eps * (total - dropped)).all(1).long().cumprod(0).sum())
         fractions.append((n - skipped) / n)
-    return statistics.mean(fractions)
+    return fractions
 
 
 def timed(fn, repeat: int) -> float:

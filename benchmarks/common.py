@@ -1,7 +1,8 @@
-"""What the benchmarks share: where results go and the name of the machine they ran on."""
+"""What the benchmarks share: where results go, the machine, commit and command behind a record, writing records."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -18,3 +19,32 @@ def machine() -> str:
         model = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line),
                      platform.processor())
     return f"{model} ({os.cpu_count()} cores, torch {torch.__version__})"
+
+
+def provenance() -> dict:
+    """The commit ('-dirty' with uncommitted changes), machine and command a record comes from."""
+    import shlex
+    import subprocess
+    import sys
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], cwd=RESULTS.parent, capture_output=True, text=True)
+        return run.stdout.strip() if run.returncode == 0 else ""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    script = Path(sys.argv[0]).resolve()
+    if script.is_relative_to(RESULTS.parents[1]):
+        script = script.relative_to(RESULTS.parents[1])
+    command = "python " + shlex.join([str(script), *sys.argv[1:]])
+    return {"commit": commit, "device": machine(), "command": command}
+
+
+def write_records(records: list[dict], json_path: Path, plot_path: Path, table, plot) -> None:
+    """The records as JSON, table(records) as Markdown beside it (and printed), plot(records, plot_path)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(records, indent=1))
+    json_path.with_suffix(".md").write_text(table(records))
+    plot(records, plot_path)
+    print(table(records))
+    print(f"wrote {json_path}, {json_path.with_suffix('.md')} and {plot_path}")

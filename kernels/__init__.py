@@ -2,5 +2,5 @@
 
 A leaf of the package: imports torch and triton only (the cpu_* modules: torch and a C++ compiler), never
 vllm_hsr or vLLM.
-Each kernel's pure-torch twin lives in vllm_hsr/core (DESIGN.md §4).
+Each kernel's pure-torch twin lives in vllm_hsr/core (docs/kernels.md).
 """

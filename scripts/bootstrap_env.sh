@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the project's virtual environment from nothing: the vLLM that fits this
-# machine, the CPU-wheel fixes of DESIGN.md §3, and this project (editable, test extras).
+# machine, the CPU-wheel fixes of docs/vllm.md ("Known wheel warts on CPU"), and this project (editable, test extras).
 set -euo pipefail
 venv=${1:-.venv}
 python=${PYTHON:-python3}

@@ -104,7 +104,7 @@ def test_sparse_decode_over_the_partner_page_layout(partner):
     assert stats.sparse_rows == 2 and stats.keys_read < stats.dense_keys       # something was skipped
     for row in range(2):
         want = dense64(q[row], keys[row], values[row], mode="softmax", scale=impl.scale)
-        # |out - dense| <= 2 * certificate * max |v| (DESIGN.md §2)
+        # |out - dense| <= 2 * certificate * max |v| (docs/design.md §2)
         tolerance = 2 * stats.max_error_bound * values[row].norm(dim=-1).max() + 1e-5
         assert (output[row].double() - want).norm(dim=-1).max() <= tolerance, row
 

@@ -54,7 +54,7 @@ def test_no_certificate_is_violated_on_real_keys(records):
         assert r["max_true_dropped"] <= r["max_certificate"] * (1 + fidelity.CERTIFICATE_SLACK) + 1e-12
         if r["mode"] == "softmax":
             assert r["max_certificate"] <= r["eps"] and r["overflow_rows"] == 0
-            # dropping mass d of the total moves the output by at most 2d max||v|| (DESIGN §2)
+            # dropping mass d of the total moves the output by at most 2d max||v|| (docs/design.md §2)
             assert r["max_rel_error"] < 1
 
 

@@ -44,7 +44,7 @@ def _invalid(name: str, value: Any, allowed: str) -> ValueError:
 
 @dataclasses.dataclass(frozen=True)
 class HSRConfig:
-    """Settings of HSR sparse attention (DESIGN.md §2).
+    """Settings of HSR sparse attention (docs/design.md §2).
 
     mode: "relu" (exact ReLU^alpha attention), "softmax" (certified: the dropped
         relative mass is at most eps) or "topk" (sink + window + budget_tokens

@@ -2,7 +2,7 @@
 // one (sequence, KV head) row per OpenMP task.
 //
 // Twin: vllm_hsr.core.query.TreeQuery (selection) and vllm_hsr.core.decode.decode_candidates
-// (attention); every rule and bound below is theirs (DESIGN.md §2), and the numeric constants
+// (attention); every rule and bound below is theirs (docs/design.md §2), and the numeric constants
 // (margins, slacks, histogram) come in through HsrArgs from the same Python definitions.
 // Plain C ABI (loaded with ctypes): no torch headers, so it builds in seconds.
 

@@ -135,7 +135,7 @@ def _update_rows(bounds: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
 
 
 class TreeQuery:
-    """One decode batch's query: seeds, level walk, token selection (DESIGN.md §2, modes)."""
+    """One decode batch's query: seeds, level walk, token selection (docs/design.md §2, modes)."""
 
     def __init__(self, rows: TreeRows, cfg: HSRConfig, bounds: RowBounds, flat_cache: torch.Tensor,
                  layout: PagedKVLayout, capacity: int | None = None):

@@ -2,8 +2,8 @@
 
 Every bound here is valid in floating point: computed in fp32 from exactly
 upcast inputs, then widened by a margin larger than the rounding error of the
-bound itself plus that of an fp32 dense score (DESIGN.md §2, "Bounds must stay
-valid in floating point").
+bound itself plus that of an fp32 dense score (docs/design.md §2, "Bounds in floating
+point").
 """
 
 from __future__ import annotations

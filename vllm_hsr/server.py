@@ -66,13 +66,21 @@ class LocalServer:
         with urllib.request.urlopen(self.base + path, timeout=10) as response:
             return response.read().decode()
 
-    def complete(self, prompt: str, max_tokens: int = 16) -> dict:
-        request = urllib.request.Request(
-            self.base + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
-            data=json.dumps({"model": "model", "prompt": prompt, "max_tokens": max_tokens,
-                             "temperature": 0}).encode())
-        with urllib.request.urlopen(request, timeout=120) as response:
+    def post(self, path: str, body: dict, timeout_s: float = 300) -> dict:
+        request = urllib.request.Request(self.base + path, method="POST", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"model": "model", **body}).encode())
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())
+
+    def complete(self, prompt: str, max_tokens: int = 16) -> dict:
+        """A greedy completion (/v1/completions)."""
+        return self.post("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+
+    def chat(self, question: str, max_tokens: int = 32) -> str:
+        """A greedy chat answer (/v1/chat/completions, the model's chat template)."""
+        body = self.post("/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
+                                                   "max_tokens": max_tokens, "temperature": 0})
+        return body["choices"][0]["message"]["content"]
 
     def hsr_metrics(self) -> dict[str, float]:
         """The vllm_hsr_* series on /metrics, summed per name and label set."""

@@ -66,16 +66,23 @@ def best_dropped_mass(weights: torch.Tensor, count: int) -> float:
 
 def decode_layer(attn: LayerAttention, seq: PagedSequence, cfg: HSRConfig, kernel: str) -> dict:
     """Decode every captured query of one layer through hsr_decode and measure it against fp64 truth."""
-    os.environ["VLLM_HSR_KERNELS"] = kernel
     num_queries, num_q_heads, _ = attn.queries.shape
     num_kv_heads = attn.keys.shape[1]
     group = num_q_heads // num_kv_heads
     seq_lens = attn.positions + 1
     table = seq.row.unsqueeze(0).expand(num_queries, -1)
-    start = time.perf_counter()
-    out, bound, stats = hsr_decode(attn.queries, seq.cache, seq.layout, seq.summaries, table, seq_lens, cfg,
-                                   attn.scale, record_tokens=True)
-    seconds = time.perf_counter() - start
+    previous = os.environ.get("VLLM_HSR_KERNELS")
+    os.environ["VLLM_HSR_KERNELS"] = kernel     # hsr_decode reads it per call; put back for whoever runs next
+    try:
+        start = time.perf_counter()
+        out, bound, stats = hsr_decode(attn.queries, seq.cache, seq.layout, seq.summaries, table, seq_lens, cfg,
+                                       attn.scale, record_tokens=True)
+        seconds = time.perf_counter() - start
+    finally:
+        if previous is None:
+            del os.environ["VLLM_HSR_KERNELS"]
+        else:
+            os.environ["VLLM_HSR_KERNELS"] = previous
     read, oracle, errors, dropped_true, oracle_dropped = [], [], [], [], []
     violations = 0
     for b in range(num_queries):

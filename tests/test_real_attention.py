@@ -5,6 +5,7 @@ first one, a middle and the last), the last 4 positions as decode queries, throu
 CPU kernel and the torch twin.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from real_attention import capture, load_model  # noqa: E402
 from vllm_hsr.corpus import Needle, needle_prompt  # noqa: E402
 
 MODES = ["softmax:1e-3", "softmax:1e-2:4", "topk:128:4"]
+KERNELS_BEFORE = os.environ.get("VLLM_HSR_KERNELS")
 LAYERS = [0, 14, 29]
 
 
@@ -45,6 +47,11 @@ def test_capture_matches_the_models_own_attention(real_model):
         model(torch.tensor([ids]), use_cache=False)
     handle.remove()
     assert torch.allclose(captured["in"][0, -1].view(9, 64).double(), out, atol=1e-4)
+
+
+def test_the_kernel_choice_is_put_back(records):
+    """fidelity switches VLLM_HSR_KERNELS per call; later tests (and the engines they spawn) must not inherit it."""
+    assert os.environ.get("VLLM_HSR_KERNELS") == KERNELS_BEFORE
 
 
 def test_no_certificate_is_violated_on_real_keys(records):

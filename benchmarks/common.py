@@ -21,6 +21,11 @@ def machine() -> str:
     return f"{model} ({os.cpu_count()} cores, torch {torch.__version__})"
 
 
+def dense_backend() -> str:
+    """vLLM's dense backend on this machine: the speed and answer baseline."""
+    return "FLASH_ATTN" if torch.cuda.is_available() else "CPU_ATTN"
+
+
 def provenance() -> dict:
     """The commit ('-dirty' with uncommitted changes), machine and command a record comes from."""
     import shlex

@@ -28,15 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, provenance
+from common import RESULTS, dense_backend, machine, provenance
 
 LATENCY_PROMPT_IDS = 10240   # `vllm bench latency` draws dummy prompt token ids from [0, 10000)
 MEASURES = ("requests_per_s", "output_tokens_per_s", "elapsed_s", "prefill_s", "decode_tokens_per_s", "tpot_ms")
-
-
-def dense_backend() -> str:
-    import torch
-    return "FLASH_ATTN" if torch.cuda.is_available() else "CPU_ATTN"
 
 
 def _vllm(args: list[str], log: Path) -> dict:

@@ -157,7 +157,8 @@ def table(records: list[dict]) -> str:
     first = records[0]
     return (f"Machine: {first['device']}; commit {first['commit']}; `{first['command']}`. Medians over "
             f"{len({r['layer'] for r in records})} layers of each layer's mean over {first['queries']} decode "
-            "queries and 3 KV heads; certificate, violations, dropped mass (relative to the kept mass; the best: absolute) "
+            "queries and 3 KV heads; certificate, violations, dropped mass (relative to the kept mass; "
+            "the best: absolute) "
             "and error: worst (sum) over them.\n\n"
             + "\n".join(rows) + "\n")
 

@@ -29,17 +29,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, provenance, write_records  # noqa: E402
+from common import RESULTS, dense_backend, provenance, write_records  # noqa: E402
 
 DEFAULT_SETTINGS = ('dense;{"mode": "softmax", "eps": 1e-3};{"mode": "softmax", "eps": 1e-2};'
                     '{"mode": "topk", "budget_tokens": 256, "code_bits": 4};'
                     '{"mode": "topk", "budget_tokens": 1024, "code_bits": 4}')
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / ".real-model"
-
-
-def dense_backend() -> str:
-    import torch
-    return "FLASH_ATTN" if torch.cuda.is_available() else "CPU_ATTN"
 
 
 def prompts(model_dir: Path, contexts: list[int], depths: list[float]):
@@ -128,7 +123,8 @@ def summarise(dense: dict, runs: list[dict]) -> list[dict]:
                 gaps.append(0.0 if score is None else (d["logprob"] - score) / len(p["token_ids"]))
             stats = run.get("stats") or {}
             records.append({
-                "backend": run["backend"], "hsr": run["hsr"], "context": context, "correct": sum(p["correct"] for p in got),
+                "backend": run["backend"], "hsr": run["hsr"], "context": context,
+                "correct": sum(p["correct"] for p in got),
                 "total": len(got), "dense_correct": sum(d["correct"] for d in ref),
                 "answered_dense": sum(p["correct"] for p, d in zip(got, ref) if d["correct"]),
                 "tokens_equal_dense": sum(p["token_ids"] == d["token_ids"] for p, d in zip(got, ref)),
@@ -188,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", default="2048,4096,7600")
     parser.add_argument("--depths", default="0.1,0.5,0.9")
     parser.add_argument("--settings", default=DEFAULT_SETTINGS,
-                        help="';'-separated: 'dense' or HSR settings as JSON")
+                        help="';'-separated HSR settings as JSON ('dense' is accepted: the dense engine always "
+                             "runs, as the reference)")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="built if missing (vllm_hsr.real_model)")
     parser.add_argument("--json", type=Path, default=RESULTS / "retrieval.json")
@@ -209,16 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     from vllm_hsr.real_model import build_real_model
     args.model = build_real_model(args.model)
     settings = [None if s.strip() == "dense" else json.loads(s) for s in args.settings.split(";") if s.strip()]
-    if None not in settings:
-        settings.append(None)                     # the dense run is the reference of every other
     runs = []
     for hsr in (s for s in settings if s is not None):
         print(f"[retrieval] HSR {json.dumps(hsr)}", file=sys.stderr, flush=True)
         runs.append(engine(args.model, args.contexts, args.depths, args.max_tokens, hsr))
     print(f"[retrieval] {dense_backend()} (and scoring HSR's continuations)", file=sys.stderr, flush=True)
     continuations = RESULTS / ".retrieval-continuations.json"
-    continuations.write_text(json.dumps({json.dumps(run["hsr"], sort_keys=True): [p["token_ids"] for p in run["prompts"]]
-                                         for run in runs}))
+    continuations.write_text(json.dumps({json.dumps(run["hsr"], sort_keys=True):
+                                         [p["token_ids"] for p in run["prompts"]] for run in runs}))
     try:
         dense = engine(args.model, args.contexts, args.depths, args.max_tokens, None, continuations)
     finally:

@@ -71,8 +71,8 @@ def decode_layer(attn: LayerAttention, seq: PagedSequence, cfg: HSRConfig, kerne
     group = num_q_heads // num_kv_heads
     seq_lens = attn.positions + 1
     table = seq.row.unsqueeze(0).expand(num_queries, -1)
-    previous = os.environ.get("VLLM_HSR_KERNELS")
-    os.environ["VLLM_HSR_KERNELS"] = kernel     # hsr_decode reads it per call; put back for whoever runs next
+    previous = os.environ.get("HSR_KERNELS")
+    os.environ["HSR_KERNELS"] = kernel     # hsr_decode reads it per call; put back for whoever runs next
     try:
         start = time.perf_counter()
         out, bound, stats = hsr_decode(attn.queries, seq.cache, seq.layout, seq.summaries, table, seq_lens, cfg,
@@ -80,9 +80,9 @@ def decode_layer(attn: LayerAttention, seq: PagedSequence, cfg: HSRConfig, kerne
         seconds = time.perf_counter() - start
     finally:
         if previous is None:
-            del os.environ["VLLM_HSR_KERNELS"]
+            del os.environ["HSR_KERNELS"]
         else:
-            os.environ["VLLM_HSR_KERNELS"] = previous
+            os.environ["HSR_KERNELS"] = previous
     read, oracle, errors, dropped_true, oracle_dropped = [], [], [], [], []
     violations = 0
     for b in range(num_queries):
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=16, help="decode queries: the last positions of the text")
     parser.add_argument("--modes", default=DEFAULT_MODES,
                         help="MODE:VALUE[:CODE_BITS], e.g. softmax:1e-3, topk:256:4 (bench_decode's syntax)")
-    parser.add_argument("--kernels", default="native,torch", help="hsr_decode paths (VLLM_HSR_KERNELS values)")
+    parser.add_argument("--kernels", default="native,torch", help="hsr_decode paths (HSR_KERNELS values)")
     parser.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
     parser.add_argument("--json", type=Path, default=RESULTS / "fidelity.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "fidelity.png")

@@ -27,3 +27,4 @@ def real_model() -> Path:
     """SmolLM2-135M-Instruct as a float32 checkpoint (vllm_hsr.real_model), built once per checkout."""
     from vllm_hsr.real_model import build_real_model
     return build_real_model(ROOT / ".real-model")
+

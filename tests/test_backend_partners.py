@@ -26,9 +26,25 @@ def test_default_partner_on_cpu_is_cpu_attn():
 
 
 def test_partner_choice_is_validated():
-    assert dense_partner_name({"VLLM_HSR_DENSE_BACKEND": "TRITON_ATTN"}) == "TRITON_ATTN"
-    with pytest.raises(ValueError, match="VLLM_HSR_DENSE_BACKEND='FLASHINFER' is invalid"):
-        dense_partner_name({"VLLM_HSR_DENSE_BACKEND": "FLASHINFER"})
+    assert dense_partner_name({"HSR_DENSE_BACKEND": "TRITON_ATTN"}) == "TRITON_ATTN"
+    with pytest.raises(ValueError, match="HSR_DENSE_BACKEND='FLASHINFER' is invalid"):
+        dense_partner_name({"HSR_DENSE_BACKEND": "FLASHINFER"})
+
+
+@pytest.mark.parametrize("partner", tuple(_vllm.DENSE_PARTNERS))
+def test_the_backend_declares_what_its_kernels_read(partner):
+    """vLLM's selector refuses, with a reason, what HSR's kernels cannot read, even where the partner could."""
+    hsr, dense = compose(partner), _vllm.dense_partner(partner)[0]
+    assert set(hsr.supported_dtypes) <= {torch.float16, torch.bfloat16, torch.float32}
+    assert set(hsr.supported_dtypes) == set(dense.supported_dtypes) & {torch.float16, torch.bfloat16, torch.float32}
+    assert hsr.supports_kv_cache_dtype("auto") and not hsr.supports_kv_cache_dtype("fp8")
+    assert hsr.get_supported_head_sizes() == dense.get_supported_head_sizes()
+    from vllm.platforms.interface import DeviceCapability
+    reasons = hsr.validate_configuration(head_size=64, dtype=torch.float64, kv_cache_dtype="fp8_e4m3",
+                                         block_size=None, use_mla=False, has_sink=False, use_sparse=False,
+                                         use_mm_prefix=False, use_per_head_quant_scales=False,
+                                         device_capability=DeviceCapability(9, 0), attn_type="decoder")
+    assert "dtype not supported" in reasons and "kv_cache_dtype not supported" in reasons
 
 
 @pytest.mark.parametrize("partner", tuple(_vllm.DENSE_PARTNERS))
@@ -41,21 +57,82 @@ def test_composed_classes_extend_the_partner(partner):
     assert hsr.get_builder_cls().get_cudagraph_support(None, None) == _vllm.AttentionCGSupport.NEVER
 
 
-def _impl(partner: str, **overrides):
+def _impl(partner: str, hsr: dict | None = None, **overrides):
     from vllm.config import VllmConfig, set_current_vllm_config
     settings = dict(num_heads=NUM_HEADS, head_size=HEAD_DIM, scale=HEAD_DIM ** -0.5, num_kv_heads=NUM_KV_HEADS,
                     alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None)
     config = VllmConfig()
-    config.additional_config = {"hsr": {"eps": 1e-3, "dense_below_tokens": 0, "window_tokens": 16}}
+    config.additional_config = {"hsr": {"eps": 1e-3, "dense_below_tokens": 0, "window_tokens": 16} | (hsr or {})}
     with set_current_vllm_config(config):
         return compose(partner).get_impl_cls()(**(settings | overrides))
 
 
 @pytest.mark.parametrize("partner", ("FLASH_ATTN", "TRITON_ATTN"))
 def test_unmodelled_features_stay_dense(partner):
-    assert _impl(partner).hsr_supported
-    assert not _impl(partner, sliding_window=128).hsr_supported
-    assert not _impl(partner, logits_soft_cap=30.0).hsr_supported
+    assert _impl(partner).hsr_supported and _impl(partner).dense_reason is None
+    assert _impl(partner, sliding_window=128).dense_reason == "sliding window"
+    assert _impl(partner, logits_soft_cap=30.0).dense_reason == "logit soft-cap"
+    assert _impl(partner, alibi_slopes=[1.0] * NUM_HEADS).dense_reason == "ALiBi"
+    assert _impl(partner, attn_type="encoder_only").dense_reason == "encoder_only attention"
+
+
+def test_dense_layers_are_named_once_at_start_up(monkeypatch, caplog):
+    """The builder of a KV cache group names each layer HSR leaves dense and why, in one warning, and its
+    metadata marks the group's decode rows as dense for that feature (counted in the metrics)."""
+    from types import SimpleNamespace
+    from vllm_hsr.backend import _HSRBuilder
+
+    class PartnerBuilder:            # stands in for the dense partner's builder
+        def __init__(self, *args):
+            pass
+
+        def build(self, *args, **kwargs):
+            return "partner metadata"
+
+    impls = {"layers.0.attn": SimpleNamespace(dense_reason=None),
+             "layers.1.attn": SimpleNamespace(dense_reason="sliding window"),
+             "layers.2.attn": SimpleNamespace(dense_reason="sliding window"),
+             "layers.3.attn": SimpleNamespace(dense_reason="logit soft-cap")}
+    layers = {name: SimpleNamespace(impl=impl) for name, impl in impls.items()}
+    monkeypatch.setattr(_vllm, "get_layers_from_vllm_config", lambda config, kind, names: layers)
+    builder_cls = type("Builder", (_HSRBuilder, PartnerBuilder), {})
+    config = SimpleNamespace(additional_config={"hsr": {"dense_below_tokens": 0}})
+    with caplog.at_level("WARNING"):
+        builder = builder_cls(None, list(layers), config, "cpu")
+    assert builder.min_sparse_tokens == math.inf
+    assert builder.dense_feature == "logit soft-cap, sliding window"
+    assert ("3 of 4 attention layers use a feature HSR does not handle" in caplog.text
+            and "logit soft-cap: layers.3.attn; sliding window: layers.1.attn, layers.2.attn" in caplog.text)
+    del layers["layers.1.attn"], layers["layers.2.attn"], layers["layers.3.attn"]
+    builder = builder_cls(None, list(layers), config, "cpu")
+    assert builder.min_sparse_tokens == 0 and builder.dense_feature is None
+    # A batch carrying state the row split would drop runs dense whole, said once, marked for the metrics.
+    import dataclasses
+    common = dataclasses.replace(_common([1, 1, 5], [40, 9, 12]), encoder_seq_lens=torch.tensor([3, 4, 5]))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        metadata = builder.build(0, common)
+        builder.build(0, common)
+    assert metadata.sparse_rows.numel() == 0 and metadata.dense_all == "partner metadata"
+    assert metadata.dense_feature == "encoder_seq_lens"
+    assert caplog.text.count("batches carrying encoder_seq_lens run through the dense backend") == 1
+    assert builder.build(0, _common([1, 1, 5], [40, 9, 12])).dense_feature is None
+
+
+def test_fused_output_quantization_is_refused():
+    """vLLM asks for it through output_scale; dropping the scale would hand back unquantized values."""
+    impl = _impl("FLASH_ATTN")
+    assert not impl.fused_output_quant_supported(None)
+    out = torch.zeros(1, NUM_HEADS, HEAD_DIM)
+    for scales in (dict(output_scale=torch.ones(1)), dict(output_block_scale=torch.ones(1))):
+        with pytest.raises(NotImplementedError, match="fused output quantization"):
+            impl.forward(None, out, out, out, None, None, out, **scales)
+
+
+def test_relu_decode_is_refused_in_the_engine_unless_allowed():
+    with pytest.raises(ValueError, match="allow_relu_decode"):
+        _impl("FLASH_ATTN", hsr={"mode": "relu"})
+    assert _impl("FLASH_ATTN", hsr={"mode": "relu", "allow_relu_decode": True}).hsr.mode == "relu"
 
 
 @pytest.mark.parametrize("partner", ("FLASH_ATTN", "TRITON_ATTN"))
@@ -168,7 +245,8 @@ def test_batches_with_features_the_split_drops_stay_whole():
     import dataclasses
     from vllm_hsr.backend import _HSRBuilder
     common = _common([1, 1, 5], [40, 9, 12])
-    assert _HSRBuilder._splittable(None, common)
-    assert _HSRBuilder._splittable(None, dataclasses.replace(common, mm_req_doc_ranges={}))
-    assert not _HSRBuilder._splittable(None, dataclasses.replace(common, encoder_seq_lens=torch.tensor([3, 4, 5])))
-    assert not _HSRBuilder._splittable(None, dataclasses.replace(common, causal=torch.ones(3, dtype=torch.bool)))
+    feature = _HSRBuilder.unsplittable_feature
+    assert feature(common) is None
+    assert feature(dataclasses.replace(common, mm_req_doc_ranges={})) is None
+    assert feature(dataclasses.replace(common, encoder_seq_lens=torch.tensor([3, 4, 5]))) == "encoder_seq_lens"
+    assert feature(dataclasses.replace(common, causal=torch.ones(3, dtype=torch.bool))) == "causal"

@@ -67,7 +67,18 @@ def test_repeated_points_alternate_backends_and_record_medians(monkeypatch, tmp_
     assert hsr["repeats"] == 3 and [r["output_tokens_per_s"] for r in hsr["runs"]] == [10.0, 30.0, 20.0]
     assert compare_backends.spread(hsr) == "100%"
     assert "3.33x" in compare_backends.table(records).splitlines()[1]
-    assert (tmp_path / "r.png").stat().st_size > 0
+    assert_drawn(tmp_path / "r.png")
+
+
+def assert_drawn(path):
+    """A PNG that holds a drawing: it decodes, and more than a sliver of it is neither background nor one colour."""
+    from matplotlib.image import imread
+    pixels = imread(path)[..., :3]                          # [height, width, RGB] in [0, 1]
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    inked = (pixels < 0.9).any(axis=-1)                     # not white: axes, text, lines, bars
+    assert 0.01 < inked.mean() < 0.9
+    colours = {tuple(p) for p in (pixels[inked] * 8).astype(int).tolist()}
+    assert len(colours) >= 3                                # black ink plus at least two series colours
 
 
 def test_repeats_below_one_stop():
@@ -109,7 +120,7 @@ def test_layer_call_benchmark_runs_both_impls_over_one_cache(tmp_path):
     assert sparse["tokens_read_fraction"] == pytest.approx((128 + 16 + 32) / 1500, abs=2 / 1500)
     assert sparse["bytes_read_fraction"] < 0.5
     assert json.loads((tmp_path / "topk.json").read_text()) == [sparse]
-    assert (tmp_path / "topk.png").stat().st_size > 0
+    assert_drawn(tmp_path / "topk.png")
 
 
 def test_layer_call_bad_setting_stops_naming_it(tmp_path):

@@ -34,7 +34,7 @@ def test_engine_commands_ask_for_huge_pages_unless_set(argv, huge_pages, monkeyp
 
 def test_vllm_hsr_serve_answers_a_completion(tiny_model, tmp_path):
     args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"]
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HSR_DENSE_BELOW_TOKENS": "0"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HSR_DENSE_BELOW_TOKENS": "0"}
     with LocalServer(tiny_model, tmp_path / "server.log", args, env) as server:
         assert server.command[1:3] == ["serve", str(tiny_model)] and server.command[0].endswith("vllm-hsr")
         body = server.complete("the quick fox", max_tokens=8)

@@ -19,6 +19,7 @@ BAD_SETTINGS = [
     ("summary_dtype", "int8"), ("key_copy", True), ("key_copy", "yes"),
     ("tree_budget_share", 1.0), ("tree_budget_share", -0.5),
     ("dense_below_tokens", -1), ("dense_below_tokens", "always"), ("dense_below_tokens", None),
+    ("allow_relu_decode", 1), ("allow_relu_decode", "yes"),
 ]
 
 
@@ -64,15 +65,29 @@ def test_bad_shapes_raise(shapes, match):
 
 def test_vllm_settings_with_environment_overrides():
     extra = {"hsr": {"mode": "topk", "budget_tokens": 256}, "other": 1}
-    cfg = HSRConfig.from_vllm(extra, {"VLLM_HSR_BUDGET_TOKENS": "512", "VLLM_HSR_SUMMARY_DTYPE": "bfloat16",
-                                      "VLLM_HSR_SCALE": "null"})
+    cfg = HSRConfig.from_vllm(extra, {"HSR_BUDGET_TOKENS": "512", "HSR_SUMMARY_DTYPE": "bfloat16",
+                                      "HSR_SCALE": "null"})
     assert (cfg.mode, cfg.budget_tokens, cfg.summary_dtype, cfg.scale) == ("topk", 512, "bfloat16", None)
     assert HSRConfig.from_vllm(None, {}) == HSRConfig()
-    assert HSRConfig.from_vllm(None, {"VLLM_HSR_KEY_COPY": "off"}).key_copy == "off"
-    with pytest.raises(ValueError, match=r"HSRConfig\.eps="):
-        HSRConfig.from_vllm({}, {"VLLM_HSR_EPS": "2"})
+    assert HSRConfig.from_vllm(None, {"HSR_KEY_COPY": "off"}).key_copy == "off"
+    with pytest.raises(ValueError, match=r"HSRConfig\.eps=2 is invalid.*environment overrides: HSR_EPS=2"):
+        HSRConfig.from_vllm({}, {"HSR_EPS": "2"})
+    with pytest.raises(ValueError, match=r"HSRConfig\.mode='fast' is invalid.*HSR_MODE='fast'"):
+        HSRConfig.from_vllm({}, {"HSR_MODE": "fast"})
+    with pytest.raises(ValueError, match="HSRConfig.budget_tokens='many'"):
+        HSRConfig.from_vllm({}, {"HSR_BUDGET_TOKENS": "many"})
     with pytest.raises(ValueError, match="unknown HSR setting"):
         HSRConfig.from_vllm({"hsr": {"epsilon": 0.1}}, {})
+    with pytest.raises(ValueError, match=r'additional_config\["hsr"\] must be a JSON object'):
+        HSRConfig.from_vllm({"hsr": "topk"}, {})
+
+
+def test_relu_mode_is_for_the_torch_api_unless_the_engine_is_told():
+    HSRConfig(mode="relu").bias                              # the torch API takes it
+    with pytest.raises(ValueError, match="refused in vLLM.*allow_relu_decode"):
+        HSRConfig(mode="relu").check_engine_use()
+    HSRConfig(mode="relu", allow_relu_decode=True).check_engine_use()
+    HSRConfig(mode="topk").check_engine_use()
 
 
 @pytest.mark.parametrize("key_copy,scattered,copies", (("auto", True, True), ("auto", False, False),
@@ -93,4 +108,4 @@ def test_dense_below_tokens_auto_follows_the_mode_unless_set():
     for mode in ("softmax", "topk"):
         assert HSRConfig(mode=mode, dense_below_tokens=0).min_sparse_tokens() == 0
         assert HSRConfig(mode=mode, dense_below_tokens=5000).min_sparse_tokens() == 5000
-    assert HSRConfig.from_vllm(None, {"VLLM_HSR_DENSE_BELOW_TOKENS": "auto"}).dense_below_tokens == "auto"
+    assert HSRConfig.from_vllm(None, {"HSR_DENSE_BELOW_TOKENS": "auto"}).dense_below_tokens == "auto"

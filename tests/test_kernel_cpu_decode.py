@@ -1,7 +1,8 @@
 """The compiled CPU kernel (kernels/cpu_decode.py) against its torch twin and the float64 dense reference."""
 
 import logging
-import platform
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from paged_cache import PagedBatch
 from reference import dense64
 from vllm_hsr import HSRConfig
 from vllm_hsr.kernels import cpu_build, cpu_decode
-from vllm_hsr.ops import hsr_decode, kernel_path, _native_builds
+from vllm_hsr.ops import hsr_decode, kernel_path, native_unavailable
 
 SEQ_LENS = (1, 37, 1025, 2011)
 COUNTERS = ("keys_read", "cells_read", "summary_nodes_read", "code_cells_read", "refined_cells", "seed_keys_read",
@@ -18,7 +19,7 @@ COUNTERS = ("keys_read", "cells_read", "summary_nodes_read", "code_cells_read", 
 
 
 def _decode(batch: PagedBatch, q: torch.Tensor, cfg: HSRConfig, kernels: str, monkeypatch):
-    monkeypatch.setenv("VLLM_HSR_KERNELS", kernels)
+    monkeypatch.setenv("HSR_KERNELS", kernels)
     return hsr_decode(q, batch.cache, batch.layout, batch.summaries, batch.block_table,
                       torch.tensor(batch.seq_lens), cfg, cfg.resolved_scale(q.shape[-1]), record_tokens=True)
 
@@ -189,8 +190,8 @@ def test_native_writes_every_output_element():
 
 def _decode_built_with(flags, batch, q, cfg, monkeypatch, tmp_path):
     """The native decode from a second build of the library with extra compiler flags."""
-    monkeypatch.setenv("VLLM_HSR_CXXFLAGS", flags)
-    monkeypatch.setenv("VLLM_HSR_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("HSR_CXXFLAGS", flags)
+    monkeypatch.setenv("HSR_BUILD_DIR", str(tmp_path))
     cpu_build.library.cache_clear()
     try:
         out = _decode(batch, q, cfg, "native", monkeypatch)
@@ -200,20 +201,29 @@ def _decode_built_with(flags, batch, q, cfg, monkeypatch, tmp_path):
     return out
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+# Where the CPU lacks the instructions a flag turns off, both builds are the same code and cannot differ.
+@pytest.mark.skipif("avx512f" not in _cpu_flags(), reason="needs AVX-512: without it both builds are portable")
 def test_portable_build_equals_vectorized(monkeypatch, tmp_path):
     """The library built without AVX-512 (the portable code-bound path) decodes like the default build."""
     cfg = HSRConfig(mode="topk", budget_tokens=64)
     batch = _batch(cfg, seed=9)
     q = _query(batch, 2, seed=6)
     default = _decode(batch, q, cfg, "native", monkeypatch)
-    flags = "-mno-avx512f" if platform.machine() == "x86_64" else ""
-    portable = _decode_built_with(flags, batch, q, cfg, monkeypatch, tmp_path)
+    portable = _decode_built_with("-mno-avx512f", batch, q, cfg, monkeypatch, tmp_path)
     for got, want in zip(portable[2].tokens_read, default[2].tokens_read):
         assert len(set(got.tolist()) ^ set(want.tolist())) <= 2
     torch.testing.assert_close(portable[0], default[0], atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86 build flag")
+@pytest.mark.skipif("avx512_vnni" not in _cpu_flags(), reason="needs AVX-512 VNNI: without it both builds are the same")
 def test_build_without_vnni_equals_default(monkeypatch, tmp_path):
     """Without AVX-512 VNNI the code dots take byte pairs (maddubs) instead of dpbusd: the same integers, so
     the same output to the bit."""
@@ -228,22 +238,22 @@ def test_build_without_vnni_equals_default(monkeypatch, tmp_path):
 def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     """No compiler: auto decodes with the torch twin and says why once; asking for native is an error."""
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("VLLM_HSR_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("HSR_BUILD_DIR", str(tmp_path))
     cpu_build.library.cache_clear()
-    _native_builds.cache_clear()
+    native_unavailable.cache_clear()
     try:
         with pytest.raises(cpu_decode.NativeBuildError, match="no-such-compiler"):
             cpu_decode.library()
-        monkeypatch.setenv("VLLM_HSR_KERNELS", "auto")
-        with caplog.at_level(logging.WARNING, logger="vllm_hsr.ops"):
+        monkeypatch.setenv("HSR_KERNELS", "auto")
+        with caplog.at_level(logging.WARNING):
             assert kernel_path(torch.device("cpu")) == "torch"
         assert "compiled CPU kernel is unavailable" in caplog.text
-        monkeypatch.setenv("VLLM_HSR_KERNELS", "native")
+        monkeypatch.setenv("HSR_KERNELS", "native")
         with pytest.raises(cpu_decode.NativeBuildError):
             kernel_path(torch.device("cpu"))
     finally:
         cpu_build.library.cache_clear()
-        _native_builds.cache_clear()
+        native_unavailable.cache_clear()
 
 
 def test_native_rejects_what_it_cannot_read():
@@ -257,3 +267,29 @@ def test_native_rejects_what_it_cannot_read():
     with pytest.raises(ValueError, match="multiple"):
         native_decode(torch.randn(4, 3, 64), flat_view(batch.cache), batch.layout, batch.summaries,
                       batch.block_table, torch.tensor(SEQ_LENS), cfg, 0.125)
+
+
+@pytest.mark.parametrize("kernels", ("native", "torch"))
+@pytest.mark.parametrize("poison", (math.nan, math.inf))
+@pytest.mark.parametrize("mode", ("softmax", "topk"))
+def test_a_non_finite_key_is_never_certified_away(mode, poison, kernels, monkeypatch):
+    """A NaN or inf key far from the window (its cell's box and codes become non-finite). Where a head's
+    output and certificate come back finite, the dense answer must be finite and within the certificate:
+    HSR may not certify away a key whose mass it cannot know. A NaN key makes every head of its KV head
+    NaN in dense attention, so none of them may be claimed; the other KV head's rows stay as they were."""
+    cfg = HSRConfig(mode=mode, eps=1e-2, budget_tokens=64, code_bits=4)
+    batch = PagedBatch([2011], 2, 64, 16, cfg, seed=3)
+    batch.keys[0][700, 1, 5] = poison
+    batch.fill(chunks=(0.99,))
+    q = _query(batch, 2, seed=4)[:1]
+    q[0, 2, 5], q[0, 3, 5] = 1.0, -1.0         # inf: a +inf score for head 2, a -inf one (weight 0) for head 3
+    out, bound, _ = _decode(batch, q, cfg, kernels, monkeypatch)
+    ref = dense64(q[0], batch.keys[0], batch.values[0], mode="softmax", scale=cfg.resolved_scale(64))
+    for head in range(4):
+        claimed = bool(torch.isfinite(out[0, head]).all() and torch.isfinite(bound[0, head]))
+        if head < 2:                           # KV head 0: no poison
+            assert claimed, head
+        if claimed:
+            assert torch.isfinite(ref[head]).all(), (head, out[0, head, :4], bound[0, head])
+            allowed = 2 * bound[0, head].double() * batch.values[0][:, head // 2].double().norm(dim=-1).max() + 1e-4
+            assert (out[0, head].double() - ref[head]).norm() <= allowed, head

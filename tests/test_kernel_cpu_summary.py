@@ -10,7 +10,7 @@ SEQ_LENS = (5, 70, 301)
 
 
 def _filled(cfg: HSRConfig, kernels: str, monkeypatch, *, layout, dtype, summary_dtype, head_dim) -> PagedBatch:
-    monkeypatch.setenv("VLLM_HSR_KERNELS", kernels)
+    monkeypatch.setenv("HSR_KERNELS", kernels)
     batch = PagedBatch(SEQ_LENS, 2, head_dim, 32, cfg, layout=layout, seed=3, dtype=dtype,
                        summary_dtype=summary_dtype, key_copy=True)
     if batch.summaries.codes is not None:

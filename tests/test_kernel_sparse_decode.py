@@ -113,7 +113,7 @@ def test_hsr_decode_pipeline_triton_equals_torch(mode, monkeypatch):
     q = torch.randn(len(SEQ_LENS), 8, 64, generator=torch.Generator().manual_seed(1))
     results = []
     for kernels in ("torch", "triton"):
-        monkeypatch.setenv("VLLM_HSR_KERNELS", kernels)
+        monkeypatch.setenv("HSR_KERNELS", kernels)
         results.append(hsr_decode(q, batch.cache, batch.layout, batch.summaries, batch.block_table,
                                   torch.tensor(SEQ_LENS), cfg, 0.125)[:2])
     torch.testing.assert_close(results[1], results[0], atol=2e-5, rtol=1e-4)

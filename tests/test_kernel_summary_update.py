@@ -20,7 +20,7 @@ def test_kernel_summaries_equal_twin(layout, block_size, cell_size, fanout, code
     monkeypatch.setattr(kernel_module, "update_cells", lambda *a, **k: (launches.append(1), original(*a, **k)))
     batches = []
     for kernels in ("torch", "triton"):
-        monkeypatch.setenv("VLLM_HSR_KERNELS", kernels)
+        monkeypatch.setenv("HSR_KERNELS", kernels)
         batch = PagedBatch((37, 300), 2, 64, block_size, cfg, layout=layout, dtype=dtype, summary_dtype=dtype)
         batch.fill(chunks=(0.3, 0.6))
         batches.append(batch)

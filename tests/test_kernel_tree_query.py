@@ -63,7 +63,7 @@ def test_query_triton_equals_torch(mode, num_kv_heads, group, head_dim, monkeypa
     q = 4 * torch.randn(len(SEQ_LENS), num_kv_heads * group, head_dim, generator=torch.Generator().manual_seed(2))
     results = []
     for kernels in ("torch", "triton"):
-        monkeypatch.setenv("VLLM_HSR_KERNELS", kernels)
+        monkeypatch.setenv("HSR_KERNELS", kernels)
         results.append(hsr_decode(q, batch.cache, batch.layout, batch.summaries, batch.block_table,
                                   torch.tensor(SEQ_LENS), cfg, 0.125, record_tokens=True))
     (want, want_bound, want_stats), (got, got_bound, got_stats) = results

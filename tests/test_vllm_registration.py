@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_hsr import _vllm, platform, plugin
 
@@ -70,10 +71,23 @@ def test_platform_defers_to_cpu_attn_unless_hsr_selected():
     from vllm.v1.attention.selector import AttentionSelectorConfig
     plugin.register()
     enum = _vllm.AttentionBackendEnum
-    fields = {f: None for f in AttentionSelectorConfig._fields}
-    selector = AttentionSelectorConfig(**dict(fields, head_size=64, use_mla=False, use_sparse=False))
+    selector = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=128)
     cls = platform.HSRCpuPlatform
     assert cls.get_attn_backend_cls(enum["HSR"], selector) == plugin.BACKEND_PATH
     assert cls.get_attn_backend_cls(enum.CUSTOM, selector) == plugin.BACKEND_PATH
     assert cls.get_attn_backend_cls(None, selector) == enum.CPU_ATTN.get_path()
     assert cls.get_attn_backend_cls(enum.CPU_ATTN, selector) == enum.CPU_ATTN.get_path()
+
+
+def test_platform_refuses_what_hsr_cannot_serve_with_the_reason():
+    """As vLLM's CUDA platform does for a selected backend: an fp8 KV cache (every layer would be dense),
+    MLA, a head size the partner lacks."""
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+    plugin.register()
+    enum = _vllm.AttentionBackendEnum
+    good = dict(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=128)
+    for bad, reason in ((dict(kv_cache_dtype="fp8"), "kv_cache_dtype not supported"),
+                        (dict(use_mla=True), "MLA not supported"),
+                        (dict(head_size=72), "head_size not supported")):
+        with pytest.raises(ValueError, match=f"Selected backend HSR is not valid.*{reason}"):
+            platform.HSRCpuPlatform.get_attn_backend_cls(enum["HSR"], AttentionSelectorConfig(**(good | bad)))

@@ -29,7 +29,6 @@ _PATHS = {
     "get_current_vllm_config": "vllm.config:get_current_vllm_config",
     "get_current_vllm_config_or_none": "vllm.config:get_current_vllm_config_or_none",
     "FullAttentionSpec": "vllm.v1.kv_cache_interface:FullAttentionSpec",
-    "init_logger": "vllm.logger:init_logger",
     "cli_main": "vllm.entrypoints.cli.main:main",
     # benchmarks/bench_layer_call.py: CPU_ATTN's kernel driven without an engine
     "VllmConfig": "vllm.config:VllmConfig",

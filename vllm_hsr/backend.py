@@ -1,11 +1,11 @@
 """HSR attention backend for vLLM: the platform's dense backend, with HSR decode.
 
 The dense partner (CPU_ATTN on CPU; FLASH_ATTN, or TRITON_ATTN with
-VLLM_HSR_DENSE_BACKEND=TRITON_ATTN, on CUDA) writes the KV cache and computes prefill;
+HSR_DENSE_BACKEND=TRITON_ATTN, on CUDA) writes the KV cache and computes prefill;
 decode rows with enough context go through HSR over the same paged cache. Summaries
 live in the padding customize_spec adds to every KV page (so vLLM counts them) and are
 brought up to date after every KV write, prefill chunks included. Settings:
-`--additional-config '{"hsr": {...}}'` and VLLM_HSR_<FIELD>.
+`--additional-config '{"hsr": {...}}'` and HSR_<FIELD> (vllm_hsr.envs).
 
 The partner is picked when this module loads (vLLM asks for the backend's classes
 before any engine config exists), so it is an environment setting only. The classes
@@ -24,19 +24,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections import defaultdict
 
 import torch
 
-from vllm_hsr import _vllm
+from vllm_hsr import _vllm, envs
 from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view, page_layout, summary_dtype
-from vllm_hsr.ops import hsr_decode, update_summaries
+from vllm_hsr.log import init_logger, warning_once
+from vllm_hsr.ops import hsr_decode, kernel_fallback, kernel_path, update_summaries
 from vllm_hsr.plugin import BACKEND_NAME
 from vllm_hsr.stats import DecodeStatsLog
+from vllm_hsr.verify import stale_summaries
 
-logger = _vllm.init_logger(__name__)
+logger = init_logger(__name__)
 
-DENSE_BACKEND_ENV = "VLLM_HSR_DENSE_BACKEND"
+# What HSR's kernels read (any head size: they pad to a power of two); the partner's own lists narrow it.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Quantized caches (fp8 and the like) would leave every layer dense: the kernels read plain floats.
+PLAIN_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 # Partners whose pages hold each (token, KV head)'s K then V as plain rows; CPU_ATTN's
 # packing depends on dtype and ISA and is learned through its own cache-write op, and scatters a
 # token's key over many cache lines (HSRConfig.key_copy "auto" keeps a copy there).
@@ -48,12 +54,12 @@ UNSPLIT_FIELDS = ("encoder_seq_lens", "dcp_local_seq_lens", "mm_req_doc_ranges",
 
 
 def dense_partner_name(environ=os.environ) -> str:
-    """VLLM_HSR_DENSE_BACKEND: auto (CPU_ATTN on CPU, FLASH_ATTN elsewhere) or a DENSE_PARTNERS name."""
-    choice = environ.get(DENSE_BACKEND_ENV, "auto")
+    """HSR_DENSE_BACKEND: auto (CPU_ATTN on CPU, FLASH_ATTN elsewhere) or a DENSE_PARTNERS name."""
+    choice = envs.get("DENSE_BACKEND", environ) or "auto"
     if choice == "auto":
         return "CPU_ATTN" if _vllm.current_platform.is_cpu() else "FLASH_ATTN"
     if choice not in _vllm.DENSE_PARTNERS:
-        raise ValueError(f"{DENSE_BACKEND_ENV}={choice!r} is invalid: allowed values are auto, "
+        raise ValueError(f"HSR_DENSE_BACKEND={choice!r} is invalid: allowed values are auto, "
                          f"{', '.join(_vllm.DENSE_PARTNERS)}")
     return choice
 
@@ -67,6 +73,8 @@ class HSRMetadata:
     dense_all: the dense metadata of the whole batch when no row is sparse (one dense call, as the
     dense backend alone would make; dense_decode and prefill are then None).
     summary_write: the step's SummaryWrite, planned by the first layer and shared by the others.
+    dense_feature: why every decode row is dense when a model or batch feature HSR does not handle is the cause
+    (counted in the metrics), else None.
     """
 
     num_actual_tokens: int
@@ -82,6 +90,7 @@ class HSRMetadata:
     prefill: object | None = None
     dense_all: object | None = None
     summary_write: SummaryWrite | None = None
+    dense_feature: str | None = None
 
 
 def request_subset(common, rows: torch.Tensor):
@@ -119,6 +128,16 @@ def _token_rows_and_positions(common) -> tuple[torch.Tensor, torch.Tensor]:
     return token_rows, common.seq_lens[token_rows] - (starts[token_rows + 1] - torch.arange(n, device=device))
 
 
+def dense_layers_by_feature(layers) -> dict[str, list[str]]:
+    """{feature: layer names} of the layers (name -> vLLM Attention layer) whose impl HSR leaves dense."""
+    dense = defaultdict(list)
+    for name, layer in layers.items():
+        feature = getattr(layer.impl, "dense_reason", "not an HSR layer")
+        if feature is not None:
+            dense[feature].append(name)
+    return dict(dense)
+
+
 class _HSRBuilder:
     """HSR's part of the metadata builder; composed in front of the partner's builder."""
 
@@ -129,19 +148,28 @@ class _HSRBuilder:
         self.reorder_batch_threshold = 1
         self.hsr = HSRConfig.from_vllm(vllm_config.additional_config)
         layers = _vllm.get_layers_from_vllm_config(vllm_config, _vllm.Attention, layer_names)
+        dense_layers = dense_layers_by_feature(layers)
         # One metadata serves the whole group: if any layer cannot use HSR, every decode row is dense.
-        self.min_sparse_tokens = self.hsr.min_sparse_tokens() if all(
-            getattr(layer.impl, "hsr_supported", False) for layer in layers.values()) else math.inf
+        self.min_sparse_tokens = math.inf if dense_layers else self.hsr.min_sparse_tokens()
+        self.dense_feature = ", ".join(sorted(dense_layers)) or None
+        if dense_layers:
+            logger.warning("HSR: %d of %d attention layers use a feature HSR does not handle, so every decode row of "
+                           "their KV cache group (%d layers) is read densely: %s", sum(map(len, dense_layers.values())),
+                           len(layers), len(layers),
+                           "; ".join(f"{reason}: {', '.join(names)}" for reason, names in sorted(dense_layers.items())))
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
         return _vllm.AttentionCGSupport.NEVER     # see the module docstring
 
-    def _splittable(self, common) -> bool:
+    @staticmethod
+    def unsplittable_feature(common) -> str | None:
+        """The batch feature HSR's row split would drop (a CommonAttentionMetadata field), or None."""
         def is_set(value) -> bool:
             return value is not None and not (isinstance(value, (dict, list, tuple)) and not value)
-        return isinstance(common.causal, bool) and not any(is_set(getattr(common, name, None))
-                                                           for name in UNSPLIT_FIELDS)
+        if not isinstance(common.causal, bool):
+            return "causal"
+        return next((name for name in UNSPLIT_FIELDS if is_set(getattr(common, name, None))), None)
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> HSRMetadata:
         common = common_attn_metadata
@@ -154,15 +182,22 @@ class _HSRBuilder:
         token_rows, positions = _token_rows_and_positions(common)
         # no decode row long enough (or a batch the split cannot carry): skip the split, every decode row is dense
         sparse_rows, dense_rows = torch.zeros(0, dtype=torch.long), torch.arange(num_decodes)
-        if common.max_seq_len >= self.min_sparse_tokens and self._splittable(common):
-            long_enough = common.seq_lens[:num_decodes].cpu() >= self.min_sparse_tokens
-            sparse_rows = torch.nonzero(long_enough).flatten()
-            dense_rows = torch.nonzero(~long_enough).flatten()
+        dense_feature = self.dense_feature
+        if common.max_seq_len >= self.min_sparse_tokens:
+            dense_feature = self.unsplittable_feature(common)
+            if dense_feature is not None:
+                warning_once(logger, "HSR: batches carrying %s run through the dense backend whole (HSR's row "
+                             "split does not carry it); counted in vllm_hsr_feature_dense_rows", dense_feature)
+            else:
+                long_enough = common.seq_lens[:num_decodes].cpu() >= self.min_sparse_tokens
+                sparse_rows = torch.nonzero(long_enough).flatten()
+                dense_rows = torch.nonzero(~long_enough).flatten()
         metadata = HSRMetadata(
             num_actual_tokens=n, num_decode_tokens=num_decode_tokens,
             slot_mapping=common.slot_mapping[:n], positions=positions, token_rows=token_rows,
             block_table=common.block_table_tensor, seq_lens=common.seq_lens,
-            sparse_rows=sparse_rows.to(common.seq_lens.device), dense_rows=dense_rows.to(common.seq_lens.device))
+            sparse_rows=sparse_rows.to(common.seq_lens.device), dense_rows=dense_rows.to(common.seq_lens.device),
+            dense_feature=dense_feature)
         if not sparse_rows.numel():
             metadata.dense_all = super().build(common_prefix_len, common, fast_build)
             return metadata
@@ -227,24 +262,41 @@ class _HSRImpl:
         self.hsr = HSRConfig.from_vllm(vllm_config.additional_config)
         self.summaries: PagedSummaries | None = None
         self.layout: PagedKVLayout | None = None
+        self.hsr.check_engine_use()
+        self.verify_summaries = envs.get("VERIFY_SUMMARIES") == "1"
         self.stats_log = DecodeStatsLog.shared()
-        # Features HSR does not model: such a layer stays fully dense. Partners spell "none"
-        # differently (CPU_ATTN: None or -1; FLASH_ATTN/TRITON_ATTN: (-1, -1), soft-cap 0).
-        self.hsr_supported = (
-            self.attn_type == _vllm.AttentionType.DECODER
-            and getattr(self, "sliding_window", None) in (None, -1, (-1, -1))
-            and getattr(self, "alibi_slopes", None) is None and not getattr(self, "logits_soft_cap", None)
-            and getattr(self, "sinks", None) is None
-            and not _vllm.is_quantized_kv_cache(getattr(self, "kv_cache_dtype", "auto")))
-        if not self.hsr_supported:
-            logger.warning("HSR: a layer uses a feature HSR does not model (sliding window, ALiBi, "
-                           "soft-cap, sinks, quantized KV or encoder attention); it runs dense")
+        self.dense_reason = self._dense_reason()     # the builder warns once, naming the layers
+
+    def _dense_reason(self) -> str | None:
+        """The feature of this layer HSR does not model (it then stays fully dense), or None. Partners spell
+        "none" differently (CPU_ATTN: None or -1; FLASH_ATTN/TRITON_ATTN: (-1, -1), soft-cap 0)."""
+        if self.attn_type != _vllm.AttentionType.DECODER:
+            return f"{self.attn_type} attention"
+        if getattr(self, "sliding_window", None) not in (None, -1, (-1, -1)):
+            return "sliding window"
+        if getattr(self, "alibi_slopes", None) is not None:
+            return "ALiBi"
+        if getattr(self, "logits_soft_cap", None):
+            return "logit soft-cap"
+        if getattr(self, "sinks", None) is not None:
+            return "attention sinks"
+        if _vllm.is_quantized_kv_cache(getattr(self, "kv_cache_dtype", "auto")):
+            return f"quantized KV cache ({self.kv_cache_dtype})"
+        return None
+
+    @property
+    def hsr_supported(self) -> bool:
+        return self.dense_reason is None
+
+    def fused_output_quant_supported(self, quant_key) -> bool:
+        return False      # so vLLM's fusion pass never asks (forward refuses it too)
 
     def _index(self, layer, kv_cache: torch.Tensor) -> PagedSummaries:
         """This layer's summaries, set up on first use: in the padding customize_spec added to every
         KV page (memory vLLM counts), or beside the cache where the pages have no room for them."""
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         if self.summaries is None or self.summaries.boxes.shape[0] != num_blocks:
+            self.stats_log.set_kernel(kernel_path(kv_cache.device), kernel_fallback(kv_cache.device))
             head_dim = self.head_size
             if self.learned_layout:
                 self.layout = learn_layout(
@@ -269,7 +321,11 @@ class _HSRImpl:
         """query [num_tokens, num_heads, head_size]; key, value [num_tokens, num_kv_heads, head_size];
         kv_cache [num_blocks, num_kv_heads, block_size, 2 * head_size] (already written this step);
         output [num_tokens, num_heads, head_size], filled in place.
+        output_scale, output_block_scale: fused output quantization, which HSR does not do (refused, as
+        vLLM's own backends refuse it, rather than returning unquantized values).
         """
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the HSR backend")
         if attn_metadata is None:  # warm-up
             return output
         m: HSRMetadata = attn_metadata
@@ -280,6 +336,11 @@ class _HSRImpl:
                 m.summary_write = summaries.plan_write(m.slot_mapping, m.positions, m.token_rows)
             if m.summary_write.filled_blocks is not None:     # most decode steps fill no cell
                 update_summaries(summaries, m.summary_write, m.block_table, flat_view(kv_cache), self.layout)
+            if self.verify_summaries:
+                stale = stale_summaries(summaries, m.block_table, m.seq_lens, flat_view(kv_cache), self.layout)
+                if stale:
+                    raise RuntimeError(f"HSR: {len(stale)} summaries differ from the KV cache they summarise: "
+                                       + "; ".join(stale[:8]))
         if m.dense_all is not None:
             super().forward(layer, query, key, value, kv_cache, m.dense_all, output)
         if m.prefill is not None:
@@ -297,12 +358,15 @@ class _HSRImpl:
                                        m.seq_lens[rows], self.hsr, self.scale, host_stats=False)
             output[rows] = out.view_as(output[rows])
         if num_decode:
-            self.stats_log.record(stats, num_sparse_rows=m.sparse_rows.numel(), num_dense_rows=m.dense_rows.numel())
+            self.stats_log.record(stats, num_sparse_rows=m.sparse_rows.numel(), num_dense_rows=m.dense_rows.numel(),
+                                  dense_feature=m.dense_feature)
         return output
 
 
 class _HSRBackend:
-    """HSR's part of the backend class; composed in front of the partner's backend."""
+    """HSR's part of the backend class; composed in front of the partner's backend. compose() narrows the
+    partner's supported dtypes and KV-cache dtypes to those HSR's kernels read, so vLLM's selector refuses
+    the rest with a reason (head sizes: any the partner takes)."""
 
     @classmethod
     def customize_spec(cls, spec):
@@ -330,7 +394,11 @@ def compose(partner: str) -> type:
     impl_cls = type("HSRAttentionImpl", (_HSRImpl, impl),
                     dict(module, learned_layout=partner not in SPLIT_PAGE_PARTNERS))
     return type("HSRAttentionBackend", (_HSRBackend, backend), dict(
-        module, __doc__=f"Registered as {BACKEND_NAME} (and CUSTOM): {partner}'s KV-cache layout, prefill and "
+        module,
+        supported_dtypes=[dtype for dtype in backend.supported_dtypes if dtype in KERNEL_DTYPES],
+        supported_kv_cache_dtypes=[dtype for dtype in backend.supported_kv_cache_dtypes
+                                   if dtype in PLAIN_KV_CACHE_DTYPES],
+        __doc__=f"Registered as {BACKEND_NAME} (and CUSTOM): {partner}'s KV-cache layout, prefill and "
                         "KV writes, HSR decode, summaries in the KV pages.",
         dense_partner=partner,
         get_name=staticmethod(lambda: BACKEND_NAME),

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
+from vllm_hsr import envs
+
 MODES = ("relu", "softmax", "topk")
 CODE_BITS = (0, 1, 2, 4, 8)  # widths that pack whole codes into a byte
 SUMMARY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KEY_COPY = ("auto", "on", "off")
-ENV_PREFIX = "VLLM_HSR_"
 DENSE_BELOW_TOKENS = 1024   # dense_below_tokens="auto" in softmax and relu modes
 # dense_below_tokens="auto" in topk mode: this many times the tokens topk keeps, with one code plane (up to
 # 4-bit codes) and with two (8-bit). Topk bounds every token before it reads the kept ones, so it pays off only
@@ -28,14 +28,6 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _parse_env(name: str, raw: str) -> Any:
-    """An environment value as JSON when it parses (numbers, null), else as a plain string."""
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
 
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
@@ -80,6 +72,9 @@ class HSRConfig:
         in its KV page, so a kept token's exact key is one contiguous row. "auto" keeps
         one where the dense partner scatters a token's key over many cache lines
         (CPU_ATTN), "on" / "off" force it. It costs the key bytes once more.
+    allow_relu_decode: vLLM only: mode="relu" is refused in the engine unless this is True, since vLLM's
+        prefill (the dense backend) stays softmax: decode would weigh tokens unlike the model's training
+        and unlike its own prefill (for experiments with ReLU^alpha decode only).
     """
 
     mode: str = "softmax"
@@ -100,6 +95,7 @@ class HSRConfig:
     dense_below_tokens: int | str = "auto"
     max_candidates: int = 0
     key_copy: str = "auto"
+    allow_relu_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -136,6 +132,8 @@ class HSRConfig:
                            f"allowed values are {', '.join(SUMMARY_DTYPES)}")
         if self.key_copy not in KEY_COPY:
             raise _invalid("key_copy", self.key_copy, f"allowed values are {', '.join(KEY_COPY)}")
+        if not isinstance(self.allow_relu_decode, bool):
+            raise _invalid("allow_relu_decode", self.allow_relu_decode, "must be true or false")
         if not _is_number(self.tree_budget_share) or not 0.0 <= self.tree_budget_share < 1.0:
             raise _invalid("tree_budget_share", self.tree_budget_share, "must be a number in [0, 1)")
 
@@ -156,13 +154,27 @@ class HSRConfig:
     @classmethod
     def from_vllm(cls, additional_config: Mapping[str, Any] | None,
                   environ: Mapping[str, str] = os.environ) -> HSRConfig:
-        """vLLM's additional_config["hsr"], overridden by VLLM_HSR_<FIELD> environment variables."""
-        settings = dict((additional_config or {}).get("hsr") or {})
-        for name in cls.field_names():
-            raw = environ.get(ENV_PREFIX + name.upper())
-            if raw is not None:
-                settings[name] = _parse_env(ENV_PREFIX + name.upper(), raw)
-        return cls.from_mapping(settings)
+        """vLLM's additional_config["hsr"], overridden by HSR_<FIELD> environment variables (vllm_hsr.envs)."""
+        given = (additional_config or {}).get("hsr") or {}
+        if not isinstance(given, Mapping):
+            raise ValueError(f'additional_config["hsr"] must be a JSON object of HSR settings, got {given!r}')
+        overrides = envs.setting_overrides(cls.field_names(), environ)
+        try:
+            return cls.from_mapping({**given, **overrides})
+        except (ValueError, TypeError) as error:
+            if not overrides:
+                raise
+            names = ", ".join(f"{envs.PREFIX}{name.upper()}={environ_value!r}"
+                              for name, environ_value in overrides.items())
+            raise ValueError(f"{error} (environment overrides: {names})") from None
+
+    def check_engine_use(self) -> None:
+        """Raise where these settings must not run in a vLLM engine (see allow_relu_decode)."""
+        if self.mode == "relu" and not self.allow_relu_decode:
+            raise ValueError(
+                'HSRConfig.mode="relu" is refused in vLLM: decode would compute ReLU^alpha attention while '
+                "prefill (the dense backend) computes softmax, so a model trained with softmax attention would "
+                'change its answers. Use mode "softmax" or "topk", or set allow_relu_decode=true to run it anyway')
 
     def copies_keys(self, partner_scatters_keys: bool) -> bool:
         """Whether the KV pages keep a key copy, given whether the dense partner's layout scatters a key."""

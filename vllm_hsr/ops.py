@@ -6,7 +6,7 @@ tokens and skipped mass; then attention over those candidate lists runs as the T
 split-K kernel (kernels/sparse_decode.py) or its torch twin (vllm_hsr.core.decode). On the CPU
 both stages run as one compiled kernel (kernels/cpu_decode.py), row by row, and cell summaries
 are written by another (kernels/cpu_summary.py). Which path:
-VLLM_HSR_KERNELS=auto (default: Triton on CUDA, the compiled kernel on CPU, the torch twin where
+HSR_KERNELS=auto (default: Triton on CUDA, the compiled kernel on CPU, the torch twin where
 it cannot be built), torch, native (CPU only), or triton (on CPU this needs TRITON_INTERPRET=1:
 tests only).
 """
@@ -14,11 +14,11 @@ tests only).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 
 import torch
 
+from vllm_hsr import envs
 from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.attention import HSRStats
 from vllm_hsr.core.decode import decode_candidates
@@ -27,37 +27,48 @@ from vllm_hsr.core.query import REFINE_SHARE, Candidates, RowBounds, TreeQuery, 
 from vllm_hsr.core.selection import BUDGET_SLACK, HIST_BINS, HIST_RANGE
 from vllm_hsr.core.summaries import code_planes, code_slacks, code_weight_range, margin_terms, plane_bytes
 from vllm_hsr.kernels import cpu_decode, cpu_summary
+from vllm_hsr.log import init_logger
 
 KERNEL_CHOICES = ("auto", "torch", "triton", "native")
-logger = logging.getLogger(__name__)
+logger = init_logger(__name__)
 
 
 @functools.cache
-def _native_builds() -> bool:
-    """Whether the compiled CPU kernels are usable here; says once why not."""
+def native_unavailable() -> str | None:
+    """Why the compiled CPU kernels cannot be used here (said once as a warning), or None where they can."""
     try:
         cpu_decode.library()
         cpu_summary.library()
-        return True
+        return None
     except cpu_decode.NativeBuildError as error:
-        logger.warning("HSR: the compiled CPU kernel is unavailable, decoding with the torch twin: %s", error)
-        return False
+        logger.warning("HSR: the compiled CPU kernel is unavailable, decoding with the torch twin (slower): %s",
+                       error)
+        return str(error)
 
 
-def kernel_path(device: torch.device) -> str:
-    """Which implementation decodes tensors on `device`: "triton", "native" or "torch"."""
-    choice = os.environ.get("VLLM_HSR_KERNELS", "auto")
+def kernel_fallback(device: torch.device) -> str | None:
+    """Why `auto` decodes CPU tensors with the torch twin instead of the compiled kernel, or None."""
+    if device.type != "cpu" or (envs.get("KERNELS") or "auto") != "auto":
+        return None
+    return native_unavailable()
+
+
+def kernel_path(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Which implementation decodes tensors on `device` (of `dtype`, if given): "triton", "native" or "torch".
+    auto sends dtypes the compiled kernel does not read (float64) to the torch twin."""
+    choice = envs.get("KERNELS") or "auto"
     if choice not in KERNEL_CHOICES:
-        raise ValueError(f"VLLM_HSR_KERNELS={choice!r} is invalid: allowed values are {', '.join(KERNEL_CHOICES)}")
+        raise ValueError(f"HSR_KERNELS={choice!r} is invalid: allowed values are {', '.join(KERNEL_CHOICES)}")
     if choice == "auto":
         if device.type == "cuda":
             return "triton"
-        return "native" if device.type == "cpu" and _native_builds() else "torch"
+        native = device.type == "cpu" and (dtype is None or dtype in cpu_decode.DTYPES)
+        return "native" if native and native_unavailable() is None else "torch"
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("VLLM_HSR_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1")
+        raise ValueError("HSR_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1")
     if choice == "native":
         if device.type != "cpu":
-            raise ValueError(f"VLLM_HSR_KERNELS=native decodes CPU tensors only, not {device.type}")
+            raise ValueError(f"HSR_KERNELS=native decodes CPU tensors only, not {device.type}")
         cpu_decode.library()          # raises NativeBuildError with the compiler's message
         cpu_summary.library()
     return choice
@@ -207,7 +218,7 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
     returns out [batch, num_q_heads, head_dim] (q's dtype), error_bound [batch, num_q_heads], stats
     """
     flat_cache = flat_view(cache)
-    path = kernel_path(q.device)
+    path = kernel_path(q.device, cache.dtype)
     if path == "native":
         out, bound, found = native_decode(q, flat_cache, layout, summaries, block_table, seq_lens, cfg, scale,
                                           candidates=record_tokens)

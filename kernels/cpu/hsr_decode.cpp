@@ -1646,7 +1646,9 @@ class Row {
         weights.insert(weights.end(), &scores[i * G_], &scores[i * G_] + G_);
       }
     } else {                             // exp_nonpositive is never 0: every listed token is weighted
-      for (float& x : m) x = std::isfinite(x) ? x : 0.0f;
+      // a head with no finite score at all: any reference works. A +inf (or NaN) maximum stays, so that
+      // its weights, and the output, come out NaN as a dense softmax's would, instead of finite and wrong.
+      for (float& x : m) x = x == -INF_F ? 0.0f : x;
       softmax_weights(scores.data(), L, m.data(), norm.data());
       weighted = list;
       weights.swap(scores);

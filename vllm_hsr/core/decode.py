@@ -46,7 +46,8 @@ def decode_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKV
         return out.view(batch, num_q_heads, head_dim), torch.zeros(batch, num_q_heads)
     scores = torch.where(mask, scores, torch.full_like(scores, -torch.inf))
     m = scores.amax(-1)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # only an all -inf row needs another reference: a +inf (or NaN) maximum makes the row NaN, as dense softmax
+    m_safe = torch.where(m == -torch.inf, torch.zeros_like(m), m)
     p = torch.exp(scores - m_safe.unsqueeze(-1))
     z = p.sum(-1)
     out = torch.einsum("bhgn,bhnd->bhgd", p, values) / torch.where(z > 0, z, 1.0).unsqueeze(-1)

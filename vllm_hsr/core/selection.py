@@ -39,7 +39,8 @@ def greedy_skip(log_mass: torch.Tensor, log_budget: torch.Tensor, valid: torch.T
     if valid is not None:
         rel = torch.where(valid.unsqueeze(-1), rel, torch.full_like(rel, -torch.inf))
     fits = rel <= 0  # False for a -inf budget (eps = 0), so nothing is skipped
-    bins = ((rel + HIST_RANGE) * (HIST_BINS / HIST_RANGE)).floor().clamp(0, HIST_BINS - 1).long()
+    # a NaN mass (a non-finite key in the node) goes to bin 0 and, not fitting, is never skipped
+    bins = ((rel + HIST_RANGE) * (HIST_BINS / HIST_RANGE)).floor().nan_to_num(nan=0.0).clamp(0, HIST_BINS - 1).long()
     mass = torch.where(fits, rel.exp(), torch.zeros_like(rel))
     hist = torch.zeros(*rel.shape[:-2], rel.shape[-1], HIST_BINS, dtype=rel.dtype, device=rel.device)
     hist.scatter_add_(-1, bins.mT, mass.mT)                              # [..., G, BINS]

@@ -8,6 +8,7 @@ each layer's keys and values [N, Hkv, D] and the queries of the last `num_querie
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +69,28 @@ def capture(model, input_ids: list[int], num_queries: int, layers: list[int] | N
     finally:
         model.set_attn_implementation(previous)
     return [captured[i] for i in sorted(captured)]
+
+
+# The layers bench_layer_call's real workload draws its rows from: 8 spread over the 30, the dense first one included.
+SAMPLE_LAYERS = (0, 4, 8, 12, 17, 21, 25, 29)
+
+
+@functools.cache
+def decode_rows(max_context: int, model_dir: Path = DEFAULT_MODEL_DIR) -> tuple[LayerAttention, ...]:
+    """SAMPLE_LAYERS' attention over one haystack of about max_context tokens (a needle at depth 0.5 and its
+    question at the end), the query of every position kept. The model is causal, so keys 0 .. C-1 and the
+    query at position C-1 are exactly a decode row of context C, for every C up to the haystack's length."""
+    from vllm_hsr.corpus import Needle, needle_prompt
+    model, tokenizer = load_model(model_dir)
+    ids = tokenizer(needle_prompt(tokenizer, max_context, Needle("blue", 48213, 0.5)).prompt).input_ids
+    return tuple(capture(model, ids, len(ids), list(SAMPLE_LAYERS)))
+
+
+def decode_row(row: int, context: int, max_context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch row `row` of the real workload at `context` tokens: layer SAMPLE_LAYERS[row % 8]'s keys, values
+    [context, Hkv, D] and the query [Hq, D] at position context - 1."""
+    layers = decode_rows(max_context)
+    attn = layers[row % len(layers)]
+    if context > attn.keys.shape[0]:
+        raise ValueError(f"context {context} exceeds the captured haystack ({attn.keys.shape[0]} tokens)")
+    return attn.keys[:context], attn.values[:context], attn.queries[context - 1]

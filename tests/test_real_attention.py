@@ -20,7 +20,7 @@ from real_attention import capture, load_model  # noqa: E402
 from vllm_hsr.corpus import Needle, needle_prompt  # noqa: E402
 
 MODES = ["softmax:1e-3", "softmax:1e-2:4", "topk:128:4"]
-KERNELS_BEFORE = os.environ.get("VLLM_HSR_KERNELS")
+KERNELS_BEFORE = os.environ.get("HSR_KERNELS")
 LAYERS = [0, 14, 29]
 
 
@@ -50,8 +50,8 @@ def test_capture_matches_the_models_own_attention(real_model):
 
 
 def test_the_kernel_choice_is_put_back(records):
-    """fidelity switches VLLM_HSR_KERNELS per call; later tests (and the engines they spawn) must not inherit it."""
-    assert os.environ.get("VLLM_HSR_KERNELS") == KERNELS_BEFORE
+    """fidelity switches HSR_KERNELS per call; later tests (and the engines they spawn) must not inherit it."""
+    assert os.environ.get("HSR_KERNELS") == KERNELS_BEFORE
 
 
 def test_no_certificate_is_violated_on_real_keys(records):
@@ -89,3 +89,24 @@ def test_kernel_and_twin_select_the_same_tokens(records):
         assert native["tokens_read_fraction_per_head"] == twin["tokens_read_fraction_per_head"]
         assert native["max_certificate"] == pytest.approx(twin["max_certificate"], rel=1e-4, abs=1e-30)
         assert native["max_rel_error"] == pytest.approx(twin["max_rel_error"], rel=1e-2, abs=1e-5)
+
+
+def test_layer_call_on_real_rows(real_model, tmp_path):
+    """bench_layer_call --workload real: rows from the sampled layers at a ragged context; eps=0 reads every
+    token and equals CPU_ATTN, top-k reads its budget (plus sink and window) of the real keys."""
+    import json
+    import bench_layer_call
+    import real_attention
+    common = ["--workload", "real", "--contexts", "300", "--batch", "2", "--repeat", "1",
+              "--threads", str(torch.get_num_threads()), "--json", str(tmp_path / "r.json"),
+              "--plot", str(tmp_path / "r.png")]
+    exact, topk = bench_layer_call.main([*common, "--hsr", json.dumps({"mode": "softmax", "eps": 0}),
+                                         "--hsr", json.dumps({"mode": "topk", "budget_tokens": 64, "code_bits": 4,
+                                                              "sink_tokens": 16, "window_tokens": 32})])
+    assert (exact["num_heads"], exact["num_kv_heads"], exact["head_dim"]) == (9, 3, 64)
+    assert exact["tokens_read_fraction"] == 1.0 and exact["max_rel_diff_vs_cpu_attn"] < 1e-5
+    assert topk["tokens_read_fraction"] == pytest.approx((64 + 16 + 32) / 300, abs=2 / 300)
+    keys, values, query = real_attention.decode_row(1, 300, 300 + bench_layer_call.REAL_MARGIN)
+    layer = real_attention.decode_rows(300 + bench_layer_call.REAL_MARGIN)[1]
+    assert layer.layer == real_attention.SAMPLE_LAYERS[1] and keys.shape == (300, 3, 64)
+    assert torch.equal(query, layer.queries[299]) and torch.equal(values, layer.values[:300])

@@ -20,7 +20,7 @@ here, as it does for dense rows inside the HSR backend; the CPU_ATTN-only engine
 
 --workload real: SmolLM2-135M's own keys, values and decode queries (benchmarks/real_attention.py): one
 haystack of the shipped text goes through the model once; batch row r takes layer SAMPLE_LAYERS[r % 8]
-(0, 4, 8, 12, 17, 21, 25, 29) and, at context C, its keys and values up to C and its query at position C - 1
+(12, 17, 21, 25, 29, 0, 4, 8: batch 1 is a middle layer, batch 8 all eight) and, at context C, its keys and values up to C and its query at position C - 1
 (the model is causal, so that is a decode row of context C). The shape is the model's: 9 query / 3 KV heads,
 head size 64.
 

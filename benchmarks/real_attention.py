@@ -84,7 +84,8 @@ def decode_rows(max_context: int, model_dir: Path = DEFAULT_MODEL_DIR) -> tuple[
     from vllm_hsr.corpus import Needle, needle_prompt
     model, tokenizer = load_model(model_dir)
     ids = tokenizer(needle_prompt(tokenizer, max_context, Needle("blue", 48213, 0.5)).prompt).input_ids
-    return tuple(capture(model, ids, len(ids), list(SAMPLE_LAYERS)))
+    by_layer = {attn.layer: attn for attn in capture(model, ids, len(ids), list(SAMPLE_LAYERS))}
+    return tuple(by_layer[layer] for layer in SAMPLE_LAYERS)
 
 
 def decode_row(row: int, context: int, max_context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

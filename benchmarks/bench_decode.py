@@ -39,7 +39,7 @@ from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries  # noqa: E402
 from vllm_hsr.ops import hsr_decode, kernel_path, update_summaries  # noqa: E402
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-DEFAULT_CODE_BITS = HSRConfig().code_bits     # records written before code_bits was recorded used it
+DEFAULT_CODE_BITS = 8     # the default when records did not carry code_bits yet; labels name other widths
 
 
 class PagedSequence:

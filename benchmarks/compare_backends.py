@@ -30,6 +30,8 @@ from pathlib import Path
 
 from common import RESULTS, dense_backend, machine, provenance
 
+from vllm_hsr import HSRConfig
+
 LATENCY_PROMPT_IDS = 10240   # `vllm bench latency` draws dummy prompt token ids from [0, 10000)
 MEASURES = ("requests_per_s", "output_tokens_per_s", "elapsed_s", "prefill_s", "decode_tokens_per_s", "tpot_ms")
 
@@ -68,7 +70,7 @@ def run_point(model: str, backend: str, input_len: int, args, log: Path) -> dict
         "output_tokens_per_s": full["num_requests"] * args.output_len / full["elapsed_time"],
         "elapsed_s": full["elapsed_time"], "prefill_s": prefill["elapsed_time"],
         "decode_tokens_per_s": full["num_requests"] * (args.output_len - 1) / decode_s if decode_s > 0 else None,
-        "tpot_ms": None, "hsr_mode": json.loads(args.hsr).get("mode", "softmax") if backend == "HSR" else None,
+        "tpot_ms": None, "hsr_mode": HSRConfig.from_mapping(json.loads(args.hsr)).mode if backend == "HSR" else None,
         "hsr_settings": json.loads(args.hsr) if backend == "HSR" else None, **provenance(),
         # vllm-hsr's engine commands default it to 1 for every backend (transparent huge pages for the KV cache)
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),

@@ -62,7 +62,8 @@ def _impl(partner: str, hsr: dict | None = None, **overrides):
     settings = dict(num_heads=NUM_HEADS, head_size=HEAD_DIM, scale=HEAD_DIM ** -0.5, num_kv_heads=NUM_KV_HEADS,
                     alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None)
     config = VllmConfig()
-    config.additional_config = {"hsr": {"eps": 1e-3, "dense_below_tokens": 0, "window_tokens": 16} | (hsr or {})}
+    config.additional_config = {"hsr": {"mode": "softmax", "eps": 1e-3, "dense_below_tokens": 0, "window_tokens": 16}
+                                | (hsr or {})}
     with set_current_vllm_config(config):
         return compose(partner).get_impl_cls()(**(settings | overrides))
 

@@ -34,7 +34,7 @@ def test_bad_mode_specs_stop(spec):
 
 
 def test_labels_and_keys_name_code_bits_only_off_the_default():
-    default = HSRConfig().code_bits
+    default = bench_decode.DEFAULT_CODE_BITS
     old = {"mode": "topk", "budget_tokens": 1024, "eps": None, "bias": None}      # written before code_bits was
     assert bench_decode.setting(old) == bench_decode.setting({**old, "code_bits": default}) == "topk k=1024"
     assert bench_decode.setting({**old, "code_bits": 4}) == "topk k=1024 c4"

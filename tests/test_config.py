@@ -31,7 +31,7 @@ def test_bad_setting_names_the_field(name, value):
 
 def test_defaults_are_valid_and_documented():
     cfg = HSRConfig()
-    assert (cfg.mode, cfg.eps, cfg.code_bits, cfg.cell_size) == ("softmax", 1e-3, 8, 16)
+    assert (cfg.mode, cfg.budget_tokens, cfg.code_bits, cfg.cell_size) == ("topk", 512, 4, 16)
     for name in HSRConfig.field_names():
         assert name in HSRConfig.__doc__
 
@@ -97,14 +97,14 @@ def test_key_copy_follows_the_partner_unless_forced(key_copy, scattered, copies)
 
 
 def test_dense_below_tokens_auto_follows_the_mode_unless_set():
-    assert HSRConfig().min_sparse_tokens() == 1024
+    assert HSRConfig(mode="softmax").min_sparse_tokens() == 1024
     assert HSRConfig(mode="relu").min_sparse_tokens() == 1024
     # topk keeps sink + window + budget tokens; it pays off well above them, further with two code planes
-    assert HSRConfig(mode="topk").min_sparse_tokens() == 12 * (16 + 64 + 1024)
-    assert HSRConfig(mode="topk", code_bits=4).min_sparse_tokens() == 6 * (16 + 64 + 1024)
+    assert HSRConfig().min_sparse_tokens() == 2048 + 4 * (16 + 64 + 512) == 4416
+    assert HSRConfig(mode="topk", budget_tokens=1024, code_bits=8).min_sparse_tokens() == 2 * (2048 + 4 * 1104)
     small = dict(mode="topk", budget_tokens=256, sink_tokens=0, window_tokens=32)
-    assert HSRConfig(**small, code_bits=2).min_sparse_tokens() == 6 * 288
-    assert HSRConfig(**small, code_bits=0).min_sparse_tokens() == 6 * 288
+    assert HSRConfig(**small, code_bits=2).min_sparse_tokens() == 2048 + 4 * 288
+    assert HSRConfig(**small, code_bits=0).min_sparse_tokens() == 2048 + 4 * 288
     for mode in ("softmax", "topk"):
         assert HSRConfig(mode=mode, dense_below_tokens=0).min_sparse_tokens() == 0
         assert HSRConfig(mode=mode, dense_below_tokens=5000).min_sparse_tokens() == 5000

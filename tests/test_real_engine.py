@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import retrieval  # noqa: E402
 
 CONTEXTS, DEPTHS, MAX_TOKENS = [2048], [0.3], 16
-EXACT = {"eps": 0}
-TOPK = {"mode": "topk", "budget_tokens": 256, "code_bits": 4}
+EXACT = {"mode": "softmax", "eps": 0}
+TOPK = {"mode": "topk", "budget_tokens": 256, "code_bits": 4, "dense_below_tokens": 0}     # HSR at every step
 
 
 @pytest.fixture(scope="module")

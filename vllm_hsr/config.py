@@ -15,11 +15,13 @@ CODE_BITS = (0, 1, 2, 4, 8)  # widths that pack whole codes into a byte
 SUMMARY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KEY_COPY = ("auto", "on", "off")
 DENSE_BELOW_TOKENS = 1024   # dense_below_tokens="auto" in softmax and relu modes
-# dense_below_tokens="auto" in topk mode: this many times the tokens topk keeps, with one code plane (up to
-# 4-bit codes) and with two (8-bit). Topk bounds every token before it reads the kept ones, so it pays off only
-# well above them: in one layer call on the 2-core CPU (benchmarks/bench_layer_call.py) it passed CPU_ATTN at
-# 5.5-7x its kept tokens with 4-bit codes, ~11x with 8-bit ones (whose second plane it also bounds).
-TOPK_DENSE_RATIO, TOPK_DENSE_RATIO_TWO_PLANES = 6, 12
+# dense_below_tokens="auto" in topk mode: TOPK_DENSE_BASE + TOPK_DENSE_PER_KEPT x the tokens topk keeps (sink +
+# window + budget), doubled with two code planes (8-bit codes, whose second plane is bounded too). Topk bounds every
+# token, then reads the kept ones at random, so its call costs a fixed part that grows with what it keeps plus a
+# cheaper per-token part than a dense read. On SmolLM2's real keys (benchmarks/bench_layer_call.py --workload real,
+# 8 rows, one thread, the 2-core CPU) 4-bit topk passed CPU_ATTN at ~3.3K, ~4.3K and ~6.5K tokens for budgets
+# 256, 512 and 1024: about 2K + 4 x kept.
+TOPK_DENSE_BASE, TOPK_DENSE_PER_KEPT = 2048, 4
 
 
 def _is_int(value: Any) -> bool:
@@ -62,8 +64,8 @@ class HSRConfig:
         level (split evenly among those levels); the finest level gets the rest.
     dense_below_tokens: vLLM backend only: decode rows with fewer cached tokens
         use the dense kernel (HSR cannot pay off on short contexts). "auto": 1024 in
-        softmax and relu modes; in topk mode TOPK_DENSE_RATIO (6, up to 4-bit codes) or
-        TOPK_DENSE_RATIO_TWO_PLANES (12, 8-bit) times the tokens topk keeps (sink + window + budget_tokens), see
+        softmax and relu modes; in topk mode TOPK_DENSE_BASE + TOPK_DENSE_PER_KEPT x the tokens topk keeps
+        (sink + window + budget_tokens), twice that with 8-bit codes: 4,416 tokens by default, see
         `min_sparse_tokens`.
     max_candidates: fixed length of each (sequence, KV head) candidate list in
         tokens; a row whose selection would not fit is read densely instead (no
@@ -77,15 +79,17 @@ class HSRConfig:
         and unlike its own prefill (for experiments with ReLU^alpha decode only).
     """
 
-    mode: str = "softmax"
+    # The defaults are the setting that pays on the CPU (README, "Recommended settings"): topk keeping 512 tokens
+    # beyond sink and window, bounded by 4-bit codes; it answered every needle dense answered on SmolLM2.
+    mode: str = "topk"
     eps: float = 1e-3
     alpha: int = 2
     bias: float = 0.0
-    budget_tokens: int = 1024
+    budget_tokens: int = 512
     cell_size: int = 16
     fanout: int = 16
     tree_levels: int = 3
-    code_bits: int = 8
+    code_bits: int = 4
     sink_tokens: int = 16
     window_tokens: int = 64
     seed_cells: int = 4
@@ -185,8 +189,9 @@ class HSRConfig:
         if self.dense_below_tokens != "auto":
             return self.dense_below_tokens
         if self.mode == "topk":
-            ratio = TOPK_DENSE_RATIO_TWO_PLANES if self.code_bits > 4 else TOPK_DENSE_RATIO
-            return ratio * (self.sink_tokens + self.window_tokens + self.budget_tokens)
+            kept = self.sink_tokens + self.window_tokens + self.budget_tokens
+            planes = 2 if self.code_bits > 4 else 1
+            return planes * (TOPK_DENSE_BASE + TOPK_DENSE_PER_KEPT * kept)
         return DENSE_BELOW_TOKENS
 
     def resolved_scale(self, head_dim: int) -> float:

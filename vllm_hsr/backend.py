@@ -154,8 +154,8 @@ class _HSRBuilder:
         self.dense_feature = ", ".join(sorted(dense_layers)) or None
         if dense_layers:
             logger.warning("HSR: %d of %d attention layers use a feature HSR does not handle, so every decode row of "
-                           "their KV cache group (%d layers) is read densely: %s", sum(map(len, dense_layers.values())),
-                           len(layers), len(layers),
+                           "their KV cache group is read densely: %s", sum(map(len, dense_layers.values())),
+                           len(layers),
                            "; ".join(f"{reason}: {', '.join(names)}" for reason, names in sorted(dense_layers.items())))
 
     @classmethod
@@ -334,10 +334,11 @@ class _HSRImpl:
             summaries = self._index(layer, kv_cache)
             if m.summary_write is None:
                 m.summary_write = summaries.plan_write(m.slot_mapping, m.positions, m.token_rows)
+            flat_cache = flat_view(kv_cache)
             if m.summary_write.filled_blocks is not None:     # most decode steps fill no cell
-                update_summaries(summaries, m.summary_write, m.block_table, flat_view(kv_cache), self.layout)
+                update_summaries(summaries, m.summary_write, m.block_table, flat_cache, self.layout)
             if self.verify_summaries:
-                stale = stale_summaries(summaries, m.block_table, m.seq_lens, flat_view(kv_cache), self.layout)
+                stale = stale_summaries(summaries, m.block_table, m.seq_lens, flat_cache, self.layout)
                 if stale:
                     raise RuntimeError(f"HSR: {len(stale)} summaries differ from the KV cache they summarise: "
                                        + "; ".join(stale[:8]))

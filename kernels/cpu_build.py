@@ -42,13 +42,17 @@ class NativeBuildError(RuntimeError):
     """The C++ kernel could not be compiled or loaded."""
 
 
+def cpu_flags_line() -> str:
+    """The CPU's flags line of /proc/cpuinfo ("" where there is none)."""
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def _cpu_signature() -> bytes:
     """What -march=native depends on: the machine and its CPU flags."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return (platform.machine() + flags).encode()
+    return (platform.machine() + cpu_flags_line()).encode()
 
 
 def _default_build_dir() -> Path:

@@ -2,7 +2,6 @@
 
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -202,11 +201,7 @@ def _decode_built_with(flags, batch, q, cfg, monkeypatch, tmp_path):
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+    return set(cpu_build.cpu_flags_line().split())
 
 
 # Where the CPU lacks the instructions a flag turns off, both builds are the same code and cannot differ.

@@ -411,7 +411,7 @@ class Row {
   bool stashed() const { return a_.code_bits && vector_dots(); }
   bool vector_dots() const {
 #if HSR_AVX512
-    return a_.plane_bits == 4 && a_.cell_size == 16 && a_.plane_bytes % 4 == 0;
+    return a_.plane_bits == 4 && a_.cell_size % 16 == 0 && a_.plane_bytes % 4 == 0;   // 16 tokens per pass
 #else
     return false;
 #endif
@@ -698,17 +698,20 @@ class Row {
     }
   }
 
-  // The bounds of a kept cell's 16 tokens (entries [first, first + 16) of tb; with both_planes_ also those from
-  // both planes into fine_), from its stash entry `entry`, capped by the cell's box bounds (cell_ub, cell_lb:
-  // [G] at the given stride).
+  // The bounds of a kept cell's tokens (entries [first, first + cell_size) of tb; with both_planes_ also those
+  // from both planes into fine_), from its stash entry `entry`, capped by the cell's box bounds (cell_ub,
+  // cell_lb: [G] at the given stride); 16 tokens a pass, all with the cell's weights.
   void stashed_bounds(i64 cell, i64 entry, Bounds& tb, i64 first, const float* cell_ub, const float* cell_lb,
                       i64 cell_stride) {
     i64 block, slot;
     locate(0, cell, block, slot);
     const uint8_t* codes = cell_codes(block, slot, 0);
-    for (i64 g = 0; g < G_; g += MAX_HEADS)
-      with_heads(G_ - g, [&](auto heads) { stashed_dots<heads()>(codes, entry, g, tb, first, cell_ub, cell_lb,
-                                                                 cell_stride); });
+    for (i64 t = 0; t < a_.cell_size; t += 16)
+      for (i64 g = 0; g < G_; g += MAX_HEADS)
+        with_heads(G_ - g, [&](auto heads) {
+          stashed_dots<heads()>(codes + t * a_.code_token_stride, entry, g, tb, first + t, cell_ub, cell_lb,
+                                cell_stride);
+        });
   }
 
   template <int HEADS>

@@ -60,13 +60,36 @@ def _on_meta(batch: PagedBatch, cfg: HSRConfig, capacity: int | None):
 
 
 @pytest.mark.parametrize("mode", ("softmax", "relu", "topk"))
-def test_fixed_capacity_query_has_no_host_sync(mode):
-    """With a fixed capacity the query never reads a device value on the host (what CUDA graphs need):
-    it runs on meta tensors, which cannot be read. Sized to the batch, it must read, and fails there."""
+def test_query_off_the_cpu_has_no_host_sync(mode):
+    """Off the CPU the query never reads a device value on the host (a wait in every layer, and what CUDA
+    graphs forbid): it runs on meta tensors, which cannot be read, with a fixed capacity and without one
+    (lists then keep their full width)."""
     cfg = HSRConfig(mode=mode, budget_tokens=64, code_bits=8, max_candidates=256)
     batch = PagedBatch((37, 300), 2, 64, 16, cfg)
     batch.fill()
     found = _on_meta(batch, cfg, 256)
     assert found.tokens.shape == (2, 2, 256) and found.dense.shape == (2, 2)
-    with pytest.raises(RuntimeError, match="meta"):
-        _on_meta(batch, cfg, None)
+    unsized = _on_meta(batch, cfg, None)
+    assert unsized.tokens.shape[:2] == (2, 2) and unsized.tokens.shape[2] >= 300
+
+
+@pytest.mark.parametrize("mode", ("softmax", "relu", "topk"))
+def test_full_width_lists_decode_as_compacted_ones(mode, monkeypatch):
+    """The accelerator's full-width lists (static_widths) hold the same tokens as the CPU's compacted ones:
+    the same output, certificate and reads."""
+    from vllm_hsr.core import query
+    cfg = HSRConfig(mode=mode, eps=1e-2, bias=0.3, budget_tokens=64, allow_relu_decode=True)
+    batch = PagedBatch((1, 37, 700, 1025), 2, 64, 16, cfg, seed=4)
+    batch.fill()
+    q = torch.randn(4, 6, 64, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setenv("HSR_KERNELS", "torch")
+    runs = []
+    for static in (False, True):
+        monkeypatch.setattr(query, "static_widths", lambda device, static=static: static)
+        runs.append(hsr_decode(q, batch.cache, batch.layout, batch.summaries, batch.block_table,
+                               torch.tensor(batch.seq_lens), cfg, 0.125, record_tokens=True))
+    (out, bound, stats), (full_out, full_bound, full_stats) = runs
+    torch.testing.assert_close(full_out, out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(full_bound, bound, atol=1e-7, rtol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(stats.tokens_read, full_stats.tokens_read))
+    assert full_stats.keys_read == stats.keys_read

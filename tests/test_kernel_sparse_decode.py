@@ -73,6 +73,44 @@ def test_kernel_matches_twin(mode, layout, block_size, num_kv_heads, group, head
     assert torch.equal(got[empty], torch.zeros_like(got[empty]))  # pruned everywhere: zeros, never NaN
 
 
+@pytest.mark.parametrize("mode", ("softmax", "relu"))
+@pytest.mark.parametrize("num_splits", (1, 3))
+def test_splits_walk_their_share(mode, num_splits):
+    """Few splits over long rows: each program loops over many BLOCK_N steps of its share (the dense rows of
+    1025 and 2011 tokens: 32 to 63 steps), the running max and normaliser carried across them."""
+    cache, kv_layout, table, tokens, counts, dense, q, skipped = _case("cpu", 128, 2, 3, 64, seed=num_splits)
+    seq_lens = torch.tensor(SEQ_LENS)
+    cfg = HSRConfig(mode=mode, alpha=2, bias=0.1)
+    flat = flat_view(cache)
+    got, got_bound = sparse_decode(q, flat, kv_layout.block_stride, kv_layout.head_stride, kv_layout.key_offsets,
+                                   kv_layout.value_offsets, table, seq_lens, tokens, counts, dense, skipped,
+                                   relu=mode == "relu", alpha=cfg.alpha, bias=cfg.bias, scale=0.125,
+                                   out=torch.full(q.shape, torch.nan), block_n=16, num_splits=num_splits)
+    want, want_bound = decode_candidates(q, flat, kv_layout, table, seq_lens, tokens, counts, dense, skipped, cfg,
+                                         0.125)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got_bound, want_bound, atol=1e-6, rtol=1e-4)
+
+
+def test_nothing_compiled_depends_on_lengths():
+    """The kernels' compile-time parameters are shapes of the model and the launch, never a list width or a
+    sequence length: those would compile a new kernel whenever a step's lists or sequences grow."""
+    import inspect
+
+    from vllm_hsr.kernels import sparse_decode as module
+
+    def constexprs(kernel):
+        fn = getattr(kernel, "fn", kernel)
+        return {name for name, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)}
+
+    assert constexprs(module._sparse_decode_split_kernel) == {
+        "NUM_KV_HEADS", "GROUP", "GROUP_PAD", "HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_SIZE", "BLOCK_N", "NUM_SPLITS",
+        "RELU", "ALPHA"}
+    assert constexprs(module._merge_splits_kernel) == {"HEAD_DIM", "HEAD_DIM_PAD", "NUM_SPLITS", "SPLITS_PAD",
+                                                       "RELU"}
+    assert "max_seq_len" not in inspect.signature(module.sparse_decode).parameters
+
+
 def test_same_result_for_block_sizes_16_and_128():
     """The same sequences and candidate lists, paged with two block sizes: the same attention."""
     gen = torch.Generator().manual_seed(99)

@@ -156,8 +156,8 @@ def query_candidates(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVL
 
 
 def decode_found(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, found: Candidates, cfg: HSRConfig, scale: float, triton: bool,
-                 max_seq_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 seq_lens: torch.Tensor, found: Candidates, cfg: HSRConfig, scale: float,
+                 triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the query's candidate lists: the Triton split-K kernel or its torch twin."""
     if not triton:
         return decode_candidates(q, flat_cache, layout, block_table, seq_lens, found.tokens, found.counts,
@@ -165,8 +165,7 @@ def decode_found(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayou
     from vllm_hsr.kernels.sparse_decode import sparse_decode
     return sparse_decode(q, flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets,
                          layout.value_offsets, block_table, seq_lens, found.tokens, found.counts, found.dense,
-                         found.skipped, relu=cfg.mode == "relu", alpha=cfg.alpha, bias=cfg.bias, scale=scale,
-                         max_seq_len=max_seq_len)
+                         found.skipped, relu=cfg.mode == "relu", alpha=cfg.alpha, bias=cfg.bias, scale=scale)
 
 
 def native_settings(cfg: HSRConfig, head_dim: int) -> dict:
@@ -206,14 +205,13 @@ def native_decode(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayo
 
 def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
                block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
-               record_tokens: bool = False, max_seq_len: int | None = None,
+               record_tokens: bool = False,
                host_stats: bool = True) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
     """HSR attention of one decode query per sequence over a paged KV cache.
 
     q: [batch, num_q_heads, head_dim]; cache: the layer's KV cache (indexed through `layout`);
     block_table: [batch, max_blocks]; seq_lens: [batch] cached tokens, this step's included.
     record_tokens: fill stats.tokens_read (one list per sequence and KV head; a host sync).
-    max_seq_len: the longest seq_len if the caller knows it (saves the decode kernel a host sync).
     host_stats: False leaves the stats' counters as 0-dim device tensors (no host sync).
     returns out [batch, num_q_heads, head_dim] (q's dtype), error_bound [batch, num_q_heads], stats
     """
@@ -224,8 +222,7 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
                                           candidates=record_tokens)
     else:
         found = query_candidates(q, flat_cache, layout, summaries, block_table, seq_lens, cfg, scale)
-        out, bound = decode_found(q, flat_cache, layout, block_table, seq_lens, found, cfg, scale, path == "triton",
-                                  max_seq_len)
+        out, bound = decode_found(q, flat_cache, layout, block_table, seq_lens, found, cfg, scale, path == "triton")
     stats = found.stats(host_stats)
     head_dim = q.shape[-1]
     dense_tokens = seq_lens.long().sum() * summaries.boxes.shape[3]

@@ -48,8 +48,8 @@ class PagedKVLayout:
             raise ValueError("keys and values must have the same block and head strides")
 
         def offsets(view: torch.Tensor) -> torch.Tensor:
-            tokens = torch.arange(view.shape[2]).unsqueeze(1) * view.stride(2)
-            channels = torch.arange(view.shape[3]).unsqueeze(0) * view.stride(3)
+            tokens = torch.arange(view.shape[2], device=cache.device).unsqueeze(1) * view.stride(2)
+            channels = torch.arange(view.shape[3], device=cache.device).unsqueeze(0) * view.stride(3)
             return view.storage_offset() - cache.storage_offset() + tokens + channels
 
         return cls(keys.stride(0), keys.stride(1), offsets(keys), offsets(values))

@@ -111,13 +111,20 @@ class RowBounds:
         return code_bounds(rows.q, lo, hi, packed, summaries.cfg.code_bits, rows.scale, planes)
 
 
+def static_widths(device: torch.device) -> bool:
+    """Whether lists keep their full width F on `device`: on an accelerator, reading the widest
+    row's count back would wait for the device in every layer; on the CPU it is free and keeps
+    the tensors small. Either way the extra columns are invalid entries, never read."""
+    return device.type != "cpu"
+
+
 def _compact(keep: torch.Tensor, width: int | None, *columns: torch.Tensor):
     """Move each row's kept entries to the front, in order, and cut to `width` (None: the
-    widest row, a host sync). columns: [R, F, ...] -> ([R, width, ...] ..., valid [R, width],
-    overflow [R])"""
+    widest row's count, or F where static_widths). columns: [R, F, ...] -> ([R, width, ...] ...,
+    valid [R, width], overflow [R])"""
     kept = keep.sum(1)
     if width is None:
-        width = int(kept.max()) if keep.numel() else 0
+        width = keep.shape[1] if static_widths(keep.device) or not keep.numel() else int(kept.max())
     width = min(width, keep.shape[1])
     order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]
     out = [c.gather(1, order.view(*order.shape, *([1] * (c.dim() - 2))).expand(-1, -1, *c.shape[2:]))

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_decode.py [--contexts 4096,32768,131072] [--batches 1,8]
         [--workloads random,structured,rotary] [--modes softmax:1e-3,topk:1024,topk:1024:4,relu:2.0]
-        [--json PATH] [--plot PATH] [--repeat 3] [--merge] [--render-only]
+        [--device cpu|cuda] [--json PATH] [--plot PATH] [--repeat 3] [--merge] [--render-only]
 
 Per point: one decode query per sequence over a paged KV cache (FLASH_ATTN layout,
 bf16, block size 16; Llama-3-8B attention shape: 32 query heads, 8 KV heads, d=128).
@@ -13,9 +13,10 @@ as the engine keeps them up to date at every KV write.
 Columns: bytes_read_fraction (keys + values + summaries + codes read by HSR / dense
 K+V bytes), tokens_read_fraction, oracle_read_fraction (tokens a selector knowing every
 exact score must read for the same certificate: softmax mode; see `oracle_tokens`),
-max_rel_error (vs fp64 dense), hsr_ms and dense_ms (medians; dense = the faster of
-torch SDPA and our dense paged path, both reading through the block table), speedup,
-gbps (HSR bytes read / hsr time). Times are same-run ratios on this machine.
+max_rel_error (vs fp64 dense), hsr_ms and dense_ms (medians; dense = the fastest of
+torch SDPA and our dense paged path, both reading through the block table, and on CUDA
+also SDPA (FlashAttention) over keys and values already contiguous: dense's best case),
+speedup, gbps (HSR bytes read / hsr time). Times are same-run ratios on this machine.
 """
 
 from __future__ import annotations
@@ -45,24 +46,24 @@ DEFAULT_CODE_BITS = 8     # the default when records did not carry code_bits yet
 class PagedSequence:
     """One sequence's keys and values in a FLASH-layout paged cache, with HSR summaries."""
 
-    def __init__(self, keys, values, cfg: HSRConfig, dtype=torch.bfloat16, chunk=8192):
+    def __init__(self, keys, values, cfg: HSRConfig, dtype=torch.bfloat16, chunk=8192, device="cpu"):
         num_tokens, num_kv_heads, head_dim = keys.shape
         num_blocks = 1 + -(-num_tokens // BLOCK_SIZE)
-        self.cache = torch.zeros(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype)
+        self.cache = torch.zeros(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.layout = PagedKVLayout.from_views(self.cache, self.cache[0].permute(0, 2, 1, 3),
                                                self.cache[1].permute(0, 2, 1, 3))
         gen = torch.Generator().manual_seed(num_tokens)
-        self.row = torch.randperm(num_blocks - 1, generator=gen) + 1       # block 0 stays the null block
+        self.row = (torch.randperm(num_blocks - 1, generator=gen) + 1).to(device)   # block 0 stays the null block
         self.num_tokens = num_tokens
-        positions = torch.arange(num_tokens)
+        positions = torch.arange(num_tokens, device=device)
         slots = self.row[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
         flat = self.cache.view(2, -1, num_kv_heads, head_dim)
-        flat[0, slots], flat[1, slots] = keys.to(dtype), values.to(dtype)
-        self.summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, BLOCK_SIZE, cfg, dtype)
+        flat[0, slots], flat[1, slots] = keys.to(device, dtype), values.to(device, dtype)
+        self.summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, BLOCK_SIZE, cfg, dtype, device)
         for start in range(0, num_tokens, chunk):
             end = min(num_tokens, start + chunk)
             write = self.summaries.plan_write(slots[start:end], positions[start:end],
-                                              torch.zeros(end - start, dtype=torch.long))
+                                              torch.zeros(end - start, dtype=torch.long, device=device))
             update_summaries(self.summaries, write, self.row.unsqueeze(0), self.cache.view(-1), self.layout)
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +146,16 @@ def oracle_fractions(q, keys, cfg: HSRConfig, scale: float) -> list[float]:
     return fractions
 
 
-def timed(fn, repeat: int) -> float:
+def timed(fn, repeat: int, device: torch.device) -> float:
+    """Median ms of `repeat` calls after a warm-up; on CUDA each timed between synchronisations."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
     times = []
     for _ in range(repeat):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -186,32 +191,38 @@ def code_suffix(r: dict) -> str:
     return "" if bits == DEFAULT_CODE_BITS else f" c{bits}"
 
 
-def run_point(workload: str, context: int, batch: int, cfg: HSRConfig, repeat: int) -> dict:
+def run_point(workload: str, context: int, batch: int, cfg: HSRConfig, repeat: int, device: torch.device) -> dict:
     keys, values, query = make_workload(workload, context, NUM_KV_HEADS, NUM_Q_HEADS, HEAD_DIM, seed=context)
-    seq = PagedSequence(keys, values, cfg)
+    seq = PagedSequence(keys, values, cfg, device=device)
     # Row 0 takes the workload's query, the other rows small perturbations of it.
     gen = torch.Generator().manual_seed(context)
     queries = torch.stack([query] + [query + 0.1 * torch.randn(query.shape, generator=gen)
                                      for _ in range(batch - 1)])
     scale = 1 / math.sqrt(HEAD_DIM)
     table = seq.row.unsqueeze(0).expand(batch, -1)
-    seq_lens = torch.full((batch,), context)
-    q = queries.to(torch.bfloat16)
+    seq_lens = torch.full((batch,), context, device=device)
+    q = queries.to(device, torch.bfloat16)
 
     def hsr():
         return hsr_decode(q, seq.cache, seq.layout, seq.summaries, table, seq_lens, cfg, scale)
 
     out, bound, stats = hsr()
-    hsr_ms = timed(hsr, repeat)
-    sdpa_ms = timed(lambda: [sdpa(q[b], seq, scale) for b in range(batch)], repeat)
-    paged_ms = timed(lambda: [dense_paged(q[b], seq, scale) for b in range(batch)], repeat)
+    hsr_ms = timed(hsr, repeat, device)
+    sdpa_ms = timed(lambda: [sdpa(q[b], seq, scale) for b in range(batch)], repeat, device)
+    paged_ms = timed(lambda: [dense_paged(q[b], seq, scale) for b in range(batch)], repeat, device)
+    dense_ms = min(sdpa_ms, paged_ms)
+    if device.type == "cuda":
+        k, v = (x.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1) for x in seq.gather())
+        contiguous = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q.unsqueeze(2), k, v, scale=scale, enable_gqa=True)
+        dense_ms = min(dense_ms, timed(contiguous, repeat, device))
+    out, bound, q = out.cpu(), bound.cpu(), q.cpu()
     errors, oracle = [], []
     for b in range(batch):
         ref = reference(q[b].float(), keys, values, cfg, scale)
         errors.append(float(((out[b].double() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-30)).max()))
         if cfg.mode != "topk":
             oracle.append(oracle_tokens(q[b].float(), keys, cfg, scale))
-    dense_ms = min(sdpa_ms, paged_ms)
     return {
         "context": context, "batch": batch, "workload": workload, "mode": cfg.mode,
         "eps": cfg.eps if cfg.mode == "softmax" else None,
@@ -223,7 +234,7 @@ def run_point(workload: str, context: int, batch: int, cfg: HSRConfig, repeat: i
         "max_rel_error": max(errors), "max_error_bound": float(bound.max()),
         "hsr_ms": hsr_ms, "sdpa_ms": sdpa_ms, "dense_paged_ms": paged_ms, "dense_ms": dense_ms,
         "speedup": dense_ms / hsr_ms, "gbps": stats.bytes_read / hsr_ms / 1e6, "device": machine(),
-        "kernels": kernel_path(q.device),
+        "kernels": kernel_path(device),
     }
 
 
@@ -298,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--modes", default="softmax:1e-3,topk:1024")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (Triton kernels against FlashAttention)")
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_decode.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "bench_decode.png")
     parser.add_argument("--merge", action="store_true",
@@ -318,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     records = []
     for i, (workload, context, batch, cfg) in enumerate(points, 1):
-        record = run_point(workload, context, batch, cfg, args.repeat)
+        record = run_point(workload, context, batch, cfg, args.repeat, torch.device(args.device))
         records.append(record)
         print(format_row(record), f"  [{i}/{len(points)}]", flush=True)
         # after every point, so an interrupted run keeps what it measured (resume with --merge)

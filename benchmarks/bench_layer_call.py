@@ -57,7 +57,7 @@ from vllm_hsr.stats import DecodeStatsLog  # noqa: E402
 
 BLOCK_SIZE = 128          # vLLM's CPU platform default
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEFAULT_HSR = {"mode": "topk", "budget_tokens": 1024, "code_bits": 4}
+DEFAULT_HSR: dict = {}      # HSRConfig's defaults, as vLLM resolves them for this block size
 REAL_SHAPE = dict(num_heads=9, num_kv_heads=3, head_dim=64)     # SmolLM2-135M
 REAL_MARGIN = 256         # the real haystack is asked for this many tokens beyond the longest context
 WRITE_CHUNK = 8192        # tokens per summary write while filling the cache (a prefill chunk)
@@ -68,7 +68,7 @@ class LayerCall:
 
     def __init__(self, context: int, batch: int, hsr: dict, workload: str, num_heads: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, real_haystack: int = 0):
-        cfg = HSRConfig.from_mapping(hsr)
+        cfg = resolved(hsr)
         settings = dict(num_heads=num_heads, head_size=head_dim, scale=head_dim ** -0.5, num_kv_heads=num_kv_heads,
                         alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None)
         config = _vllm.VllmConfig()
@@ -168,6 +168,7 @@ def run_point(context: int, batch: int, settings: dict, args) -> dict:
     relative = ((hsr.double() - dense.double()).norm(dim=-1) / dense.double().norm(dim=-1)).max()
     return {
         "context": context, "batch": batch, "workload": args.workload, "hsr_settings": settings,
+        "cell_size": call.hsr.hsr.cell_size,
         "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
         "dtype": args.dtype, "threads": torch.get_num_threads(), "block_size": BLOCK_SIZE,
         "cpu_attn_ms": dense_ms, "hsr_ms": hsr_ms, "speedup": dense_ms / hsr_ms,
@@ -180,20 +181,26 @@ def run_point(context: int, batch: int, settings: dict, args) -> dict:
     }
 
 
-HEADER = (f"{'setting':>24}{'ctx':>7}{'batch':>6}{'CPU_ATTN ms':>12}{'HSR ms':>9}{'speedup':>9}{'bytes':>8}{'tokens':>8}"
+HEADER = (f"{'setting':>30}{'ctx':>7}{'batch':>6}{'CPU_ATTN ms':>12}{'HSR ms':>9}{'speedup':>9}{'bytes':>8}{'tokens':>8}"
           f"{'cert':>10}{'diff':>10}{'dense GB/s':>11}{'HSR GB/s':>9}")
 
 
 def format_row(r: dict) -> str:
-    return (f"{setting_label(r['hsr_settings']):>24}{r['context']:>7}{r['batch']:>6}{r['cpu_attn_ms']:>12.3f}{r['hsr_ms']:>9.3f}{r['speedup']:>8.2f}x"
+    return (f"{setting_label(r):>30}{r['context']:>7}{r['batch']:>6}{r['cpu_attn_ms']:>12.3f}{r['hsr_ms']:>9.3f}{r['speedup']:>8.2f}x"
             f"{r['bytes_read_fraction']:>8.1%}{r['tokens_read_fraction']:>8.1%}{r['max_error_bound']:>10.2e}"
             f"{r['max_rel_diff_vs_cpu_attn']:>10.2e}{r['cpu_attn_gbps']:>11.1f}{r['hsr_gbps']:>9.1f}")
 
 
-def setting_label(hsr: dict) -> str:
-    cfg = HSRConfig.from_mapping(hsr)
+def resolved(hsr: dict) -> HSRConfig:
+    """The settings as the engine's impl resolves them on BLOCK_SIZE-token blocks (an unset cell_size follows)."""
+    return HSRConfig.from_vllm({"hsr": hsr}, block_size=BLOCK_SIZE)
+
+
+def setting_label(r: dict) -> str:
+    """A record's settings, e.g. 'topk 512, 4-bit, cell 64' (records from before the cell size was kept: 16)."""
+    cfg = resolved(r["hsr_settings"])
     what = f"eps={cfg.eps:g}" if cfg.mode == "softmax" else f"{cfg.budget_tokens}" if cfg.mode == "topk" else ""
-    return f"{cfg.mode} {what}, {cfg.code_bits}-bit".replace(" ,", ",")
+    return f"{cfg.mode} {what}, {cfg.code_bits}-bit, cell {r.get('cell_size', 16)}".replace(" ,", ",")
 
 
 def title(records: list[dict]) -> str:
@@ -217,7 +224,7 @@ def plot(records: list[dict], path: Path) -> None:
         times.plot(list(dense), list(dense.values()), "k--", marker=".", label=f"CPU_ATTN, batch {batch}")
     for i, ((settings, batch), rs) in enumerate(series.items()):
         contexts = [r["context"] for r in rs]
-        name = f"{setting_label(json.loads(settings))}, batch {batch}"
+        name = f"{setting_label(rs[0])}, batch {batch}"
         times.plot(contexts, [r["hsr_ms"] for r in rs], "o-", color=f"C{i}", label=f"HSR {name}")
         ratio.plot(contexts, [r["speedup"] for r in rs], "o-", color=f"C{i}", label=f"{name}: time")
         ratio.plot(contexts, [1 / r["bytes_read_fraction"] for r in rs], "s:", color=f"C{i}", alpha=0.6,

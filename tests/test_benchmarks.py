@@ -119,6 +119,7 @@ def test_layer_call_benchmark_runs_both_impls_over_one_cache(tmp_path):
                                      *common])
     assert sparse["tokens_read_fraction"] == pytest.approx((128 + 16 + 32) / 1500, abs=2 / 1500)
     assert sparse["bytes_read_fraction"] < 0.5
+    assert sparse["cell_size"] == 64            # unset: it follows the 128-token blocks, as in the engine
     assert json.loads((tmp_path / "topk.json").read_text()) == [sparse]
     assert_drawn(tmp_path / "topk.png")
 

@@ -105,7 +105,30 @@ def test_dense_below_tokens_auto_follows_the_mode_unless_set():
     small = dict(mode="topk", budget_tokens=256, sink_tokens=0, window_tokens=32)
     assert HSRConfig(**small, code_bits=2).min_sparse_tokens() == 2048 + 4 * 288
     assert HSRConfig(**small, code_bits=0).min_sparse_tokens() == 2048 + 4 * 288
+    # 64-token cells (vLLM's on CPU_ATTN) set up their query weights a quarter as often: they pay off sooner
+    assert HSRConfig(cell_size=64).min_sparse_tokens() == 1024 + 3 * (16 + 64 + 512) == 2800
+    assert HSRConfig(cell_size=128).min_sparse_tokens() == 2800
+    assert HSRConfig(cell_size=32).min_sparse_tokens() == 4416
     for mode in ("softmax", "topk"):
         assert HSRConfig(mode=mode, dense_below_tokens=0).min_sparse_tokens() == 0
         assert HSRConfig(mode=mode, dense_below_tokens=5000).min_sparse_tokens() == 5000
     assert HSRConfig.from_vllm(None, {"HSR_DENSE_BELOW_TOKENS": "auto"}).dense_below_tokens == "auto"
+
+
+@pytest.mark.parametrize("block_size,budget,want", (
+    (128, 512, 64),     # CPU_ATTN's blocks: 64-token cells
+    (16, 512, 16),      # FLASH_ATTN's: a cell per block
+    (32, 512, 32),
+    (48, 512, 16),      # not a power of two: the largest power of two dividing it
+    (256, 512, 64),     # never above ENGINE_CELL_SIZE
+    (128, 40, 32),      # topk keeps at least one cell
+))
+def test_engine_cell_size_follows_the_block_size_unless_set(block_size, budget, want, monkeypatch):
+    monkeypatch.delenv("HSR_CELL_SIZE", raising=False)
+    given = {"hsr": {"budget_tokens": budget}}
+    cfg = HSRConfig.from_vllm(given, environ={}, block_size=block_size)
+    assert cfg.cell_size == want and block_size % cfg.cell_size == 0
+    assert HSRConfig.from_vllm(given, environ={}).cell_size == HSRConfig.cell_size       # block size unknown
+    assert HSRConfig.from_vllm({"hsr": {"budget_tokens": budget, "cell_size": 8}}, environ={},
+                               block_size=block_size).cell_size == 8                        # set: kept
+    assert HSRConfig.from_vllm(given, environ={"HSR_CELL_SIZE": "4"}, block_size=block_size).cell_size == 4

@@ -146,7 +146,7 @@ class _HSRBuilder:
         # Decode rows first, so the batch splits into [decodes | prefills] (after the partner's
         # __init__, which may set its own threshold).
         self.reorder_batch_threshold = 1
-        self.hsr = HSRConfig.from_vllm(vllm_config.additional_config)
+        self.hsr = HSRConfig.from_vllm(vllm_config.additional_config, block_size=kv_cache_spec.block_size)
         layers = _vllm.get_layers_from_vllm_config(vllm_config, _vllm.Attention, layer_names)
         dense_layers = dense_layers_by_feature(layers)
         # One metadata serves the whole group: if any layer cannot use HSR, every decode row is dense.
@@ -259,7 +259,9 @@ class _HSRImpl:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         vllm_config = _vllm.get_current_vllm_config()
-        self.hsr = HSRConfig.from_vllm(vllm_config.additional_config)
+        # checked now; the cell size follows the KV block size, known at the first forward (_index)
+        self.additional_config = vllm_config.additional_config
+        self.hsr = HSRConfig.from_vllm(self.additional_config)
         self.summaries: PagedSummaries | None = None
         self.layout: PagedKVLayout | None = None
         self.hsr.check_engine_use()
@@ -296,6 +298,7 @@ class _HSRImpl:
         KV page (memory vLLM counts), or beside the cache where the pages have no room for them."""
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         if self.summaries is None or self.summaries.boxes.shape[0] != num_blocks:
+            self.hsr = HSRConfig.from_vllm(self.additional_config, block_size=block_size)
             self.stats_log.set_kernel(kernel_path(kv_cache.device), kernel_fallback(kv_cache.device))
             head_dim = self.head_size
             if self.learned_layout:
@@ -378,7 +381,8 @@ class _HSRBackend:
         if type(spec) is not _vllm.FullAttentionSpec or spec.state_content_bytes is not None:
             return spec        # sliding window, packed or quantized pages: HSR leaves those layers dense
         config = _vllm.get_current_vllm_config_or_none()
-        hsr = HSRConfig.from_vllm(config.additional_config if config is not None else None)
+        hsr = HSRConfig.from_vllm(config.additional_config if config is not None else None,
+                                  block_size=spec.block_size)
         # from the unpadded page, so applying it twice changes nothing
         copy_keys = hsr.copies_keys(partner_scatters_keys=cls.dense_partner not in SPLIT_PAGE_PARTNERS)
         layout = page_layout(spec.unpadded_page_size_bytes, spec.block_size, spec.num_kv_heads, spec.head_size, hsr,

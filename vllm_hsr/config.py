@@ -15,13 +15,18 @@ CODE_BITS = (0, 1, 2, 4, 8)  # widths that pack whole codes into a byte
 SUMMARY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KEY_COPY = ("auto", "on", "off")
 DENSE_BELOW_TOKENS = 1024   # dense_below_tokens="auto" in softmax and relu modes
-# dense_below_tokens="auto" in topk mode: TOPK_DENSE_BASE + TOPK_DENSE_PER_KEPT x the tokens topk keeps (sink +
-# window + budget), doubled with two code planes (8-bit codes, whose second plane is bounded too). Topk bounds every
-# token, then reads the kept ones at random, so its call costs a fixed part that grows with what it keeps plus a
-# cheaper per-token part than a dense read. On SmolLM2's real keys (benchmarks/bench_layer_call.py --workload real,
-# 8 rows, one thread, the 2-core CPU) 4-bit topk passed CPU_ATTN at ~3.3K, ~4.3K and ~6.5K tokens for budgets
-# 256, 512 and 1024: about 2K + 4 x kept.
-TOPK_DENSE_BASE, TOPK_DENSE_PER_KEPT = 2048, 4
+# In vLLM, a cell_size left unset is the largest power of two up to ENGINE_CELL_SIZE that divides the KV block size
+# (64 with CPU_ATTN's 128-token blocks, 16 with FLASH_ATTN's 16): codes are relative to their cell's box, so the query
+# weights are set up once per cell, and 64-token cells cut that setup to a quarter of 16-token cells' with the same
+# needles answered (benchmarks/results/README.md, "Cell size").
+ENGINE_CELL_SIZE = 64
+# dense_below_tokens="auto" in topk mode: base + per_kept x the tokens topk keeps (sink + window + budget), doubled
+# with two code planes (8-bit codes, whose second plane is bounded too). Topk bounds every token, then reads the kept
+# ones at random, so its call costs a fixed part that grows with what it keeps plus a cheaper per-token part than a
+# dense read. On SmolLM2's real keys (benchmarks/bench_layer_call.py --workload real, 8 rows, one thread, the 2-core
+# CPU) 4-bit topk passed CPU_ATTN, for budgets 256, 512 and 1024, at ~3.3K, ~4.3K and ~6.5K tokens with 16-token
+# cells (about 2K + 4 x kept) and at ~2K, ~2.5-3K and ~4.5K with 64-token cells (about 1K + 3 x kept).
+TOPK_DENSE = {16: (2048, 4), ENGINE_CELL_SIZE: (1024, 3)}    # cell size -> (base, per_kept); smaller cells: 16's
 
 
 def _is_int(value: Any) -> bool:
@@ -46,7 +51,8 @@ class HSRConfig:
     eps: softmax error budget in [0, 1); 0 reads every key through the same path.
     alpha, bias: relu mode computes ReLU(s*<q,k> - bias)^alpha.
     budget_tokens: topk mode's number of selected tokens beyond sink and window.
-    cell_size: tokens per cell (a power of two); cells never straddle KV blocks.
+    cell_size: tokens per cell (a power of two); cells never straddle KV blocks. In vLLM an unset
+        cell_size follows the KV block size (ENGINE_CELL_SIZE: 64 on CPU_ATTN's 128-token blocks).
     fanout: children per node in the levels above cells.
     tree_levels: levels of union boxes above the cells (node spans
         cell_size * fanout**level tokens).
@@ -64,8 +70,9 @@ class HSRConfig:
         level (split evenly among those levels); the finest level gets the rest.
     dense_below_tokens: vLLM backend only: decode rows with fewer cached tokens
         use the dense kernel (HSR cannot pay off on short contexts). "auto": 1024 in
-        softmax and relu modes; in topk mode TOPK_DENSE_BASE + TOPK_DENSE_PER_KEPT x the tokens topk keeps
-        (sink + window + budget_tokens), twice that with 8-bit codes: 4,416 tokens by default, see
+        softmax and relu modes; in topk mode base + per_kept x the tokens topk keeps (sink + window +
+        budget_tokens), twice that with 8-bit codes, with (base, per_kept) measured per cell size
+        (TOPK_DENSE): 2,800 tokens with 64-token cells (vLLM on CPU_ATTN), 4,416 with 16, see
         `min_sparse_tokens`.
     max_candidates: fixed length of each (sequence, KV head) candidate list in
         tokens; a row whose selection would not fit is read densely instead (no
@@ -157,14 +164,18 @@ class HSRConfig:
 
     @classmethod
     def from_vllm(cls, additional_config: Mapping[str, Any] | None,
-                  environ: Mapping[str, str] = os.environ) -> HSRConfig:
-        """vLLM's additional_config["hsr"], overridden by HSR_<FIELD> environment variables (vllm_hsr.envs)."""
+                  environ: Mapping[str, str] = os.environ, block_size: int | None = None) -> HSRConfig:
+        """vLLM's additional_config["hsr"], overridden by HSR_<FIELD> environment variables (vllm_hsr.envs).
+        block_size: the KV cache's, where known: an unset cell_size then follows it (engine_cell_size)."""
         given = (additional_config or {}).get("hsr") or {}
         if not isinstance(given, Mapping):
             raise ValueError(f'additional_config["hsr"] must be a JSON object of HSR settings, got {given!r}')
         overrides = envs.setting_overrides(cls.field_names(), environ)
+        settings = {**given, **overrides}
+        if block_size is not None and "cell_size" not in settings:
+            settings["cell_size"] = engine_cell_size(block_size, settings.get("budget_tokens", cls.budget_tokens))
         try:
-            return cls.from_mapping({**given, **overrides})
+            return cls.from_mapping(settings)
         except (ValueError, TypeError) as error:
             if not overrides:
                 raise
@@ -191,8 +202,19 @@ class HSRConfig:
         if self.mode == "topk":
             kept = self.sink_tokens + self.window_tokens + self.budget_tokens
             planes = 2 if self.code_bits > 4 else 1
-            return planes * (TOPK_DENSE_BASE + TOPK_DENSE_PER_KEPT * kept)
+            base, per_kept = TOPK_DENSE[ENGINE_CELL_SIZE if self.cell_size >= ENGINE_CELL_SIZE else 16]
+            return planes * (base + per_kept * kept)
         return DENSE_BELOW_TOKENS
 
     def resolved_scale(self, head_dim: int) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def engine_cell_size(block_size: int, budget_tokens: Any) -> int:
+    """The cell size vLLM uses when none is set: the largest power of two up to ENGINE_CELL_SIZE that divides
+    block_size, and no larger than a (valid) budget_tokens, since topk keeps at least one cell."""
+    size = math.gcd(ENGINE_CELL_SIZE, block_size) if block_size > 0 else 1
+    if _is_int(budget_tokens) and budget_tokens > 0:
+        while size > budget_tokens:
+            size //= 2
+    return size

@@ -12,6 +12,7 @@ case and exits 1 if any fails; run by benchmarks/gpu_check.sh on a lent GPU mach
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -40,8 +41,18 @@ CASES = [   # (num_kv_heads, group, head_dim, dtype, settings)
 ]
 
 
+@contextlib.contextmanager
 def kernels(path: str):
+    """HSR_KERNELS=path inside the block, then as it was."""
+    before = os.environ.get("HSR_KERNELS")
     os.environ["HSR_KERNELS"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["HSR_KERNELS"]
+        else:
+            os.environ["HSR_KERNELS"] = before
 
 
 def complete_cell_codes_equal(cpu: PagedBatch, gpu: PagedBatch, cell_size: int) -> float:
@@ -62,13 +73,13 @@ def run_case(num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype, s
     """One case; device "cpu" with TRITON_INTERPRET=1 runs the same checks in Triton's interpreter (tests)."""
     cfg = HSRConfig(**settings)
     seed = head_dim + group
-    kernels("torch")
     cpu = PagedBatch(seq_lens, num_kv_heads, head_dim, 16, cfg, seed=seed, dtype=dtype, summary_dtype=dtype)
-    cpu.fill()
-    kernels("triton")
+    with kernels("torch"):
+        cpu.fill()
     gpu = PagedBatch(seq_lens, num_kv_heads, head_dim, 16, cfg, seed=seed, dtype=dtype, summary_dtype=dtype,
                      device=device)
-    gpu.fill()
+    with kernels("triton"):
+        gpu.fill()
     summary_diff = float((gpu.summaries.boxes.cpu().float() - cpu.summaries.boxes.float()).abs().max())
     codes_equal = 1.0 if cfg.code_bits == 0 else complete_cell_codes_equal(cpu, gpu, cfg.cell_size)
     q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim,
@@ -77,8 +88,8 @@ def run_case(num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype, s
     lens = torch.tensor(seq_lens, device=device)
     results = {}
     for path in ("triton", "torch"):
-        kernels(path)
-        out = hsr_decode(q.to(device), gpu.cache, gpu.layout, gpu.summaries, gpu.block_table, lens, cfg, scale)
+        with kernels(path):
+            out = hsr_decode(q.to(device), gpu.cache, gpu.layout, gpu.summaries, gpu.block_table, lens, cfg, scale)
         results[path] = (out[0].float().cpu(), out[1].cpu())
     (out, bound), (twin, twin_bound) = results["triton"], results["torch"]
     twin_diff = float((out - twin).abs().max())

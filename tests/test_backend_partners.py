@@ -98,15 +98,21 @@ def test_dense_layers_are_named_once_at_start_up(monkeypatch, caplog):
     monkeypatch.setattr(_vllm, "get_layers_from_vllm_config", lambda config, kind, names: layers)
     builder_cls = type("Builder", (_HSRBuilder, PartnerBuilder), {})
     config = SimpleNamespace(additional_config={"hsr": {"dense_below_tokens": 0}})
+    spec = SimpleNamespace(block_size=128)
     with caplog.at_level("WARNING"):
-        builder = builder_cls(None, list(layers), config, "cpu")
+        builder = builder_cls(spec, list(layers), config, "cpu")
     assert builder.min_sparse_tokens == math.inf
     assert builder.dense_feature == "logit soft-cap, sliding window"
     assert ("3 of 4 attention layers use a feature HSR does not handle" in caplog.text
             and "logit soft-cap: layers.3.attn; sliding window: layers.1.attn, layers.2.attn" in caplog.text)
     del layers["layers.1.attn"], layers["layers.2.attn"], layers["layers.3.attn"]
-    builder = builder_cls(None, list(layers), config, "cpu")
+    builder = builder_cls(spec, list(layers), config, "cpu")
     assert builder.min_sparse_tokens == 0 and builder.dense_feature is None
+    # the auto threshold follows the cell size the block size gives (64 on 128-token blocks, 16 on 16)
+    config.additional_config = {}
+    assert builder_cls(spec, list(layers), config, "cpu").min_sparse_tokens == 2800
+    assert builder_cls(SimpleNamespace(block_size=16), list(layers), config, "cpu").min_sparse_tokens == 4416
+    config.additional_config = {"hsr": {"dense_below_tokens": 0}}
     # A batch carrying state the row split would drop runs dense whole, said once, marked for the metrics.
     import dataclasses
     common = dataclasses.replace(_common([1, 1, 5], [40, 9, 12]), encoder_seq_lens=torch.tensor([3, 4, 5]))

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py, the checks a session lent a GPU runs, here on the CPU in Triton's interpreter:
 every case passes, and a broken kernel is caught."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import gpu_check  # noqa: E402
 
 @pytest.mark.parametrize("case", gpu_check.CASES, ids=lambda case: f"{case[4]['mode']}-d{case[2]}-{case[3]}")
 def test_gpu_check_cases_pass_in_the_interpreter(case):
+    before = os.environ.get("HSR_KERNELS")
     record = gpu_check.run_case(*case, device="cpu", seq_lens=(1, 37, 300))
     assert record["passed"], record
+    assert os.environ.get("HSR_KERNELS") == before         # the kernel choice is put back
 
 
 def test_gpu_check_catches_a_wrong_kernel(monkeypatch):

@@ -58,7 +58,8 @@ def test_summaries_live_in_the_kv_pages_vllm_sizes(tiny_model):
     config = json.loads((tiny_model / "config.json").read_text())
     kv_heads, head_dim, block_size = config["num_key_value_heads"], config["head_dim"], 128
     page = kv_heads * block_size * 2 * head_dim * 4
-    padded = page_layout(page, block_size, kv_heads, head_dim, HSRConfig(**EXACT), torch.float32,
+    cfg = HSRConfig.from_vllm({"hsr": EXACT}, environ={}, block_size=block_size)     # as the engine resolves it
+    padded = page_layout(page, block_size, kv_heads, head_dim, cfg, torch.float32,
                          torch.float32).end       # key_copy=auto keeps one beside CPU_ATTN's transposed keys
     assert abs(hsr["num_blocks"] / dense["num_blocks"] - page / padded) < 0.01
 

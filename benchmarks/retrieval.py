@@ -137,7 +137,7 @@ def summarise(dense: dict, runs: list[dict]) -> list[dict]:
 def name(r: dict) -> str:
     if r["hsr"] is None:
         return r["backend"]
-    return "HSR " + " ".join(f"{k}={v}" for k, v in r["hsr"].items())
+    return "HSR " + (" ".join(f"{k}={v}" for k, v in r["hsr"].items()) or "defaults")
 
 
 def table(records: list[dict]) -> str:

@@ -2,7 +2,7 @@
 update kernels against the CPU twin's, and decode (tree query + split decode) against the
 torch twin over the same GPU tensors and a float64 dense reference.
 
-    python benchmarks/gpu_check.py [--json PATH] [--device cuda]
+    python benchmarks/gpu_check.py [--json PATH]
 
 Cases cover GQA ratios, head sizes 64 and 128, ragged lengths with shuffled block
 tables, fp32 and bf16 caches, 4- and 8-bit codes and every mode. Prints one line per

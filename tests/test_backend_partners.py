@@ -124,6 +124,10 @@ def test_dense_layers_are_named_once_at_start_up(monkeypatch, caplog):
     assert metadata.dense_feature == "encoder_seq_lens"
     assert caplog.text.count("batches carrying encoder_seq_lens run through the dense backend") == 1
     assert builder.build(0, _common([1, 1, 5], [40, 9, 12])).dense_feature is None
+    # the block table goes out cut to the columns the longest sequence uses (1 of 3 at 40 tokens in 128)
+    assert metadata.block_table.tolist() == [[0], [3], [6]]
+    assert builder_cls(SimpleNamespace(block_size=16), list(layers), config, "cpu").build(
+        0, _common([1, 1, 5], [40, 9, 12])).block_table.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
 
 
 def test_fused_output_quantization_is_refused():

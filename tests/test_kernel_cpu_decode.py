@@ -118,6 +118,7 @@ def test_native_reads_the_key_copy(mode, layout, dtype, monkeypatch):
     (2, 2, 36, 16, 8),      # a plane of 18 bytes: the portable path on every CPU
     (1, 4, 64, 32, 4),      # 32-token cells: two 16-token passes per cell with the cell's weights
     (2, 3, 64, 64, 4),      # a cell per 64-token block
+    (2, 3, 64, 64, 8),      # and both planes' bounds from one pass over the 64 tokens
     (1, 2, 64, 8, 4),       # 8-token cells: the portable path
     (2, 2, 64, 16, 2),      # 2-bit codes: whole bytes of 4 channels
     (2, 2, 64, 16, 1),

@@ -112,8 +112,9 @@ def test_sparse_settings_skip_keys_and_stay_close(tiny_model):
 
 
 def test_default_settings_keep_short_contexts_dense(tiny_model):
-    """dense_below_tokens="auto" (4,416 tokens for the default topk 512 with 4-bit codes): every prompt here
-    (at most 1,124 tokens) decodes through the dense kernel, so the tokens are CPU_ATTN's."""
+    """dense_below_tokens="auto" (2,800 tokens for the default topk 512 with 4-bit codes on CPU_ATTN's 64-token
+    cells): every prompt here (at most 1,124 tokens) decodes through the dense kernel, so the tokens are
+    CPU_ATTN's."""
     dense, hsr = result(tiny_model, "CPU_ATTN"), result(tiny_model, "HSR")
     stats = hsr["hsr"]
     # counted per layer: 7 prompts x 23 decode steps (the first token comes from prefill) x 2 layers

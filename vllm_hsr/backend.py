@@ -146,7 +146,8 @@ class _HSRBuilder:
         # Decode rows first, so the batch splits into [decodes | prefills] (after the partner's
         # __init__, which may set its own threshold).
         self.reorder_batch_threshold = 1
-        self.hsr = HSRConfig.from_vllm(vllm_config.additional_config, block_size=kv_cache_spec.block_size)
+        self.block_size = kv_cache_spec.block_size
+        self.hsr = HSRConfig.from_vllm(vllm_config.additional_config, block_size=self.block_size)
         layers = _vllm.get_layers_from_vllm_config(vllm_config, _vllm.Attention, layer_names)
         dense_layers = dense_layers_by_feature(layers)
         # One metadata serves the whole group: if any layer cannot use HSR, every decode row is dense.
@@ -195,7 +196,10 @@ class _HSRBuilder:
         metadata = HSRMetadata(
             num_actual_tokens=n, num_decode_tokens=num_decode_tokens,
             slot_mapping=common.slot_mapping[:n], positions=positions, token_rows=token_rows,
-            block_table=common.block_table_tensor, seq_lens=common.seq_lens,
+            # only the columns the batch's longest sequence uses: the table is max_model_len wide, and lists that
+            # keep their full width (off the CPU) are as long as the table addresses
+            block_table=common.block_table_tensor[:, :-(-common.max_seq_len // self.block_size)],
+            seq_lens=common.seq_lens,
             sparse_rows=sparse_rows.to(common.seq_lens.device), dense_rows=dense_rows.to(common.seq_lens.device),
             dense_feature=dense_feature)
         if not sparse_rows.numel():
@@ -259,9 +263,11 @@ class _HSRImpl:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         vllm_config = _vllm.get_current_vllm_config()
-        # checked now; the cell size follows the KV block size, known at the first forward (_index)
+        # checked now, on the configured block size; the cell size then follows the cache's own block size,
+        # known at the first forward (_index)
         self.additional_config = vllm_config.additional_config
-        self.hsr = HSRConfig.from_vllm(self.additional_config)
+        configured = getattr(getattr(vllm_config, "cache_config", None), "block_size", None)
+        self.hsr = HSRConfig.from_vllm(self.additional_config, block_size=configured)
         self.summaries: PagedSummaries | None = None
         self.layout: PagedKVLayout | None = None
         self.hsr.check_engine_use()

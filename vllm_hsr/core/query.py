@@ -4,13 +4,14 @@ Seeds first (sink, window, a beam of the highest-bound cells), then the levels
 top-down, each keeping the children of the kept parents plus the level's tail, then
 the tokens of the kept cells by their code bounds. Every step works on padded
 [rows, width] node lists with a validity mask and runs on the tensors' device without
-a host sync when `capacity` is given; the only places that touch summary memory are
+a host sync off the CPU (and on it when `capacity` is given); the only places that touch summary memory are
 `RowBounds.box` and `RowBounds.code`, whose Triton twins are kernels/tree_query.py.
 
 Fixed capacity: with `capacity` tokens per row, every node list is cut to a fixed
 width; a row whose list would not fit is flagged `dense` (read it whole, nothing
-skipped) instead of being written past its end. capacity=None sizes each list to
-the batch (one host sync per level: the CPU path).
+skipped) instead of being written past its end. capacity=None cuts each list to the
+batch's widest row on the CPU (one host read per level, free there) and keeps its full
+width elsewhere (static_widths).
 """
 
 from __future__ import annotations

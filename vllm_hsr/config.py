@@ -77,7 +77,8 @@ class HSRConfig:
     max_candidates: fixed length of each (sequence, KV head) candidate list in
         tokens; a row whose selection would not fit is read densely instead (no
         host sync, as CUDA graphs need). 0: on the CPU the lists are as wide as the batch's
-        longest one; elsewhere as the block table addresses (no host read either way).
+        longest one (a host read per level, free there); elsewhere as wide as the block table
+        addresses (no host read).
     key_copy: vLLM backend only: keep a token-major copy of every complete cell's keys
         in its KV page, so a kept token's exact key is one contiguous row. "auto" keeps
         one where the dense partner scatters a token's key over many cache lines

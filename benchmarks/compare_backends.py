@@ -2,7 +2,7 @@
 
     python benchmarks/compare_backends.py [--model DIR] [--input-lens 512,2048,8192,16384]
         [--output-len 128] [--num-prompts 4] [--hsr '{"mode": "topk", "budget_tokens": 1024}']
-        [--latency] [--repeats N] [--json PATH] [--plot PATH] [--render-only]
+        [--latency] [--warm-prefix] [--repeats N] [--json PATH] [--plot PATH] [--render-only]
 
 Every point runs `vllm bench throughput` (random dataset, exact lengths) once per backend
 through the `vllm-hsr` command line, in its own process, and once more with one output
@@ -14,6 +14,12 @@ the time per output token tpot = (latency(output_len) - latency(1)) / (output_le
 dense baseline is FLASH_ATTN on CUDA and CPU_ATTN on CPU. Without --model the tiny local
 model is built. --repeats N runs every point N times, in rounds that alternate which backend goes
 first (so a machine's drift falls on both), and records the median of each measure with its runs.
+
+--warm-prefix measures decode instead in one engine per backend (warm_decode.py): the prompts are
+prefilled once, and each of --repeats rounds re-runs them on vLLM's prefix cache with one output
+token and with output_len, so decode tok/s (all prompts) and tpot (the first prompt alone) come
+from a difference of two short runs rather than of two runs that are mostly prefill. Its records
+hold decode_tokens_per_s, tpot_ms and prefill_s (the one cold prefill); no output tok/s.
 """
 
 from __future__ import annotations
@@ -84,6 +90,32 @@ def run_point(model: str, backend: str, input_len: int, args, log: Path) -> dict
     return record
 
 
+def warm_point(model: str, backend: str, input_len: int, args, log: Path) -> dict:
+    """The --warm-prefix record of one backend at one input length (its repeats in one engine)."""
+    command = [sys.executable, str(Path(__file__).with_name("warm_decode.py")), "--model", model, "--backend",
+               backend, "--input-len", str(input_len), "--output-len", str(args.output_len), "--num-prompts",
+               str(args.num_prompts), "--repeats", str(args.repeats), "--dtype", args.dtype]
+    if backend == "HSR":
+        command += ["--hsr", args.hsr]
+    with open(log, "a") as log_file:
+        log_file.write(f"\n$ {' '.join(command)}\n")
+        log_file.flush()
+        run = subprocess.run(command, stdout=subprocess.PIPE, stderr=log_file, text=True)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        raise RuntimeError(f"warm_decode.py ({backend}, input {input_len}) failed (exit {run.returncode}); see {log}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    runs = [dict({key: None for key in MEASURES}, **r, prefill_s=result["prefill_s"]) for r in result["runs"]]
+    record = {
+        "backend": backend, "input_len": input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
+        "method": "warm-prefix", **{key: None for key in MEASURES},
+        "hsr_mode": HSRConfig.from_mapping(json.loads(args.hsr)).mode if backend == "HSR" else None,
+        "hsr_settings": json.loads(args.hsr) if backend == "HSR" else None, **provenance(),
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
+    }
+    return combine([dict(record, **r) for r in runs])
+
+
 def combine(runs: list[dict]) -> dict:
     """One record from the repeated runs of a point: each measure's median, the runs' measures kept."""
     record = dict(runs[0])
@@ -97,16 +129,17 @@ def combine(runs: list[dict]) -> dict:
 
 def spread(record: dict) -> str:
     """The range of the runs' output tok/s around their median, in percent ('-' for a single run)."""
-    values = [r["output_tokens_per_s"] for r in record.get("runs", [])]
+    key = "output_tokens_per_s" if record.get("output_tokens_per_s") else "decode_tokens_per_s"
+    values = [r[key] for r in record.get("runs", []) if r.get(key)]
     if len(values) < 2:
         return "-"
-    return f"{100 * (max(values) - min(values)) / record['output_tokens_per_s']:.0f}%"
+    return f"{100 * (max(values) - min(values)) / record[key]:.0f}%"
 
 
 def table(records: list[dict]) -> str:
     """One row per point; ratios against the dense backend at the same input length. The dense row's
     ceiling is the best output-throughput ratio a decode-only change could give there; `spread` is the
-    range of a repeated point's output tok/s."""
+    range of a repeated point's output tok/s (decode tok/s for --warm-prefix records)."""
     rows = [f"{'backend':<10}{'input':>7}{'output':>7}{'req/s':>9}{'out tok/s':>11}{'vs dense':>10}"
             f"{'decode tok/s':>14}{'vs dense':>10}{'tpot ms':>9}{'ceiling':>9}{'spread':>8}"]
     dense = {r["input_len"]: r for r in records if r["backend"] != "HSR"}
@@ -117,12 +150,16 @@ def table(records: list[dict]) -> str:
             return "-"
         return f"{r[key] / base[key]:.2f}x"
 
+    def number(r: dict, key: str, digits: int) -> str:
+        return f"{r[key]:.{digits}f}" if r.get(key) is not None else "-"
+
     for r in records:
-        tpot = f"{r['tpot_ms']:.2f}" if r["tpot_ms"] is not None else "-"
+        tpot = number(r, "tpot_ms", 2)
         decode = f"{r['decode_tokens_per_s']:.1f}" if r.get("decode_tokens_per_s") else "-"
-        ceiling = f"{r['elapsed_s'] / r['prefill_s']:.2f}x" if r["backend"] != "HSR" and r.get("prefill_s") else "-"
-        rows.append(f"{r['backend']:<10}{r['input_len']:>7}{r['output_len']:>7}{r['requests_per_s']:>9.3f}"
-                    f"{r['output_tokens_per_s']:>11.1f}{ratio(r, 'output_tokens_per_s'):>10}{decode:>14}"
+        ceiling = (f"{r['elapsed_s'] / r['prefill_s']:.2f}x" if r["backend"] != "HSR" and r.get("prefill_s")
+                   and r.get("elapsed_s") else "-")
+        rows.append(f"{r['backend']:<10}{r['input_len']:>7}{r['output_len']:>7}{number(r, 'requests_per_s', 3):>9}"
+                    f"{number(r, 'output_tokens_per_s', 1):>11}{ratio(r, 'output_tokens_per_s'):>10}{decode:>14}"
                     f"{ratio(r, 'decode_tokens_per_s'):>10}{tpot:>9}{ceiling:>9}{spread(r):>8}")
     return "\n".join(rows)
 
@@ -132,8 +169,11 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "output_tokens_per_s", "output tokens / s (whole run)"),
-                           (axes[1], "decode_tokens_per_s", "decode tokens / s (prefill run subtracted)")):
+    warm = any(r.get("method") == "warm-prefix" for r in records)
+    panels = ((("tpot_ms", "ms per output token, one request"), ("decode_tokens_per_s", "decode tokens / s"))
+              if warm else (("output_tokens_per_s", "output tokens / s (whole run)"),
+                            ("decode_tokens_per_s", "decode tokens / s (prefill run subtracted)")))
+    for ax, (key, label) in zip(axes, panels):
         for backend in sorted({r["backend"] for r in records}):
             pts = sorted((r for r in records if r["backend"] == backend and r.get(key)), key=lambda r: r["input_len"])
             values = [[run[key] for run in p.get("runs", []) if run.get(key)] or [p[key]] for p in pts]
@@ -146,7 +186,8 @@ def plot(records: list[dict], path: Path) -> None:
     hsr = next((r["hsr_settings"] for r in records if r.get("hsr_settings")), None)
     repeats = max(r.get("repeats", 1) for r in records)
     repeated = f", median and range of {repeats} runs" if repeats > 1 else ""
-    fig.suptitle(f"vllm bench throughput, {records[0]['output_len']} output tokens, {records[0]['num_prompts']} "
+    method = "decode on a warm prefix cache" if warm else "vllm bench throughput"
+    fig.suptitle(f"{method}, {records[0]['output_len']} output tokens, {records[0]['num_prompts']} "
                  f"prompts{repeated}; HSR {json.dumps(hsr)}\n{records[0]['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -161,6 +202,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--hsr", default='{"mode": "topk", "budget_tokens": 1024}', help="HSR settings (JSON)")
     parser.add_argument("--latency", action="store_true", help="also measure the time per output token")
+    parser.add_argument("--warm-prefix", action="store_true",
+                        help="decode on a warm prefix cache, one engine per backend (see the module docstring)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per point; the records hold their medians")
     parser.add_argument("--json", type=Path, default=RESULTS / "compare_backends.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "compare_backends.png")
@@ -185,18 +228,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.log.write_text("")
     input_lens = [int(x) for x in args.input_lens.split(",")]
     backends = ("HSR", dense_backend())
-    points = [(round_, n, b) for round_ in range(args.repeats) for n in input_lens
+    rounds = 1 if args.warm_prefix else args.repeats        # warm_decode.py repeats inside its engine
+    points = [(round_, n, b) for round_ in range(rounds) for n in input_lens
               for b in (backends if round_ % 2 == 0 else backends[::-1])]
     runs: dict[tuple[str, int], list[dict]] = {}
+    warm: dict[tuple[str, int], dict] = {}
     for i, (round_, input_len, backend) in enumerate(points, 1):
         start = time.monotonic()
-        repeat = f" run {round_ + 1}/{args.repeats}" if args.repeats > 1 else ""
+        repeat = f" run {round_ + 1}/{rounds}" if rounds > 1 else ""
         print(f"[{i}/{len(points)}] {backend} input {input_len} output {args.output_len}{repeat} ...", end=" ",
               flush=True)
+        if args.warm_prefix:
+            record = warm_point(model, backend, input_len, args, args.log)
+            print(f"{record['decode_tokens_per_s']:.1f} decode tok/s ({time.monotonic() - start:.0f}s)", flush=True)
+            warm[(backend, input_len)] = record
+            continue
         record = run_point(model, backend, input_len, args, args.log)
         runs.setdefault((backend, input_len), []).append(record)
         print(f"{record['output_tokens_per_s']:.1f} out tok/s ({time.monotonic() - start:.0f}s)", flush=True)
-    records = [combine(runs[(b, n)]) for n in input_lens for b in backends]
+    records = [warm.get((b, n)) or combine(runs[(b, n)]) for n in input_lens for b in backends]
     if args.merge and args.json.exists():
         ran = {(r["backend"], r["input_len"], r["output_len"]) for r in records}
         kept = [r for r in json.loads(args.json.read_text())

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, dense_backend, machine, provenance
+from warm_decode import KV_CACHE_GIB
 
 from vllm_hsr import HSRConfig
 
@@ -47,7 +48,7 @@ def _vllm(args: list[str], log: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
         with open(log, "a") as log_file:
             log_file.write(f"\n$ vllm-hsr {' '.join(args)}\n")
             log_file.flush()

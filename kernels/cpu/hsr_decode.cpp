@@ -858,28 +858,20 @@ class Row {
   // The certified greedy skip: log_mass [G, P]; log_gain [G, P] or null; log_spent [G] or null.
   std::vector<uint8_t> greedy_skip(const std::vector<double>& log_mass, const std::vector<double>& log_budget,
                                    const std::vector<uint8_t>& valid, const std::vector<double>* log_gain,
-                                   const std::vector<double>* log_spent, std::vector<double>& spent) const {
+                                   const std::vector<double>* log_spent, std::vector<double>& spent) {
     const i64 P = i64(valid.size()), bins = a_.hist_bins;
-    const double per_nat = double(bins) / a_.hist_range;
     std::vector<uint8_t> skip(P, 1);
-    std::vector<double> hist(bins), gain_hist(log_gain ? bins : 0), rels(G_ * P);
-    std::vector<int32_t> bin(P);
+    std::vector<double> hist(bins), gain_hist(log_gain ? bins : 0);
+    HeadMasses& m = head_masses_;
+    m.resize(P, G_, log_gain != nullptr);
     spent.assign(G_, 0.0);
     for (i64 g = 0; g < G_; ++g) {
       double ref = log_budget[g];
       if (log_gain) ref = logaddexp(log_budget[g], log_sum_exp(&(*log_gain)[g * P], valid));
-      std::fill(hist.begin(), hist.end(), 0.0);
-      std::fill(gain_hist.begin(), gain_hist.end(), 0.0);
-      double* rel = &rels[g * P];
-      // The masses in fp32 (exp_nonpositive): their relative error, ~1e-6, is far inside budget_slack.
-      for (i64 p = 0; p < P; ++p) {
-        rel[p] = valid[p] ? log_mass[g * P + p] - ref : NEG_INF;
-        const double where = std::floor((rel[p] + a_.hist_range) * per_nat);
-        bin[p] = std::isnan(where) ? 0 : int32_t(std::min<double>(std::max<double>(where, 0.0), double(bins - 1)));
-        if (rel[p] <= 0) hist[bin[p]] += relative_mass(rel[p]);
-        if (log_gain && valid[p] && std::isfinite(ref))
-          gain_hist[bin[p]] += relative_mass(std::min((*log_gain)[g * P + p] - ref, 0.0));
-      }
+      float* mass = &m.mass[g * P];
+      relative_masses(&log_mass[g * P], log_gain ? &(*log_gain)[g * P] : nullptr, valid.data(), P, ref, m, mass);
+      histogram(m.bin.data(), mass, P, hist);
+      if (log_gain) histogram(m.bin.data(), m.gain.data(), P, gain_hist);
       double base = 1.0, gains = 0.0;
       if (log_gain) {
         const bool finite = std::isfinite(ref);
@@ -899,25 +891,137 @@ class Row {
         allowed += cumulative <= (1.0 - a_.budget_slack) * allowance;
       }
       // a node is skipped only if every head of the group may skip it
-      for (i64 p = 0; p < P; ++p) skip[p] &= uint8_t(rel[p] <= 0 && bin[p] < allowed);
+      const int32_t* __restrict bin = m.bin.data();
+      const uint8_t* __restrict fits = m.fits.data();
+      uint8_t* __restrict out = skip.data();
+      for (i64 p = 0; p < P; ++p) out[p] &= fits[p] & uint8_t(bin[p] < allowed);
     }
     for (i64 p = 0; p < P; ++p) skip[p] &= valid[p];
-    for (i64 g = 0; g < G_; ++g)        // once the group's decision is known
-      for (i64 p = 0; p < P; ++p) if (skip[p]) spent[g] += relative_mass(rels[g * P + p]);
+    for (i64 g = 0; g < G_; ++g)        // once the group's decision is known (a skipped node fits: its mass)
+      for (i64 p = 0; p < P; ++p) if (skip[p]) spent[g] += double(m.mass[g * P + p]);
     return skip;
+  }
+
+  // hist[k] = the sum of x[p] over the p < P with bin[p] == k, in fp64. Four partial histograms (node p adds to
+  // p % 4's), so that runs of nodes in one bin do not wait on each other's sums.
+  void histogram(const int32_t* bin, const float* x, i64 P, std::vector<double>& hist) {
+    const i64 bins = i64(hist.size());
+    partial_hist_.assign(4 * bins, 0.0);
+    double* __restrict part = partial_hist_.data();
+    i64 p = 0;
+    for (; p + 4 <= P; p += 4)
+      for (i64 k = 0; k < 4; ++k) part[k * bins + bin[p + k]] += double(x[p + k]);
+    for (; p < P; ++p) part[bin[p]] += double(x[p]);
+    for (i64 b = 0; b < bins; ++b) hist[b] = (part[b] + part[bins + b]) + (part[2 * bins + b] + part[3 * bins + b]);
+  }
+  std::vector<double> partial_hist_;
+
+  // greedy_skip's per-node quantities for one head, against its reference ref: [P] each
+  struct HeadMasses {
+    std::vector<int32_t> bin;     // histogram bin of the relative log-mass
+    std::vector<uint8_t> fits;    // relative log-mass <= 0 (masses that may be skipped)
+    std::vector<float> mass;      // [G, P]: relative mass where it fits, else 0
+    std::vector<float> gain;      // relative gain (valid nodes, finite ref), else 0
+    void resize(i64 P, i64 G, bool gains) {
+      bin.resize(P + 16);
+      fits.resize(P + 16);
+      mass.resize(G * P + 16);
+      gain.resize(gains ? P + 16 : 0);
+    }
+  };
+  HeadMasses head_masses_;
+
+  // For p < P: rel = log_mass - ref (-inf where invalid), its bin floor((rel + range) * bins / range) clamped
+  // to [0, bins) (NaN: 0), fits = rel <= 0, mass = exp(rel) where it fits (0 for -inf), and with log_gain the
+  // gain exp(min(log_gain - ref, 0)) of valid nodes when ref is finite. 16 nodes a pass: the doubles' sums and
+  // floors are the scalar ones', the exponentials the same fp32 polynomial.
+  void relative_masses(const double* log_mass, const double* log_gain, const uint8_t* valid, i64 P, double ref,
+                       HeadMasses& m, float* mass) const {
+    const double per_nat = double(a_.hist_bins) / a_.hist_range, top_bin = double(a_.hist_bins - 1);
+    const bool gains = log_gain && std::isfinite(ref);
+    i64 p = 0;
+#if HSR_AVX512
+    const __m512d ref_v = _mm512_set1_pd(ref), range = _mm512_set1_pd(a_.hist_range),
+                  scale = _mm512_set1_pd(per_nat), zero = _mm512_setzero_pd(), top = _mm512_set1_pd(top_bin),
+                  minus_inf = _mm512_set1_pd(NEG_INF);
+    for (; p + 16 <= P; p += 16) {
+      const __mmask16 in = flag_mask(valid + p, 16);
+      __m256 rel32[2], gain32[2];
+      __mmask8 fits[2], finite[2];
+      for (int half = 0; half < 2; ++half) {
+        const i64 at = p + 8 * half;
+        const __mmask8 lanes = __mmask8(in >> (8 * half));
+        const __m512d rel = _mm512_mask_sub_pd(minus_inf, lanes, _mm512_loadu_pd(log_mass + at), ref_v);
+        __m512d where = _mm512_roundscale_pd(_mm512_mul_pd(_mm512_add_pd(rel, range), scale),
+                                             _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        where = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(where, where, _CMP_UNORD_Q), where, zero);
+        where = _mm512_min_pd(_mm512_max_pd(where, zero), top);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&m.bin[at]), _mm512_cvtpd_epi32(where));
+        fits[half] = _mm512_cmp_pd_mask(rel, zero, _CMP_LE_OQ);
+        finite[half] = fits[half] & _mm512_cmp_pd_mask(rel, minus_inf, _CMP_NEQ_UQ);
+        rel32[half] = _mm512_cvtpd_ps(rel);
+        if (gains)    // min(0, x): x where x is NaN, as std::min(x, 0.0)
+          gain32[half] = _mm512_cvtpd_ps(_mm512_min_pd(zero, _mm512_sub_pd(_mm512_loadu_pd(log_gain + at), ref_v)));
+      }
+      const __mmask16 fit = __mmask16(fits[0] | (fits[1] << 8)), counted = __mmask16(finite[0] | (finite[1] << 8));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&m.fits[p]), _mm_maskz_set1_epi8(fit, 1));
+      const __m512 rel = _mm512_insertf32x8(_mm512_castps256_ps512(rel32[0]), rel32[1], 1);
+      _mm512_storeu_ps(mass + p, _mm512_maskz_mov_ps(counted, exp_nonpositive(rel)));
+      if (gains) {
+        const __m512 x = _mm512_insertf32x8(_mm512_castps256_ps512(gain32[0]), gain32[1], 1);
+        // relative_mass: 0 for -inf
+        const __mmask16 real = in & _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INF_F), _CMP_NEQ_UQ);
+        _mm512_storeu_ps(&m.gain[p], _mm512_maskz_mov_ps(real, exp_nonpositive(x)));
+      }
+    }
+#endif
+    for (; p < P; ++p) {
+      const double rel = valid[p] ? log_mass[p] - ref : NEG_INF;
+      const double where = std::floor((rel + a_.hist_range) * per_nat);
+      m.bin[p] = std::isnan(where) ? 0 : int32_t(std::min<double>(std::max<double>(where, 0.0), top_bin));
+      m.fits[p] = rel <= 0;
+      mass[p] = rel <= 0 ? float(relative_mass(rel)) : 0.0f;
+      if (log_gain) m.gain[p] = gains && valid[p] ? float(relative_mass(std::min(log_gain[p] - ref, 0.0))) : 0.0f;
+    }
+    if (log_gain && !gains) std::fill(m.gain.begin(), m.gain.begin() + P, 0.0f);
   }
 
   // exp(x) for x <= 0 in fp32 (0 for -inf)
   static double relative_mass(double x) { return x == NEG_INF ? 0.0 : double(exp_nonpositive(float(x))); }
 
   // ln of the sum of exp(x[p]) over the valid p (-inf if none): one exp per term, relative to the largest
+  // (16 terms a pass in fp32, summed in fp64 per pass; NaN in, NaN out)
   static double log_sum_exp(const double* x, const std::vector<uint8_t>& valid) {
     const i64 P = i64(valid.size());
     double top = NEG_INF;
-    for (i64 p = 0; p < P; ++p) if (valid[p]) top = std::max(top, x[p]);
+    i64 p = 0;
+#if HSR_AVX512
+    __m512d tops = _mm512_set1_pd(NEG_INF);
+    for (; p + 8 <= P; p += 8) {      // NaN terms are passed over here, as std::max passes them
+      const __m512d v = _mm512_loadu_pd(x + p);
+      const __mmask8 in = __mmask8(flag_mask(valid.data() + p, 8)) & _mm512_cmp_pd_mask(v, v, _CMP_ORD_Q);
+      tops = _mm512_mask_max_pd(tops, in, tops, v);
+    }
+    top = _mm512_reduce_max_pd(tops);
+#endif
+    for (; p < P; ++p) if (valid[p]) top = std::max(top, x[p]);
     if (!std::isfinite(top)) return top;
     double sum = 0;
-    for (i64 p = 0; p < P; ++p) sum += valid[p] ? relative_mass(x[p] - top) : 0.0;
+    p = 0;
+#if HSR_AVX512
+    const __m512d top_v = _mm512_set1_pd(top), minus_inf = _mm512_set1_pd(NEG_INF);
+    for (; p + 16 <= P; p += 16) {
+      const __mmask16 in = flag_mask(valid.data() + p, 16);
+      const __m512d d0 = _mm512_sub_pd(_mm512_loadu_pd(x + p), top_v), d1 = _mm512_sub_pd(_mm512_loadu_pd(x + p + 8), top_v);
+      const __mmask16 real = in & __mmask16(_mm512_cmp_pd_mask(d0, minus_inf, _CMP_NEQ_UQ) |
+                                            (_mm512_cmp_pd_mask(d1, minus_inf, _CMP_NEQ_UQ) << 8));
+      const __m512 d = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(d0)), _mm512_cvtpd_ps(d1), 1);
+      const __m512 e = _mm512_maskz_mov_ps(real, exp_nonpositive(d));
+      sum += _mm512_reduce_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)),
+                                                _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1))));
+    }
+#endif
+    for (; p < P; ++p) sum += valid[p] ? relative_mass(x[p] - top) : 0.0;
     return top + std::log(sum);
   }
 

@@ -70,6 +70,51 @@ def test_repeated_points_alternate_backends_and_record_medians(monkeypatch, tmp_
     assert_drawn(tmp_path / "r.png")
 
 
+def test_warm_prefix_runs_one_engine_per_backend_and_records_its_repeats(monkeypatch, tmp_path):
+    commands = []
+    runs = {"HSR": [(30.0, 80.0), (33.0, 90.0), (31.0, 70.0)], "CPU_ATTN": [(20.0, 100.0), (10.0, 120.0), (15.0, 110.0)]}
+
+    real_run = compare_backends.subprocess.run
+
+    def fake_run(command, **kwargs):         # the engines; git (the records' provenance) runs for real
+        if "warm_decode.py" not in str(command[1]):
+            return real_run(command, **kwargs)
+        commands.append(command)
+        backend = command[command.index("--backend") + 1]
+        result = {"prefill_s": 300.0, "runs": [{"decode_tokens_per_s": d, "tpot_ms": t, "batch_decode_s": 1.0}
+                                               for d, t in runs[backend]]}
+        return type("Done", (), {"returncode": 0, "stdout": "noise\nRESULT " + json.dumps(result) + "\n"})()
+    monkeypatch.setattr(compare_backends.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare_backends, "dense_backend", lambda: "CPU_ATTN")
+    records = compare_backends.main(["--model", "m", "--input-lens", "7600", "--repeats", "3", "--warm-prefix",
+                                     "--hsr", "{}", "--json", str(tmp_path / "r.json"),
+                                     "--plot", str(tmp_path / "r.png"), "--log", str(tmp_path / "r.log")])
+    assert len(commands) == 2                              # the repeats run inside each engine
+    assert all(c[c.index("--repeats") + 1] == "3" for c in commands)
+    assert "--hsr" in commands[0] and "--hsr" not in commands[1]
+    hsr, dense = records
+    assert hsr["method"] == dense["method"] == "warm-prefix"
+    assert (hsr["decode_tokens_per_s"], hsr["tpot_ms"]) == (31.0, 80.0)       # medians of the repeats
+    assert (dense["decode_tokens_per_s"], dense["tpot_ms"]) == (15.0, 110.0)
+    assert hsr["repeats"] == 3 and hsr["output_tokens_per_s"] is None and hsr["prefill_s"] == 300.0
+    row = compare_backends.table(records).splitlines()[1]
+    assert "2.07x" in row and "80.00" in row               # decode tok/s against dense's, and tpot
+    assert compare_backends.spread(hsr) == "10%"
+    assert_drawn(tmp_path / "r.png")
+
+
+def test_warm_prefix_failure_names_the_log(monkeypatch, tmp_path):
+    real_run = compare_backends.subprocess.run
+    monkeypatch.setattr(compare_backends.subprocess, "run", lambda command, **kwargs: type(
+        "Done", (), {"returncode": 1, "stdout": ""})() if "warm_decode.py" in str(command[1])
+        else real_run(command, **kwargs))
+    monkeypatch.setattr(compare_backends, "dense_backend", lambda: "CPU_ATTN")
+    with pytest.raises(RuntimeError, match="warm_decode.py .*r.log"):
+        compare_backends.main(["--model", "m", "--input-lens", "512", "--warm-prefix", "--json",
+                               str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+                               "--log", str(tmp_path / "r.log")])
+
+
 def assert_drawn(path):
     """A PNG that holds a drawing: it decodes, and more than a sliver of it is neither background nor one colour."""
     from matplotlib.image import imread

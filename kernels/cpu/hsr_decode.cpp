@@ -155,6 +155,21 @@ constexpr GroupLanes group_lanes() {
 }
 constexpr GroupLanes GROUP_LANES = group_lanes();
 
+// The fp64 terms x[i] + shift of an fp32 or fp64 array (the selection rules' log-masses and log-gains, read
+// where they lie instead of copied out in fp64)
+template <typename T>
+struct Terms {
+  const T* x = nullptr;
+  double shift = 0.0;
+  double at(i64 i) const { return double(x[i]) + shift; }
+  Terms row(i64 g, i64 n) const { return {x + g * n, shift}; }     // head g's n terms of a [G, n] array
+#if HSR_AVX512
+  __m512d load8(i64 i) const { return _mm512_add_pd(fp64x8(x + i), _mm512_set1_pd(shift)); }   // at(i .. i + 7)
+  static __m512d fp64x8(const float* v) { return _mm512_cvtps_pd(_mm256_loadu_ps(v)); }
+  static __m512d fp64x8(const double* v) { return _mm512_loadu_pd(v); }
+#endif
+};
+
 // Upper and lower bounds of n nodes or tokens for every query head of a group, head-major: [G, n].
 struct Bounds {
   std::vector<float> ub, lb;
@@ -545,7 +560,13 @@ class Row {
     stash_terms_.resize(P * G_ * STASH_TERMS);
     stash_words_.resize(P * G_ * 4 * word_stride);   // words past the plane are never written: they stay 0
     for (i64 i = 0, block, slot; i < P; ++i) {
-      if (i + PREFETCH_CELLS < P) prefetch_box(0, nodes[i + PREFETCH_CELLS], block, slot);
+      // the cell's codes too: the code pass reads nearly every cell the walk bounds (no box prunes on real keys),
+      // and their wait overlaps the boxes' here (~15% of a top-k call at 7.5K)
+      if (i + PREFETCH_CELLS < P) {
+        prefetch_box(0, nodes[i + PREFETCH_CELLS], block, slot);
+        const uint8_t* codes = cell_codes(block, slot, 0);
+        for (i64 b = 0; b < a_.cell_size * a_.code_token_stride; b += 64) __builtin_prefetch(codes + b);
+      }
       locate(0, nodes[i], block, slot);
       const float *lo, *hi;
       box(block, slot, lo, hi);
@@ -856,8 +877,9 @@ class Row {
 
   // -- selection rules (core.selection); every [G, P] array is head-major --------------------------
   // The certified greedy skip: log_mass [G, P]; log_gain [G, P] or null; log_spent [G] or null.
-  std::vector<uint8_t> greedy_skip(const std::vector<double>& log_mass, const std::vector<double>& log_budget,
-                                   const std::vector<uint8_t>& valid, const std::vector<double>* log_gain,
+  template <typename T>
+  std::vector<uint8_t> greedy_skip(const Terms<T>& log_mass, const std::vector<double>& log_budget,
+                                   const std::vector<uint8_t>& valid, const Terms<T>* log_gain,
                                    const std::vector<double>* log_spent, std::vector<double>& spent) {
     const i64 P = i64(valid.size()), bins = a_.hist_bins;
     std::vector<uint8_t> skip(P, 1);
@@ -867,9 +889,10 @@ class Row {
     spent.assign(G_, 0.0);
     for (i64 g = 0; g < G_; ++g) {
       double ref = log_budget[g];
-      if (log_gain) ref = logaddexp(log_budget[g], log_sum_exp(&(*log_gain)[g * P], valid));
+      if (log_gain) ref = logaddexp(log_budget[g], log_sum_exp(log_gain->row(g, P), valid));
       float* mass = &m.mass[g * P];
-      relative_masses(&log_mass[g * P], log_gain ? &(*log_gain)[g * P] : nullptr, valid.data(), P, ref, m, mass);
+      const Terms<T> gain_row = log_gain ? log_gain->row(g, P) : Terms<T>{};
+      relative_masses(log_mass.row(g, P), log_gain ? &gain_row : nullptr, valid.data(), P, ref, m, mass);
       histogram(m.bin.data(), mass, P, hist);
       if (log_gain) histogram(m.bin.data(), m.gain.data(), P, gain_hist);
       double base = 1.0, gains = 0.0;
@@ -935,7 +958,8 @@ class Row {
   // to [0, bins) (NaN: 0), fits = rel <= 0, mass = exp(rel) where it fits (0 for -inf), and with log_gain the
   // gain exp(min(log_gain - ref, 0)) of valid nodes when ref is finite. 16 nodes a pass: the doubles' sums and
   // floors are the scalar ones', the exponentials the same fp32 polynomial.
-  void relative_masses(const double* log_mass, const double* log_gain, const uint8_t* valid, i64 P, double ref,
+  template <typename T>
+  void relative_masses(const Terms<T>& log_mass, const Terms<T>* log_gain, const uint8_t* valid, i64 P, double ref,
                        HeadMasses& m, float* mass) const {
     const double per_nat = double(a_.hist_bins) / a_.hist_range, top_bin = double(a_.hist_bins - 1);
     const bool gains = log_gain && std::isfinite(ref);
@@ -951,7 +975,7 @@ class Row {
       for (int half = 0; half < 2; ++half) {
         const i64 at = p + 8 * half;
         const __mmask8 lanes = __mmask8(in >> (8 * half));
-        const __m512d rel = _mm512_mask_sub_pd(minus_inf, lanes, _mm512_loadu_pd(log_mass + at), ref_v);
+        const __m512d rel = _mm512_mask_sub_pd(minus_inf, lanes, log_mass.load8(at), ref_v);
         __m512d where = _mm512_roundscale_pd(_mm512_mul_pd(_mm512_add_pd(rel, range), scale),
                                              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
         where = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(where, where, _CMP_UNORD_Q), where, zero);
@@ -961,7 +985,7 @@ class Row {
         finite[half] = fits[half] & _mm512_cmp_pd_mask(rel, minus_inf, _CMP_NEQ_UQ);
         rel32[half] = _mm512_cvtpd_ps(rel);
         if (gains)    // min(0, x): x where x is NaN, as std::min(x, 0.0)
-          gain32[half] = _mm512_cvtpd_ps(_mm512_min_pd(zero, _mm512_sub_pd(_mm512_loadu_pd(log_gain + at), ref_v)));
+          gain32[half] = _mm512_cvtpd_ps(_mm512_min_pd(zero, _mm512_sub_pd(log_gain->load8(at), ref_v)));
       }
       const __mmask16 fit = __mmask16(fits[0] | (fits[1] << 8)), counted = __mmask16(finite[0] | (finite[1] << 8));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(&m.fits[p]), _mm_maskz_set1_epi8(fit, 1));
@@ -976,12 +1000,12 @@ class Row {
     }
 #endif
     for (; p < P; ++p) {
-      const double rel = valid[p] ? log_mass[p] - ref : NEG_INF;
+      const double rel = valid[p] ? log_mass.at(p) - ref : NEG_INF;
       const double where = std::floor((rel + a_.hist_range) * per_nat);
       m.bin[p] = std::isnan(where) ? 0 : int32_t(std::min<double>(std::max<double>(where, 0.0), top_bin));
       m.fits[p] = rel <= 0;
       mass[p] = rel <= 0 ? float(relative_mass(rel)) : 0.0f;
-      if (log_gain) m.gain[p] = gains && valid[p] ? float(relative_mass(std::min(log_gain[p] - ref, 0.0))) : 0.0f;
+      if (log_gain) m.gain[p] = gains && valid[p] ? float(relative_mass(std::min(log_gain->at(p) - ref, 0.0))) : 0.0f;
     }
     if (log_gain && !gains) std::fill(m.gain.begin(), m.gain.begin() + P, 0.0f);
   }
@@ -991,20 +1015,21 @@ class Row {
 
   // ln of the sum of exp(x[p]) over the valid p (-inf if none): one exp per term, relative to the largest
   // (16 terms a pass in fp32, summed in fp64 per pass; NaN in, NaN out)
-  static double log_sum_exp(const double* x, const std::vector<uint8_t>& valid) {
+  template <typename T>
+  static double log_sum_exp(const Terms<T>& x, const std::vector<uint8_t>& valid) {
     const i64 P = i64(valid.size());
     double top = NEG_INF;
     i64 p = 0;
 #if HSR_AVX512
     __m512d tops = _mm512_set1_pd(NEG_INF);
     for (; p + 8 <= P; p += 8) {      // NaN terms are passed over here, as std::max passes them
-      const __m512d v = _mm512_loadu_pd(x + p);
+      const __m512d v = x.load8(p);
       const __mmask8 in = __mmask8(flag_mask(valid.data() + p, 8)) & _mm512_cmp_pd_mask(v, v, _CMP_ORD_Q);
       tops = _mm512_mask_max_pd(tops, in, tops, v);
     }
     top = _mm512_reduce_max_pd(tops);
 #endif
-    for (; p < P; ++p) if (valid[p]) top = std::max(top, x[p]);
+    for (; p < P; ++p) if (valid[p]) top = std::max(top, x.at(p));
     if (!std::isfinite(top)) return top;
     double sum = 0;
     p = 0;
@@ -1012,7 +1037,7 @@ class Row {
     const __m512d top_v = _mm512_set1_pd(top), minus_inf = _mm512_set1_pd(NEG_INF);
     for (; p + 16 <= P; p += 16) {
       const __mmask16 in = flag_mask(valid.data() + p, 16);
-      const __m512d d0 = _mm512_sub_pd(_mm512_loadu_pd(x + p), top_v), d1 = _mm512_sub_pd(_mm512_loadu_pd(x + p + 8), top_v);
+      const __m512d d0 = _mm512_sub_pd(x.load8(p), top_v), d1 = _mm512_sub_pd(x.load8(p + 8), top_v);
       const __mmask16 real = in & __mmask16(_mm512_cmp_pd_mask(d0, minus_inf, _CMP_NEQ_UQ) |
                                             (_mm512_cmp_pd_mask(d1, minus_inf, _CMP_NEQ_UQ) << 8));
       const __m512 d = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(d0)), _mm512_cvtpd_ps(d1), 1);
@@ -1021,7 +1046,7 @@ class Row {
                                                 _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1))));
     }
 #endif
-    for (; p < P; ++p) sum += valid[p] ? relative_mass(x[p] - top) : 0.0;
+    for (; p < P; ++p) sum += valid[p] ? relative_mass(x.at(p) - top) : 0.0;
     return top + std::log(sum);
   }
 
@@ -1131,7 +1156,8 @@ class Row {
   // Add n * exp(ub) of the dropped entries (counts null: n = 1) to each head's skipped mass; returns the
   // ln added [G]. ub: [G, P]. Each head's sum runs from its largest term, so every exponent is <= 0; the
   // token sums are branch-free (`dropped` is as unpredictable as a coin) in fp32 blocks.
-  std::vector<double> record_skipped(const std::vector<uint8_t>& dropped, const std::vector<i64>* counts,
+  // (not inlined: inlined into walk, with the rest that walk inlines, it crashes GCC 12.2's loop vectorizer)
+  __attribute__((noinline)) std::vector<double> record_skipped(const std::vector<uint8_t>& dropped, const std::vector<i64>* counts,
                                      const std::vector<float>& ub) {
     const i64 P = i64(dropped.size());
     std::vector<double> added(G_, NEG_INF);
@@ -1380,7 +1406,8 @@ class Row {
         std::vector<double> log_mass(P * G_);
         for (i64 g = 0; g < G_; ++g)
           for (i64 i = 0; i < P; ++i) log_mass[g * P + i] = std::log(double(counts[i])) + double(b.ub[g * P + i]);
-        std::vector<uint8_t> skip = greedy_skip(log_mass, level_budget, keep, nullptr, nullptr, level_spent);
+        std::vector<uint8_t> skip = greedy_skip<double>(Terms<double>{log_mass.data(), 0.0}, level_budget, keep, nullptr, nullptr,
+                                                level_spent);
         for (i64 g = 0; g < G_; ++g) spent[g] += level_spent[g] * share;
         for (i64 i = 0; i < P; ++i) keep[i] = !skip[i];
       } else {
@@ -1414,12 +1441,7 @@ class Row {
   }
 
   // ln of what reading a token adds to the softmax budget: eps * exp(its lower bound), plus `shift`
-  std::vector<double> gains(const Bounds& tb, double shift) const {
-    std::vector<double> gain(tb.lb.size());
-    const double log_eps = std::log(a_.eps) + shift;
-    for (size_t i = 0; i < gain.size(); ++i) gain[i] = double(tb.lb[i]) + log_eps;
-    return gain;
-  }
+  Terms<float> gains(const Bounds& tb, double shift) const { return {tb.lb.data(), std::log(a_.eps) + shift}; }
 
   // First-plane cut, then every plane of the cells that still hold a candidate (TreeQuery.refine).
   bool refine(const std::vector<i64>& cells, std::vector<uint8_t>& valid, Bounds& tb,
@@ -1429,10 +1451,11 @@ class Row {
       keep_above_bias(tb.ub, valid);
     } else if (a_.mode == SOFTMAX) {
       const double share = std::log(a_.refine_share);
-      std::vector<double> log_mass(tb.ub.begin(), tb.ub.end()), shared(budget), gain, spent;
+      std::vector<double> shared(budget), spent;
       for (double& x : shared) x += share;
-      if (a_.eps > 0) gain = gains(tb, share);
-      std::vector<uint8_t> skip = greedy_skip(log_mass, shared, valid, a_.eps > 0 ? &gain : nullptr, nullptr, spent);
+      const Terms<float> gain = gains(tb, share);
+      std::vector<uint8_t> skip = greedy_skip(Terms<float>{tb.ub.data()}, shared, valid, a_.eps > 0 ? &gain : nullptr,
+                                              nullptr, spent);
       log_spent = record_skipped(skip, nullptr, tb.ub);
       for (i64 t = 0; t < T; ++t) valid[t] &= !skip[t];
     } else {
@@ -1483,9 +1506,9 @@ class Row {
     if (a_.mode == RELU) {
       keep_above_bias(tb.ub, keep);
     } else if (a_.mode == SOFTMAX) {
-      std::vector<double> log_mass(tb.ub.begin(), tb.ub.end()), gain, spent;
-      if (a_.eps > 0) gain = gains(tb, 0.0);
-      std::vector<uint8_t> skip = greedy_skip(log_mass, budget, valid, a_.eps > 0 ? &gain : nullptr,
+      std::vector<double> spent;
+      const Terms<float> gain = gains(tb, 0.0);
+      std::vector<uint8_t> skip = greedy_skip(Terms<float>{tb.ub.data()}, budget, valid, a_.eps > 0 ? &gain : nullptr,
                                               a_.eps > 0 ? log_spent : nullptr, spent);
       for (i64 t = 0; t < T; ++t) keep[t] &= !skip[t];
     } else {

@@ -1352,13 +1352,9 @@ class Row {
     }
     record_skipped(dropped, nullptr, tb.ub);
 
-    std::vector<i64> kept(T);
-    size_t n = 0;
-    for (i64 c = 0; c < C; ++c)
-      for (i64 t = c * cs, first = cells[c] * cs - t; t < (c + 1) * cs; ++t) {
-        kept[n] = first + t;
-        n += kept_flag[t];
-      }
+    std::vector<i64> kept(T + 16);
+    i64 n = 0;
+    for (i64 c = 0; c < C; ++c) n = flagged_positions(kept_flag + c * cs, cs, cells[c] * cs, kept.data() + n) - kept.data();
     list.resize(seeds_.size() + n);
     std::merge(seeds_.begin(), seeds_.end(), kept.begin(), kept.begin() + n, list.begin());
     return !(a_.capacity > 0 && i64(list.size()) > a_.capacity);
@@ -1525,10 +1521,37 @@ class Row {
         out[t] = in[t] & uint8_t(up[t] > kth);
         above += out[t];
       }
-      for (i64 t = 0, ties = a_.budget_tokens - above; t < T && ties > 0; ++t)
+      i64 t = 0, ties = a_.budget_tokens - above;
+#if HSR_AVX512
+      // 16 tokens a step: ties are few, and which tokens are valid or kept is unpredictable
+      for (const __m512 k = _mm512_set1_ps(kth); t + 16 <= T && ties > 0; t += 16) {
+        __mmask16 tie = flag_mask(in + t, 16) & ~flag_mask(out + t, 16) &
+                        _mm512_cmp_ps_mask(_mm512_loadu_ps(up + t), k, _CMP_EQ_OQ);
+        for (; tie && ties > 0; tie &= tie - 1, --ties) out[t + __builtin_ctz(tie)] = 1;
+      }
+#endif
+      for (; t < T && ties > 0; ++t)
         if (in[t] && !out[t] && up[t] == kth) out[t] = 1, --ties;
     }
     return keep;
+  }
+
+  // first + p for the flagged p < n, ascending, written from out (room for n + 16); returns the end written
+  static i64* flagged_positions(const uint8_t* flags, i64 n, i64 first, i64* out) {
+    i64 p = 0;
+#if HSR_AVX512
+    const __m512i step = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; p + 8 <= n; p += 8) {
+      const __mmask8 flagged = __mmask8(flag_mask(flags + p, 8));
+      _mm512_storeu_si512(out, _mm512_maskz_compress_epi64(flagged, _mm512_add_epi64(step, _mm512_set1_epi64(first + p))));
+      out += __builtin_popcount(flagged);
+    }
+#endif
+    for (; p < n; ++p) {
+      *out = first + p;
+      out += flags[p] != 0;
+    }
+    return out;
   }
 
   i64 distinct_cells(const std::vector<i64>& list) const {

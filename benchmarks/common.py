@@ -36,7 +36,8 @@ def provenance() -> dict:
         run = subprocess.run(["git", *args], cwd=RESULTS.parent, capture_output=True, text=True)
         return run.stdout.strip() if run.returncode == 0 else ""
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    # the results a run rewrites as it goes do not make the code it ran dirty
+    if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"):
         commit += "-dirty"
     script = Path(sys.argv[0]).resolve()
     if script.is_relative_to(RESULTS.parents[1]):

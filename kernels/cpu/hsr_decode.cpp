@@ -1759,21 +1759,27 @@ class Row {
   void softmax_weights(float* x, i64 L, const float* m, float* norm) const {
     i64 i = 0;
 #if HSR_AVX512
-    if (16 % G_ == 0) {                // then lane j always holds head j % G
+    // 16 entries a pass: the pass that starts at entry i holds head (i + j) % G in lane j, so it takes the
+    // maxima and sums of its phase i % G (the phases cycle as i steps by 16); groups past 16 heads: below
+    constexpr i64 MAX_PHASES = 16;
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 tops[MAX_PHASES], sums[MAX_PHASES];
+    for (i64 k = 0; k < std::min(G_, MAX_PHASES); ++k) {
+      sums[k] = zero;
       float pattern[16];
-      for (int j = 0; j < 16; ++j) pattern[j] = m[j % G_];
-      const __m512 top = _mm512_loadu_ps(pattern), zero = _mm512_setzero_ps();
-      __m512 sums = zero;
-      for (; i < L * G_; i += 16) {
-        const __mmask16 in = L * G_ - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (L * G_ - i)) - 1);
-        const __m512 w = exp_nonpositive(_mm512_min_ps(zero, _mm512_sub_ps(_mm512_maskz_loadu_ps(in, x + i), top)));
-        _mm512_mask_storeu_ps(x + i, in, w);
-        sums = _mm512_mask_add_ps(sums, in, sums, w);
-      }
+      for (int j = 0; j < 16; ++j) pattern[j] = m[(k + j) % G_];
+      tops[k] = _mm512_loadu_ps(pattern);
+    }
+    for (i64 phase = 0; G_ <= MAX_PHASES && i < L * G_; i += 16, phase = (phase + 16) % G_) {
+      const __mmask16 in = L * G_ - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (L * G_ - i)) - 1);
+      const __m512 w = exp_nonpositive(_mm512_min_ps(zero, _mm512_sub_ps(_mm512_maskz_loadu_ps(in, x + i), tops[phase])));
+      _mm512_mask_storeu_ps(x + i, in, w);
+      sums[phase] = _mm512_mask_add_ps(sums[phase], in, sums[phase], w);
+    }
+    for (i64 k = 0; k < G_ && G_ <= MAX_PHASES; ++k) {
       float lanes[16];
-      _mm512_storeu_ps(lanes, sums);
-      for (int j = 0; j < 16; ++j) norm[j % G_] += lanes[j];
-      return;
+      _mm512_storeu_ps(lanes, sums[k]);
+      for (int j = 0; j < 16; ++j) norm[(k + j) % G_] += lanes[j];
     }
 #endif
     for (; i < L * G_; ++i) {

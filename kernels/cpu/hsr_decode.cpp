@@ -1732,6 +1732,12 @@ class Row {
     if (a_.cache_dtype == F32 && value.affine) {
       auto row_of = [&](i64 token) { return fp32_page(token) + value.base + (token % a_.block_size) * value.token; };
       const bool rows = value_rows();           // then requested ahead
+#if HSR_AVX512
+      if (rows && D_ % 16 == 0 && G_ <= MAX_GROUP) {
+        with_group(G_, [&](auto group) { sum_rows_in_registers<group()>(tokens, count, weights, acc, row_of); });
+        return;
+      }
+#endif
       for (i64 i = 0; rows && i < std::min(PREFETCH_ROWS, count); ++i) prefetch_row(row_of(tokens[i]), D_ * 4);
       for (i64 i = 0; i < count; ++i) {
         if (rows && i + PREFETCH_ROWS < count) prefetch_row(row_of(tokens[i + PREFETCH_ROWS]), D_ * 4);
@@ -1754,6 +1760,38 @@ class Row {
     });
   }
   std::vector<float> rows_;
+
+#if HSR_AVX512
+  template <typename F>
+  static void with_group(i64 group, F&& f) {
+    switch (group) {
+      case 1: f(std::integral_constant<int, 1>()); break;
+      case 2: f(std::integral_constant<int, 2>()); break;
+      case 3: f(std::integral_constant<int, 3>()); break;
+      case 4: f(std::integral_constant<int, 4>()); break;
+      case 5: f(std::integral_constant<int, 5>()); break;
+      case 6: f(std::integral_constant<int, 6>()); break;
+      case 7: f(std::integral_constant<int, 7>()); break;
+      default: f(std::integral_constant<int, 8>()); break;
+    }
+  }
+  // accumulate_values for G heads over contiguous fp32 value rows (row_of(token)), D a multiple of 16: 16
+  // channels at a time, every head's sums in registers across the tokens (not reloaded and stored per token)
+  template <int G, typename RowOf>
+  void sum_rows_in_registers(const i64* tokens, i64 count, const float* weights, float* acc, RowOf row_of) const {
+    for (i64 i = 0; i < std::min(PREFETCH_ROWS, count); ++i) prefetch_row(row_of(tokens[i]), D_ * 4);
+    for (i64 c = 0; c < D_; c += 16) {
+      __m512 sum[G];
+      for (int g = 0; g < G; ++g) sum[g] = _mm512_loadu_ps(&acc[g * D_ + c]);
+      for (i64 i = 0; i < count; ++i) {
+        if (c == 0 && i + PREFETCH_ROWS < count) prefetch_row(row_of(tokens[i + PREFETCH_ROWS]), D_ * 4);
+        const __m512 v = _mm512_loadu_ps(row_of(tokens[i]) + c);
+        for (int g = 0; g < G; ++g) sum[g] = _mm512_fmadd_ps(_mm512_set1_ps(weights[i * G + g]), v, sum[g]);
+      }
+      for (int g = 0; g < G; ++g) _mm512_storeu_ps(&acc[g * D_ + c], sum[g]);
+    }
+  }
+#endif
 
   // x [L, G] scores -> exp(x - m[g]) (every x <= m[g]); norm[g] += their sum over the L tokens
   void softmax_weights(float* x, i64 L, const float* m, float* norm) const {

@@ -37,7 +37,7 @@ def provenance() -> dict:
         return run.stdout.strip() if run.returncode == 0 else ""
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     # the results a run rewrites as it goes do not make the code it ran dirty
-    if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"):
+    if git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results"):
         commit += "-dirty"
     script = Path(sys.argv[0]).resolve()
     if script.is_relative_to(RESULTS.parents[1]):

@@ -934,7 +934,7 @@ class Row {
   }
 
   // hist[k] = the sum of x[p] over the p < P with bin[p] == k, in fp64. Four partial histograms (node p adds to
-  // p % 4's), so that runs of nodes in one bin do not wait on each other's sums.
+  // p % 4's; the last P % 4 to the first), so that runs of nodes in one bin do not wait on each other's sums.
   void histogram(const int32_t* bin, const float* x, i64 P, std::vector<double>& hist) {
     const i64 bins = i64(hist.size());
     partial_hist_.assign(4 * bins, 0.0);
@@ -947,7 +947,7 @@ class Row {
   }
   std::vector<double> partial_hist_;
 
-  // greedy_skip's per-node quantities for one head, against its reference ref: [P] each
+  // greedy_skip's per-node quantities for one head, against its reference ref: [P] each (mass: every head's)
   struct HeadMasses {
     std::vector<int32_t> bin;     // histogram bin of the relative log-mass
     std::vector<uint8_t> fits;    // relative log-mass <= 0 (masses that may be skipped)
@@ -1023,7 +1023,8 @@ class Row {
   static double relative_mass(double x) { return x == NEG_INF ? 0.0 : double(exp_nonpositive(float(x))); }
 
   // ln of the sum of exp(x[p]) over the valid p (-inf if none): one exp per term, relative to the largest
-  // (16 terms a pass in fp32, summed in fp64 per pass; NaN in, NaN out)
+  // (16 terms a pass in fp32, summed in fp64 per pass). A NaN term is passed over for the maximum and makes
+  // the sum NaN; all terms NaN give -inf, a +inf term +inf (as the scalar rule)
   template <typename T>
   static double log_sum_exp(const Terms<T>& x, const std::vector<uint8_t>& valid) {
     const i64 P = i64(valid.size());
@@ -1545,7 +1546,7 @@ class Row {
     return keep;
   }
 
-  // first + p for the flagged p < n, ascending, written from out (room for n + 16); returns the end written
+  // first + p for the flagged p < n, ascending, written from out (room for n + 8); returns the end written
   static i64* flagged_positions(const uint8_t* flags, i64 n, i64 first, i64* out) {
     i64 p = 0;
 #if HSR_AVX512
@@ -1763,6 +1764,7 @@ class Row {
   std::vector<float> rows_;
 
 #if HSR_AVX512
+  static_assert(MAX_GROUP == 8, "with_group dispatches groups of 1 to 8 heads");
   template <typename F>
   static void with_group(i64 group, F&& f) {
     switch (group) {

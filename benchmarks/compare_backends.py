@@ -59,6 +59,17 @@ def _vllm(args: list[str], log: Path) -> dict:
         return json.loads(out.read_text())
 
 
+def point_fields(backend: str, input_len: int, args) -> dict:
+    """What every record of a point says besides its measures: the point, the settings, provenance."""
+    return {
+        "backend": backend, "input_len": input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
+        "hsr_mode": HSRConfig.from_mapping(json.loads(args.hsr)).mode if backend == "HSR" else None,
+        "hsr_settings": json.loads(args.hsr) if backend == "HSR" else None, **provenance(),
+        # vllm-hsr's engine commands default it to 1 for every backend (transparent huge pages for the KV cache)
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
+    }
+
+
 def run_point(model: str, backend: str, input_len: int, args, log: Path) -> dict:
     engine = ["--model", model, "--attention-backend", backend, "--dtype", args.dtype, "--enforce-eager",
               "--max-model-len", str(input_len + args.output_len + 16), "--seed", "0"]
@@ -72,15 +83,11 @@ def run_point(model: str, backend: str, input_len: int, args, log: Path) -> dict
     full, prefill = throughput(args.output_len), throughput(1)
     decode_s = full["elapsed_time"] - prefill["elapsed_time"]
     record = {
-        "backend": backend, "input_len": input_len, "output_len": args.output_len,
-        "num_prompts": args.num_prompts, "requests_per_s": full["requests_per_second"],
+        **point_fields(backend, input_len, args), "requests_per_s": full["requests_per_second"],
         "output_tokens_per_s": full["num_requests"] * args.output_len / full["elapsed_time"],
         "elapsed_s": full["elapsed_time"], "prefill_s": prefill["elapsed_time"],
         "decode_tokens_per_s": full["num_requests"] * (args.output_len - 1) / decode_s if decode_s > 0 else None,
-        "tpot_ms": None, "hsr_mode": HSRConfig.from_mapping(json.loads(args.hsr)).mode if backend == "HSR" else None,
-        "hsr_settings": json.loads(args.hsr) if backend == "HSR" else None, **provenance(),
-        # vllm-hsr's engine commands default it to 1 for every backend (transparent huge pages for the KV cache)
-        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
+        "tpot_ms": None,
     }
     if args.latency:
         def latency(output_len: int) -> float:
@@ -91,8 +98,8 @@ def run_point(model: str, backend: str, input_len: int, args, log: Path) -> dict
     return record
 
 
-def warm_point(model: str, backend: str, input_len: int, args, log: Path) -> dict:
-    """The --warm-prefix record of one backend at one input length (its repeats in one engine)."""
+def warm_runs(model: str, backend: str, input_len: int, args, log: Path) -> list[dict]:
+    """The --warm-prefix records of one backend at one input length, one per repeat (all in one engine)."""
     command = [sys.executable, str(Path(__file__).with_name("warm_decode.py")), "--model", model, "--backend",
                backend, "--input-len", str(input_len), "--output-len", str(args.output_len), "--num-prompts",
                str(args.num_prompts), "--repeats", str(args.repeats), "--dtype", args.dtype]
@@ -106,15 +113,9 @@ def warm_point(model: str, backend: str, input_len: int, args, log: Path) -> dic
     if run.returncode != 0 or not lines:
         raise RuntimeError(f"warm_decode.py ({backend}, input {input_len}) failed (exit {run.returncode}); see {log}")
     result = json.loads(lines[-1][len("RESULT "):])
-    runs = [dict({key: None for key in MEASURES}, **r, prefill_s=result["prefill_s"]) for r in result["runs"]]
-    record = {
-        "backend": backend, "input_len": input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
-        "method": "warm-prefix", **{key: None for key in MEASURES},
-        "hsr_mode": HSRConfig.from_mapping(json.loads(args.hsr)).mode if backend == "HSR" else None,
-        "hsr_settings": json.loads(args.hsr) if backend == "HSR" else None, **provenance(),
-        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
-    }
-    return combine([dict(record, **r) for r in runs])
+    record = {**point_fields(backend, input_len, args), "method": "warm-prefix", **{key: None for key in MEASURES},
+              "prefill_s": result["prefill_s"]}
+    return [dict(record, **run) for run in result["runs"]]
 
 
 def combine(runs: list[dict]) -> dict:
@@ -233,21 +234,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     points = [(round_, n, b) for round_ in range(rounds) for n in input_lens
               for b in (backends if round_ % 2 == 0 else backends[::-1])]
     runs: dict[tuple[str, int], list[dict]] = {}
-    warm: dict[tuple[str, int], dict] = {}
     for i, (round_, input_len, backend) in enumerate(points, 1):
         start = time.monotonic()
         repeat = f" run {round_ + 1}/{rounds}" if rounds > 1 else ""
         print(f"[{i}/{len(points)}] {backend} input {input_len} output {args.output_len}{repeat} ...", end=" ",
               flush=True)
         if args.warm_prefix:
-            record = warm_point(model, backend, input_len, args, args.log)
-            print(f"{record['decode_tokens_per_s']:.1f} decode tok/s ({time.monotonic() - start:.0f}s)", flush=True)
-            warm[(backend, input_len)] = record
+            runs[(backend, input_len)] = warm_runs(model, backend, input_len, args, args.log)
+            speed = statistics.median(r["decode_tokens_per_s"] for r in runs[(backend, input_len)])
+            print(f"{speed:.1f} decode tok/s ({time.monotonic() - start:.0f}s)", flush=True)
             continue
         record = run_point(model, backend, input_len, args, args.log)
         runs.setdefault((backend, input_len), []).append(record)
         print(f"{record['output_tokens_per_s']:.1f} out tok/s ({time.monotonic() - start:.0f}s)", flush=True)
-    records = [warm.get((b, n)) or combine(runs[(b, n)]) for n in input_lens for b in backends]
+    records = [combine(runs[(b, n)]) for n in input_lens for b in backends]
     if args.merge and args.json.exists():
         ran = {(r["backend"], r["input_len"], r["output_len"]) for r in records}
         kept = [r for r in json.loads(args.json.read_text())

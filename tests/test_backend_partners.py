@@ -147,8 +147,10 @@ def test_relu_decode_is_refused_in_the_engine_unless_allowed():
 
 
 @pytest.mark.parametrize("partner", ("FLASH_ATTN", "TRITON_ATTN"))
-def test_sparse_decode_over_the_partner_page_layout(partner):
-    """Two decode rows, ragged lengths, shuffled blocks: out equals dense within the certificate."""
+@pytest.mark.parametrize("sparse_rows", ((0, 1), (1, 0)))
+def test_sparse_decode_over_the_partner_page_layout(partner, sparse_rows):
+    """Two decode rows, ragged lengths, shuffled blocks: out equals dense within the certificate. Consecutive
+    sparse rows are read and written in place (a slice), others gathered and scattered back."""
     gen = torch.Generator().manual_seed(0)
     seq_lens = [300, 77]
     num_blocks = 1 + sum(-(-n // BLOCK_SIZE) for n in seq_lens)
@@ -182,8 +184,10 @@ def test_sparse_decode_over_the_partner_page_layout(partner):
     impl.forward(None, q[:0], None, None, kv_cache, history, torch.empty(0, NUM_HEADS, HEAD_DIM))
     step = HSRMetadata(num_actual_tokens=2, num_decode_tokens=2, slot_mapping=torch.stack([s[-1] for s in slots]),
                        positions=torch.tensor(seq_lens) - 1, token_rows=torch.arange(2), block_table=table,
-                       seq_lens=torch.tensor(seq_lens), sparse_rows=torch.arange(2),
+                       seq_lens=torch.tensor(seq_lens), sparse_rows=torch.tensor(sparse_rows),
                        dense_rows=torch.zeros(0, dtype=torch.long))
+    assert (step.sparse_slice is not None) == (sparse_rows == (0, 1))
+    assert torch.equal(step.sparse_seq_lens, torch.tensor(seq_lens)[list(sparse_rows)])
     step.summary_write = impl.summaries.plan_write(step.slot_mapping, step.positions, step.token_rows)
     output = torch.full((2, NUM_HEADS, HEAD_DIM), math.nan)
     impl.forward(None, q, None, None, kv_cache, step, output)

@@ -180,7 +180,7 @@ def test_native_writes_every_output_element():
     out = torch.full(q.shape, torch.nan)
     from vllm_hsr.core.paged import flat_view
     from vllm_hsr.ops import native_decode, native_settings
-    want, _, _ = native_decode(q, flat_view(batch.cache), batch.layout, batch.summaries, batch.block_table,
+    want, _, _, _ = native_decode(q, flat_view(batch.cache), batch.layout, batch.summaries, batch.block_table,
                                torch.tensor(SEQ_LENS), cfg, 0.125)
     layout, summaries = batch.layout, batch.summaries
     cpu_decode.hsr_decode_cpu(q, flat_view(batch.cache), layout.block_stride, layout.head_stride, layout.key_offsets,
@@ -189,6 +189,40 @@ def test_native_writes_every_output_element():
                               **native_settings(cfg, 64))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("out_dtype", (torch.float32, torch.bfloat16))
+def test_a_kept_decoder_serves_every_batch_and_writes_in_place(out_dtype, monkeypatch):
+    """hsr_decode keeps one compiled-kernel decoder per summaries; reused for batches of other sizes, tables
+    and queries, with `out` given (in place, or through a copy where its dtype is not fp32), it returns what
+    a decoder built for the call alone returns, and writes every element of `out`."""
+    monkeypatch.setenv("HSR_KERNELS", "native")
+    from vllm_hsr import ops
+    from vllm_hsr.core.paged import flat_view
+    cfg = HSRConfig(mode="topk", budget_tokens=64)
+    batch = _batch(cfg, seed=4)
+    q = _query(batch, 2, seed=6)
+    lens = torch.tensor(SEQ_LENS)
+    layout, summaries = batch.layout, batch.summaries
+    for rows in ([3, 1], [0, 1, 2, 3], [2]):               # a permuted subset, all, one: the decoder is kept
+        table = batch.block_table[rows]
+        alone, alone_bound, _, _ = cpu_decode.hsr_decode_cpu(
+            q[rows], flat_view(batch.cache), layout.block_stride, layout.head_stride, layout.key_offsets,
+            layout.value_offsets, table, lens[rows], summaries.boxes, [first for first, _ in summaries.slots],
+            summaries.codes, scale=0.125, **ops.native_settings(cfg, 64))
+        out = torch.full(q[rows].shape, torch.nan, dtype=out_dtype)
+        got, bound, stats = hsr_decode(q[rows], batch.cache, layout, summaries, table, lens[rows], cfg, 0.125,
+                                       out=out)
+        assert got is out and torch.isfinite(out).all()
+        torch.testing.assert_close(out, alone.to(out_dtype), atol=0, rtol=0)
+        torch.testing.assert_close(bound, alone_bound, atol=0, rtol=0)
+        assert stats.dense_keys == sum(SEQ_LENS[r] for r in rows) * 2          # both KV heads of each row
+    kept = ops._DECODERS[summaries][2]
+    hsr_decode(q, batch.cache, layout, summaries, batch.block_table, lens, cfg, 0.125)
+    assert ops._DECODERS[summaries][2] is kept
+    hsr_decode(q, batch.cache, layout, summaries, batch.block_table, lens, HSRConfig(mode="topk", budget_tokens=32),
+               0.125)
+    assert ops._DECODERS[summaries][2] is not kept                         # other settings: built anew
 
 
 def _decode_built_with(flags, batch, q, cfg, monkeypatch, tmp_path):

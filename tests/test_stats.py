@@ -29,8 +29,7 @@ def test_device_counters_are_not_read_before_the_flush_interval(monkeypatch):
 
 
 def test_deferred_counters_add_up_at_the_flush(monkeypatch):
-    """The deferred path with readable values: CPU tensors treated as an accelerator's."""
-    monkeypatch.setattr(DecodeStatsLog, "on_accelerator", staticmethod(lambda value: isinstance(value, torch.Tensor)))
+    """The deferred path with readable values (CPU tensors)."""
     log = DecodeStatsLog(interval_s=math.inf, flush_interval_s=math.inf)
     log.last_flush = 0.0
     log.record(_step(10, 1e-4), num_sparse_rows=2, num_dense_rows=1)
@@ -43,14 +42,19 @@ def test_deferred_counters_add_up_at_the_flush(monkeypatch):
     assert math.isclose(log.max_error_bound, 3e-4, rel_tol=1e-6) and not log.pending
 
 
-def test_cpu_counters_add_up_at_once(monkeypatch):
+def test_host_counters_add_up_at_the_flush_interval(monkeypatch):
+    """Host ints (the compiled CPU kernel's counters) wait for the flush interval too, then add up."""
     lines = []
     monkeypatch.setattr(stats_module.logger, "info", lines.append)
     log = DecodeStatsLog(interval_s=math.inf, flush_interval_s=math.inf)
     log.last_flush = 0.0
-    log.record(_step(10, 1e-4), num_sparse_rows=2, num_dense_rows=1)
-    assert log.keys_read == 10                 # no sync to save on the host: /metrics stays current
+    log.record(HSRStats(keys_read=10, dense_keys=100, bytes_read=100, dense_bytes=1000, overflow_rows=1,
+                        error_bound=torch.tensor([[1e-4, 5e-5]])), num_sparse_rows=2, num_dense_rows=1)
+    assert log.keys_read == 0 and log.pending["keys_read"] == 10
+    log.flush_interval_s = 0.0                 # the interval passed: the next record flushes
     log.record(_step(30, 3e-4), num_sparse_rows=2, num_dense_rows=0)
+    assert log.keys_read == 40 and not log.pending and not log.pending_bounds
+    log.flush_interval_s = math.inf
     log.record(None, num_sparse_rows=0, num_dense_rows=3)
     totals = log.totals
     assert (totals["keys_read"], totals["dense_keys"], totals["bytes_read"]) == (40, 200, 400)

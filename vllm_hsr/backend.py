@@ -75,6 +75,9 @@ class HSRMetadata:
     summary_write: the step's SummaryWrite, planned by the first layer and shared by the others.
     dense_feature: why every decode row is dense when a model or batch feature HSR does not handle is the cause
     (counted in the metrics), else None.
+    sparse_slice: sparse_rows as a slice where they are consecutive (then the layers read and write those rows
+    of query and output in place), else None; sparse_block_table, sparse_seq_lens: the sparse rows' block table
+    (int64) and lengths. All three are worked out here, once per step rather than once per layer.
     """
 
     num_actual_tokens: int
@@ -91,6 +94,26 @@ class HSRMetadata:
     dense_all: object | None = None
     summary_write: SummaryWrite | None = None
     dense_feature: str | None = None
+    sparse_slice: slice | None = None
+    sparse_block_table: torch.Tensor | None = None
+    sparse_seq_lens: torch.Tensor | None = None
+
+    def __post_init__(self):
+        rows = self.sparse_rows
+        if self.sparse_slice is None and rows.numel() and rows.device.type == "cpu":
+            self.sparse_slice = consecutive(rows)
+        self.sparse_block_table = self.block_table[self.sparse_rows_index()].long().contiguous()
+        self.sparse_seq_lens = self.seq_lens[self.sparse_rows_index()].long().contiguous()
+
+    def sparse_rows_index(self) -> slice | torch.Tensor:
+        """The sparse rows, as a slice where they are consecutive (views, not copies)."""
+        return self.sparse_slice if self.sparse_slice is not None else self.sparse_rows
+
+
+def consecutive(rows: torch.Tensor) -> slice | None:
+    """rows (ascending host indices, at least one) as a slice if they are consecutive, else None."""
+    first, last = int(rows[0]), int(rows[-1])
+    return slice(first, last + 1) if last - first + 1 == rows.numel() else None
 
 
 def request_subset(common, rows: torch.Tensor):
@@ -201,7 +224,7 @@ class _HSRBuilder:
             block_table=common.block_table_tensor[:, :-(-common.max_seq_len // self.block_size)],
             seq_lens=common.seq_lens,
             sparse_rows=sparse_rows.to(common.seq_lens.device), dense_rows=dense_rows.to(common.seq_lens.device),
-            dense_feature=dense_feature)
+            dense_feature=dense_feature, sparse_slice=consecutive(sparse_rows) if sparse_rows.numel() else None)
         if not sparse_rows.numel():
             metadata.dense_all = super().build(common_prefix_len, common, fast_build)
             return metadata
@@ -343,11 +366,10 @@ class _HSRImpl:
             summaries = self._index(layer, kv_cache)
             if m.summary_write is None:
                 m.summary_write = summaries.plan_write(m.slot_mapping, m.positions, m.token_rows)
-            flat_cache = flat_view(kv_cache)
             if m.summary_write.filled_blocks is not None:     # most decode steps fill no cell
-                update_summaries(summaries, m.summary_write, m.block_table, flat_cache, self.layout)
+                update_summaries(summaries, m.summary_write, m.block_table, flat_view(kv_cache), self.layout)
             if self.verify_summaries:
-                stale = stale_summaries(summaries, m.block_table, m.seq_lens, flat_cache, self.layout)
+                stale = stale_summaries(summaries, m.block_table, m.seq_lens, flat_view(kv_cache), self.layout)
                 if stale:
                     raise RuntimeError(f"HSR: {len(stale)} summaries differ from the KV cache they summarise: "
                                        + "; ".join(stale[:8]))
@@ -363,10 +385,14 @@ class _HSRImpl:
             output[rows] = dense_out
         stats = None
         if m.sparse_rows.numel():
-            rows = m.sparse_rows
-            out, _, stats = hsr_decode(query[rows], kv_cache, self.layout, self.summaries, m.block_table[rows],
-                                       m.seq_lens[rows], self.hsr, self.scale, host_stats=False)
-            output[rows] = out.view_as(output[rows])
+            rows = m.sparse_rows_index()
+            q = query[rows]
+            # consecutive rows: written in place (a view of output), else gathered and scattered back
+            target = output[rows].view(q.shape) if m.sparse_slice is not None else None
+            out, _, stats = hsr_decode(q, kv_cache, self.layout, self.summaries, m.sparse_block_table,
+                                       m.sparse_seq_lens, self.hsr, self.scale, host_stats=False, out=target)
+            if target is None:
+                output[rows] = out.view_as(output[rows])
         if num_decode:
             self.stats_log.record(stats, num_sparse_rows=m.sparse_rows.numel(), num_dense_rows=m.dense_rows.numel(),
                                   dense_feature=m.dense_feature)

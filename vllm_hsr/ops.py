@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 
@@ -182,53 +183,84 @@ def native_settings(cfg: HSRConfig, head_dim: int) -> dict:
                 code_weight_range=code_weight_range(head_dim, bits) if bits else 0)
 
 
+# Each summaries' NativeDecoder (with what it was built for): a layer's decode steps share one
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def native_decoder(flat_cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries, cfg: HSRConfig,
+                   scale: float, head_dim: int) -> cpu_decode.NativeDecoder:
+    """The compiled kernel's decoder for this cache, layout, summaries and settings: built on first use, then
+    kept beside the summaries for as long as they live and nothing else changes."""
+    key = (flat_cache.data_ptr(), flat_cache.dtype, flat_cache.numel(), cfg, scale, head_dim)
+    built = _DECODERS.get(summaries)
+    if built is not None and built[0] == key and built[1] is layout:
+        return built[2]
+    decoder = cpu_decode.NativeDecoder(
+        flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets, layout.value_offsets,
+        summaries.boxes, [first for first, _ in summaries.slots], summaries.codes if cfg.code_bits else None,
+        summaries.keys, scale=scale, **native_settings(cfg, head_dim))
+    _DECODERS[summaries] = (key, layout, decoder)
+    return decoder
+
+
 def native_decode(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
                   block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
-                  candidates: bool = False) -> tuple[torch.Tensor, torch.Tensor, Candidates]:
-    """Query and attention in the compiled CPU kernel. -> out [B, Hq, D] fp32, error_bound [B, Hq], and the
-    Candidates (token lists only with candidates=True; counters as host ints)."""
-    out, bound, counters, found = cpu_decode.hsr_decode_cpu(
-        q, flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets, layout.value_offsets,
-        block_table, seq_lens, summaries.boxes, [first for first, _ in summaries.slots],
-        summaries.codes if cfg.code_bits else None, summaries.keys, scale=scale, candidates=candidates,
-        **native_settings(cfg, q.shape[-1]))
-    batch, num_kv_heads = q.shape[0], summaries.boxes.shape[3]
-    if found is None:
-        tokens, counts = torch.empty(batch, num_kv_heads, 0, dtype=torch.int64), torch.zeros(batch, num_kv_heads)
-        dense, skipped = torch.zeros(batch, num_kv_heads, dtype=torch.bool), torch.empty(batch, 0)
-    else:
+                  candidates: bool = False, out: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int], Candidates | None]:
+    """Query and attention in the compiled CPU kernel. -> out [B, Hq, D] fp32 (`out` itself where given), error
+    bound [B, Hq], the counters (host ints) and, with candidates=True, the Candidates the query left."""
+    decoder = native_decoder(flat_cache, layout, summaries, cfg, scale, q.shape[-1])
+    out, bound, counters, found = decoder(q, block_table, seq_lens, out, candidates)
+    if found is not None:
+        batch, num_kv_heads = q.shape[0], summaries.boxes.shape[3]
         tokens, counts, dense, skipped = found
-        tokens = tokens.view(batch, num_kv_heads, -1)
-        counts, dense = counts.view(batch, num_kv_heads).to(torch.int32), dense.view(batch, num_kv_heads)
-    return out, bound, Candidates(tokens, counts, dense, skipped, counters)
+        found = Candidates(tokens.view(batch, num_kv_heads, -1), counts.view(batch, num_kv_heads).to(torch.int32),
+                           dense.view(batch, num_kv_heads), skipped, counters)
+    return out, bound, counters, found
 
 
 def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
                block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
-               record_tokens: bool = False,
-               host_stats: bool = True) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
+               record_tokens: bool = False, host_stats: bool = True,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
     """HSR attention of one decode query per sequence over a paged KV cache.
 
     q: [batch, num_q_heads, head_dim]; cache: the layer's KV cache (indexed through `layout`);
     block_table: [batch, max_blocks]; seq_lens: [batch] cached tokens, this step's included.
     record_tokens: fill stats.tokens_read (one list per sequence and KV head; a host sync).
-    host_stats: False leaves the stats' counters as 0-dim device tensors (no host sync).
-    returns out [batch, num_q_heads, head_dim] (q's dtype), error_bound [batch, num_q_heads], stats
+    host_stats: False leaves the stats' counters as 0-dim device tensors (no host sync; the compiled CPU
+    kernel's are host ints anyway).
+    out: where to write the output (shaped like q, in its dtype), or None.
+    returns out [batch, num_q_heads, head_dim] (q's dtype; `out` where given), error_bound [batch,
+    num_q_heads], stats
     """
     flat_cache = flat_view(cache)
     path = kernel_path(q.device, cache.dtype)
+    num_kv_heads = summaries.boxes.shape[3]
     if path == "native":
-        out, bound, found = native_decode(q, flat_cache, layout, summaries, block_table, seq_lens, cfg, scale,
-                                          candidates=record_tokens)
+        # the kernel writes fp32 rows: straight into `out` where that is what it holds
+        direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
+        result, bound, counters, found = native_decode(q, flat_cache, layout, summaries, block_table, seq_lens, cfg,
+                                                       scale, candidates=record_tokens, out=out if direct else None)
+        stats = HSRStats(**counters)
+        dense_tokens = counters["dense_keys"]           # each row counts its sequence's tokens
     else:
+        direct = False
         found = query_candidates(q, flat_cache, layout, summaries, block_table, seq_lens, cfg, scale)
-        out, bound = decode_found(q, flat_cache, layout, block_table, seq_lens, found, cfg, scale, path == "triton")
-    stats = found.stats(host_stats)
+        result, bound = decode_found(q, flat_cache, layout, block_table, seq_lens, found, cfg, scale,
+                                     path == "triton")
+        stats = found.stats(host_stats)
+        dense_tokens = seq_lens.long().sum() * num_kv_heads
+        dense_tokens = int(dense_tokens) if host_stats else dense_tokens
     head_dim = q.shape[-1]
-    dense_tokens = seq_lens.long().sum() * summaries.boxes.shape[3]
     stats.set_bytes(2 * head_dim * summaries.boxes.element_size(), cfg, head_dim, 2 * cache.element_size(),
-                    int(dense_tokens) if host_stats else dense_tokens)
+                    dense_tokens)
     stats.error_bound = bound
     if record_tokens:
         stats.tokens_read = found.token_lists(seq_lens)
-    return out.to(q.dtype), bound, stats
+    if direct:
+        return out, bound, stats
+    if out is None:
+        return result.to(q.dtype), bound, stats
+    out.copy_(result.view_as(out))
+    return out, bound, stats

@@ -44,10 +44,10 @@ class _Metrics:
 class DecodeStatsLog:
     """Accumulates HSR decode stats of one worker process and logs them every `interval_s`.
 
-    Per-step counters may be device tensors (hsr_decode with host_stats=False): on an
-    accelerator they are summed there and read on the host once per `flush_interval_s` (one
-    sync), when the Prometheus series advance, not once per layer and step; CPU tensors cost
-    no sync and are read at once, so /metrics is current.
+    Per-step counters may be device tensors (hsr_decode with host_stats=False): they are summed
+    where they are and read on the host once per `flush_interval_s` (on an accelerator, one sync),
+    when the Prometheus series advance, not once per layer and step. On the CPU too: reading them
+    at once cost about a tenth of the host time of a decode layer call at 7.5K tokens.
     """
 
     _shared: DecodeStatsLog | None = None
@@ -59,6 +59,7 @@ class DecodeStatsLog:
         self.last_log = time.monotonic()
         self.last_flush = -math.inf
         self.pending: dict[str, object] = {}
+        self.pending_bounds: list[torch.Tensor] = []     # each call's error bounds, reduced at the flush
         self.reset()
         self._totals: dict[str, float] = dict.fromkeys(self._COUNTERS, 0)
         self._totals["max_error_bound"] = 0.0
@@ -96,27 +97,21 @@ class DecodeStatsLog:
                dense_feature: str | None = None) -> None:
         """stats: the step's hsr_decode call (None if none) over num_sparse_rows decode rows;
         num_dense_rows: decode rows of the step served by the dense kernel; dense_feature: the model or
-        batch feature that sent them there, if it was one HSR does not handle rather than their length."""
-        step = dict(sparse_rows=num_sparse_rows, dense_rows=num_dense_rows)
+        batch feature that sent them there, if it was one HSR does not handle rather than their length.
+        Called once per layer and step: it only adds to the pending counters (no tensor op)."""
+        pending = self.pending
+        pending["sparse_rows"] = pending.get("sparse_rows", 0) + num_sparse_rows
+        pending["dense_rows"] = pending.get("dense_rows", 0) + num_dense_rows
         if dense_feature is not None and num_dense_rows:
-            step["feature_rows"] = num_dense_rows
+            pending["feature_rows"] = pending.get("feature_rows", 0) + num_dense_rows
             if self.metrics.enabled:
                 self.metrics.feature_rows.labels(feature=dense_feature).inc(num_dense_rows)
         if stats is not None:
-            step.update(bytes_read=stats.bytes_read, dense_bytes=stats.dense_bytes, keys_read=stats.keys_read,
-                        dense_keys=stats.dense_keys, overflow_rows=stats.overflow_rows,
-                        max_error_bound=stats.error_bound.max())
-        for name, value in step.items():
-            old = self.pending.get(name)
-            if old is None:
-                self.pending[name] = value
-            elif name == "max_error_bound":
-                self.pending[name] = torch.maximum(old, value)
-            else:
-                self.pending[name] = old + value
+            for name in ("bytes_read", "dense_bytes", "keys_read", "dense_keys", "overflow_rows"):
+                pending[name] = pending.get(name, 0) + getattr(stats, name)
+            self.pending_bounds.append(stats.error_bound)
         now = time.monotonic()
-        on_accelerator = any(self.on_accelerator(value) for value in self.pending.values())
-        if not on_accelerator or now - self.last_flush >= self.flush_interval_s:
+        if now - self.last_flush >= self.flush_interval_s:
             self.flush()
         if now - self.last_log >= self.interval_s:
             self.flush()
@@ -124,18 +119,14 @@ class DecodeStatsLog:
             self.last_log = now
             self.reset()
 
-    @staticmethod
-    def on_accelerator(value) -> bool:
-        """Whether reading `value` on the host costs a device sync."""
-        return isinstance(value, torch.Tensor) and value.device.type != "cpu"
-
     def flush(self) -> None:
         """Read the pending counters on the host and advance the interval, totals and metrics."""
         self.last_flush = time.monotonic()
         pending, self.pending = self.pending, {}
+        bounds, self.pending_bounds = self.pending_bounds, []
         if not pending:
             return
-        bound = float(pending.pop("max_error_bound", 0.0))
+        bound = float(torch.cat([b.flatten() for b in bounds]).max()) if bounds else 0.0
         step = {name: int(value) for name, value in pending.items()}
         for name, value in step.items():
             setattr(self, name, getattr(self, name) + value)

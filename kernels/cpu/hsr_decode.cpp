@@ -29,7 +29,7 @@ constexpr float CERTIFICATE_FLOOR = 1.17549435e-38f;   // smallest normal fp32 (
 enum Mode : i64 { RELU = 0, SOFTMAX = 1, TOPK = 2 };
 enum Counter : i64 {
   KEYS_READ, CELLS_READ, SUMMARY_NODES_READ, CODE_CELLS_READ, REFINED_CELLS, SEED_KEYS_READ,
-  OVERFLOW_ROWS, NUM_COUNTERS
+  OVERFLOW_ROWS, DENSE_KEYS, NUM_COUNTERS
 };
 
 // Every field is 8 bytes wide, so the ctypes mirror (kernels/cpu_decode.py) needs no padding rules.
@@ -66,6 +66,7 @@ struct HsrArgs {
   uint8_t* dense;                 // [batch * num_kv_heads] or null
   float* skipped;                 // [batch, num_q_heads] or null
   i64 num_threads;
+  i64* totals;                    // [NUM_COUNTERS] the counters summed over rows
 };
 
 double logaddexp(double a, double b) {
@@ -204,6 +205,7 @@ class Row {
     const i64 count = dense ? n_ : i64(list.size());
     counters_[KEYS_READ] = count;
     counters_[OVERFLOW_ROWS] = dense;
+    counters_[DENSE_KEYS] = n_;
     counters_[CELLS_READ] = dense ? (n_ + a_.cell_size - 1) / a_.cell_size : distinct_cells(list);
     if (a_.counts) a_.counts[row_] = count;
     if (a_.dense) a_.dense[row_] = dense;
@@ -1890,6 +1892,10 @@ void hsr_decode(const HsrArgs* args) {
   const Affine value = Affine::of(args->value_offsets, args->block_size, args->head_dim);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(args->num_threads)
   for (i64 row = 0; row < rows; ++row) Row(*args, key, value, row).run();
+  for (i64 c = 0; c < NUM_COUNTERS; ++c) {
+    args->totals[c] = 0;
+    for (i64 row = 0; row < rows; ++row) args->totals[c] += args->counters[row * NUM_COUNTERS + c];
+  }
 }
 
 }  // extern "C"

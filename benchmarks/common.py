@@ -46,6 +46,17 @@ def provenance() -> dict:
     return {"commit": commit, "device": machine(), "command": command}
 
 
+def finish_worker(llm, result: dict) -> None:
+    """A worker's ending: its `RESULT {json}` line, its engine shut down, and an exit that skips the
+    interpreter's teardown, where a finished run has aborted in CI ('terminate called without an
+    active exception', exit -6) after its result was complete."""
+    import sys
+    print("RESULT " + json.dumps(result), flush=True)
+    llm.llm_engine.engine_core.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def write_records(records: list[dict], json_path: Path, plot_path: Path, table, plot) -> None:
     """The records as JSON, table(records) as Markdown beside it (and printed), plot(records, plot_path)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)

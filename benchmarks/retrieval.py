@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, dense_backend, provenance, write_records  # noqa: E402
+from common import RESULTS, dense_backend, finish_worker, provenance, write_records  # noqa: E402
 
 DEFAULT_SETTINGS = ('dense;{"mode": "softmax", "eps": 1e-3};{"mode": "softmax", "eps": 1e-2};'
                     '{"mode": "topk", "budget_tokens": 256, "code_bits": 4};'
@@ -49,8 +49,9 @@ def worker_stats(model):
     return dict(DecodeStatsLog.shared().totals)
 
 
-def run_engine(args) -> dict:
-    """One engine: greedy completions of every prompt, and (dense) the scores of other continuations."""
+def run_engine(args) -> None:
+    """One engine: greedy completions of every prompt, and (dense) the scores of other continuations, as
+    the process's RESULT line."""
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"   # apply_model ships a function to the worker
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams, TokensPrompt
@@ -87,7 +88,7 @@ def run_engine(args) -> dict:
     if hsr is not None:
         from retrieval import worker_stats   # by module name, so the worker can unpickle it
         result["stats"] = llm.apply_model(worker_stats)[0]
-    return result
+    finish_worker(llm, result)
 
 
 def engine(model: Path, contexts, depths, max_tokens: int, hsr: dict | None, score: Path | None = None) -> dict:
@@ -198,8 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.depths = [float(d) for d in args.depths.split(",")]
     if args.worker:
-        print("RESULT " + json.dumps(run_engine(args)))
-        return
+        run_engine(args)     # prints the RESULT line and ends the process (finish_worker)
     if args.render_only:
         write_outputs(json.loads(args.json.read_text()), args.json, args.plot)
         return

@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from common import finish_worker
+
 PROMPT_IDS = 10000   # vLLM's bench draws dummy prompt ids below this
 # CPU KV cache (GiB) unless VLLM_CPU_KVCACHE_SPACE says otherwise: HSR's blocks carry summaries and a key copy
 # (~1.6x CPU_ATTN's bytes at SmolLM2's shape), and 8 prompts of 7.6K tokens need ~500 of them at once.
@@ -49,7 +51,7 @@ def timed(llm, prompts, output_len: int) -> float:
     return elapsed
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--backend", required=True)
@@ -86,9 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "tpot_ms": 1000 * single / (args.output_len - 1), "batch_decode_s": batch})
         print(f"{args.backend}: repeat {repeat + 1}/{args.repeats}: {runs[-1]['decode_tokens_per_s']:.1f} decode "
               f"tok/s, {runs[-1]['tpot_ms']:.1f} ms per token at one request", file=sys.stderr, flush=True)
-    result = {"prefill_s": prefill_s, "runs": runs}
-    print("RESULT " + json.dumps(result), flush=True)
-    return result
+    finish_worker(llm, {"prefill_s": prefill_s, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -51,10 +51,16 @@ def finish_worker(llm, result: dict) -> None:
     interpreter's teardown, where a finished run has aborted in CI ('terminate called without an
     active exception', exit -6) after its result was complete."""
     import sys
+    import traceback
     print("RESULT " + json.dumps(result), flush=True)
-    llm.llm_engine.engine_core.shutdown()
-    sys.stderr.flush()
-    os._exit(0)
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:             # the result stands; say why the engine may not have stopped
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def write_records(records: list[dict], json_path: Path, plot_path: Path, table, plot) -> None:

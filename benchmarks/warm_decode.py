@@ -23,8 +23,6 @@ import os
 import sys
 import time
 
-from common import finish_worker
-
 PROMPT_IDS = 10000   # vLLM's bench draws dummy prompt ids below this
 # CPU KV cache (GiB) unless VLLM_CPU_KVCACHE_SPACE says otherwise: HSR's blocks carry summaries and a key copy
 # (~1.6x CPU_ATTN's bytes at SmolLM2's shape), and 8 prompts of 7.6K tokens need ~500 of them at once.
@@ -67,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")      # as vllm-hsr's engine commands set it
     import torch
+    from common import finish_worker       # (it imports torch: after THP_MEM_ALLOC_ENABLE)
     from vllm import LLM, SamplingParams
     config = {"hsr": json.loads(args.hsr)} if args.backend == "HSR" and args.hsr else {}
     llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, seed=0, enable_prefix_caching=True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import torch
 
@@ -123,6 +124,7 @@ class NativeDecoder:
         self.totals = (ctypes.c_int64 * len(COUNTERS))()
         self.args.totals = ctypes.addressof(self.totals)
         self.counters = torch.empty(0, dtype=torch.int64)      # per-row scratch, grown to the largest batch
+        self.lock = threading.Lock()
 
     def __call__(self, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  out: torch.Tensor | None = None, candidates: bool = False, num_threads: int | None = None):
@@ -148,22 +150,25 @@ class NativeDecoder:
         if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != q.shape:
             raise ValueError("out must be a contiguous float32 tensor shaped like q")
         bound = torch.empty(batch, num_q_heads, dtype=torch.float32)
-        if self.counters.numel() < rows * len(COUNTERS):
-            self.counters = torch.empty(rows * len(COUNTERS), dtype=torch.int64)
         token_capacity = table.shape[1] * self.block_size
         found = None
         if candidates:
             found = (torch.empty(rows, token_capacity, dtype=torch.int64), torch.empty(rows, dtype=torch.int64),
                      torch.empty(rows, dtype=torch.uint8), torch.empty(batch, num_q_heads, dtype=torch.float32))
-        args = self.args
-        args.batch, args.num_q_heads, args.q = batch, num_q_heads, q32.data_ptr()
-        args.block_table, args.table_width, args.seq_lens = table.data_ptr(), table.shape[1], lens.data_ptr()
-        args.out, args.error_bound, args.counters = out.data_ptr(), bound.data_ptr(), self.counters.data_ptr()
-        args.token_capacity = token_capacity
-        args.tokens, args.counts, args.dense, args.skipped = (_ptr(t) for t in found) if found else (None,) * 4
-        args.num_threads = num_threads or torch.get_num_threads()
-        self.lib.hsr_decode(ctypes.byref(args))
-        totals = dict(zip(COUNTERS, self.totals))
+        # one call at a time: the argument block, counters and totals are this decoder's, and the kernel runs
+        # without the GIL
+        with self.lock:
+            if self.counters.numel() < rows * len(COUNTERS):
+                self.counters = torch.empty(rows * len(COUNTERS), dtype=torch.int64)
+            args = self.args
+            args.batch, args.num_q_heads, args.q = batch, num_q_heads, q32.data_ptr()
+            args.block_table, args.table_width, args.seq_lens = table.data_ptr(), table.shape[1], lens.data_ptr()
+            args.out, args.error_bound, args.counters = out.data_ptr(), bound.data_ptr(), self.counters.data_ptr()
+            args.token_capacity = token_capacity
+            args.tokens, args.counts, args.dense, args.skipped = (_ptr(t) for t in found) if found else (None,) * 4
+            args.num_threads = num_threads or torch.get_num_threads()
+            self.lib.hsr_decode(ctypes.byref(args))
+            totals = dict(zip(COUNTERS, self.totals))
         if found:
             found = (found[0], found[1], found[2].bool(), found[3])
         return out, bound, totals, found

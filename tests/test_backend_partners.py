@@ -14,7 +14,7 @@ import torch
 from reference import dense64
 from vllm_hsr import _vllm
 from vllm_hsr import backend as hsr_backend
-from vllm_hsr.backend import HSRMetadata, compose, dense_partner_name, request_subset
+from vllm_hsr.backend import HSRMetadata, compose, consecutive, dense_partner_name, request_subset
 from vllm_hsr.stats import DecodeStatsLog
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 8, 2, 64, 16
@@ -199,6 +199,14 @@ def test_sparse_decode_over_the_partner_page_layout(partner, sparse_rows):
         # |out - dense| <= 2 * certificate * max |v| (docs/design.md §2)
         tolerance = 2 * stats.max_error_bound * values[row].norm(dim=-1).max() + 1e-5
         assert (output[row].double() - want).norm(dim=-1).max() <= tolerance, row
+
+
+def test_only_rows_in_order_and_without_gaps_are_a_slice():
+    assert consecutive(torch.tensor([3])) == slice(3, 4)
+    assert consecutive(torch.tensor([1, 2, 3])) == slice(1, 4)
+    assert consecutive(torch.tensor([1, 2, 3], dtype=torch.int32)) == slice(1, 4)
+    for rows in ([0, 10, 2], [2, 1, 0], [0, 2, 3], [1, 1, 2]):
+        assert consecutive(torch.tensor(rows)) is None, rows
 
 
 def _common(query_lens, seq_lens, positions=True):

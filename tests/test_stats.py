@@ -1,6 +1,7 @@
 """DecodeStatsLog: device counters summed without host reads until a flush; the log line."""
 
 import math
+import time
 
 import torch
 
@@ -60,6 +61,36 @@ def test_host_counters_add_up_at_the_flush_interval(monkeypatch):
     assert (totals["keys_read"], totals["dense_keys"], totals["bytes_read"]) == (40, 200, 400)
     assert (totals["sparse_rows"], totals["dense_rows"], totals["overflow_rows"]) == (4, 4, 2)
     assert math.isclose(totals["max_error_bound"], 3e-4, rel_tol=1e-6) and not lines
+
+
+def _wait_for(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_host_counters_left_pending_are_flushed_one_interval_later():
+    """Decoding stops inside a flush interval: the host values still reach the totals, with no further step."""
+    log = DecodeStatsLog(interval_s=math.inf, flush_interval_s=0.3)
+    log.last_flush = time.monotonic()           # as if just flushed: this record only schedules
+    log.record(HSRStats(keys_read=10, dense_keys=100, bytes_read=100, dense_bytes=1000, overflow_rows=1,
+                        error_bound=torch.tensor([[1e-4, 5e-5]])), num_sparse_rows=2, num_dense_rows=1)
+    assert log.keys_read == 0
+    assert _wait_for(lambda: log.keys_read == 10)
+    assert (log.sparse_rows, log.dense_rows, log.bytes_read) == (2, 1, 100) and not log.pending
+    assert math.isclose(log.max_error_bound, 1e-4, rel_tol=1e-6)
+
+
+def test_the_timer_leaves_device_counters_for_the_next_step():
+    """Meta tensors stand in for an accelerator's: the timer's thread must not read them (it would raise)."""
+    log = DecodeStatsLog(interval_s=math.inf, flush_interval_s=0.2)
+    log.last_flush = time.monotonic()
+    log.record(_step(10, 1e-4, "meta"), num_sparse_rows=2, num_dense_rows=1)
+    assert log.tail_flush is not None
+    log.tail_flush.join(5.0)
+    assert not log.tail_flush.is_alive() and log.pending["keys_read"].device.type == "meta"
+    assert log.keys_read == 0
 
 
 def test_the_log_line_reports_the_interval(monkeypatch):

@@ -111,9 +111,10 @@ class HSRMetadata:
 
 
 def consecutive(rows: torch.Tensor) -> slice | None:
-    """rows (ascending host indices, at least one) as a slice if they are consecutive, else None."""
-    first, last = int(rows[0]), int(rows[-1])
-    return slice(first, last + 1) if last - first + 1 == rows.numel() else None
+    """rows (host indices, at least one) as a slice if they are first, first + 1, ..., else None."""
+    first, count = int(rows[0]), rows.numel()
+    in_order = torch.equal(rows, torch.arange(first, first + count, dtype=rows.dtype))
+    return slice(first, first + count) if in_order else None
 
 
 def request_subset(common, rows: torch.Tensor):

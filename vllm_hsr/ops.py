@@ -239,7 +239,7 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
     num_kv_heads = summaries.boxes.shape[3]
     if path == "native":
         # the kernel writes fp32 rows: straight into `out` where that is what it holds
-        direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
+        direct = out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.shape == q.shape
         result, bound, counters, found = native_decode(q, flat_cache, layout, summaries, block_table, seq_lens, cfg,
                                                        scale, candidates=record_tokens, out=out if direct else None)
         stats = HSRStats(**counters)

@@ -6,8 +6,10 @@ launch (vLLM then collects every process's metrics); `vllm-hsr serve` sets it.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import threading
 import time
 
 import torch
@@ -47,7 +49,10 @@ class DecodeStatsLog:
     Per-step counters may be device tensors (hsr_decode with host_stats=False): they are summed
     where they are and read on the host once per `flush_interval_s` (on an accelerator, one sync),
     when the Prometheus series advance, not once per layer and step. On the CPU too: reading them
-    at once cost about a tenth of the host time of a decode layer call at 7.5K tokens.
+    at once cost about a tenth of the host time of a decode layer call at 7.5K tokens. Host values
+    left pending when decoding stops are flushed by a timer one interval later (device values wait
+    for the next step or read: the timer's thread does not sync the device), and the shared log
+    flushes at exit.
     """
 
     _shared: DecodeStatsLog | None = None
@@ -65,6 +70,8 @@ class DecodeStatsLog:
         self._totals["max_error_bound"] = 0.0
         self.metrics = _Metrics()
         self.kernel, self.kernel_fallback = "", None
+        self.lock = threading.Lock()            # record (the forward's thread) against a timer's flush
+        self.tail_flush: threading.Timer | None = None
 
     def set_kernel(self, path: str, fallback: str | None) -> None:
         """The decode implementation in use ("native", "triton" or "torch") and, where `auto` fell back to the
@@ -79,6 +86,7 @@ class DecodeStatsLog:
     def shared(cls) -> DecodeStatsLog:
         if cls._shared is None:
             cls._shared = cls()
+            atexit.register(cls._shared.flush)
         return cls._shared
 
     def reset(self) -> None:
@@ -99,33 +107,56 @@ class DecodeStatsLog:
         num_dense_rows: decode rows of the step served by the dense kernel; dense_feature: the model or
         batch feature that sent them there, if it was one HSR does not handle rather than their length.
         Called once per layer and step: it only adds to the pending counters (no tensor op)."""
-        pending = self.pending
-        pending["sparse_rows"] = pending.get("sparse_rows", 0) + num_sparse_rows
-        pending["dense_rows"] = pending.get("dense_rows", 0) + num_dense_rows
-        if dense_feature is not None and num_dense_rows:
-            pending["feature_rows"] = pending.get("feature_rows", 0) + num_dense_rows
-            if self.metrics.enabled:
-                self.metrics.feature_rows.labels(feature=dense_feature).inc(num_dense_rows)
-        if stats is not None:
-            for name in ("bytes_read", "dense_bytes", "keys_read", "dense_keys", "overflow_rows"):
-                pending[name] = pending.get(name, 0) + getattr(stats, name)
-            self.pending_bounds.append(stats.error_bound)
+        with self.lock:
+            pending = self.pending
+            pending["sparse_rows"] = pending.get("sparse_rows", 0) + num_sparse_rows
+            pending["dense_rows"] = pending.get("dense_rows", 0) + num_dense_rows
+            if dense_feature is not None and num_dense_rows:
+                pending["feature_rows"] = pending.get("feature_rows", 0) + num_dense_rows
+                if self.metrics.enabled:
+                    self.metrics.feature_rows.labels(feature=dense_feature).inc(num_dense_rows)
+            if stats is not None:
+                for name in ("bytes_read", "dense_bytes", "keys_read", "dense_keys", "overflow_rows"):
+                    pending[name] = pending.get(name, 0) + getattr(stats, name)
+                self.pending_bounds.append(stats.error_bound)
         now = time.monotonic()
         if now - self.last_flush >= self.flush_interval_s:
             self.flush()
+        else:
+            self.flush_later()
         if now - self.last_log >= self.interval_s:
             self.flush()
-            logger.info(self.summary())
-            self.last_log = now
-            self.reset()
+            with self.lock:
+                logger.info(self.summary())
+                self.last_log = now
+                self.reset()
 
-    def flush(self) -> None:
-        """Read the pending counters on the host and advance the interval, totals and metrics."""
-        self.last_flush = time.monotonic()
-        pending, self.pending = self.pending, {}
-        bounds, self.pending_bounds = self.pending_bounds, []
-        if not pending:
+    def flush_later(self) -> None:
+        """Flush one interval from now, unless a flush is already scheduled: so that host values recorded just
+        before decoding stops reach the totals and metrics without another step."""
+        if self.tail_flush is not None and self.tail_flush.is_alive() or not math.isfinite(self.flush_interval_s):
             return
+        self.tail_flush = threading.Timer(self.flush_interval_s, self.flush, kwargs={"host_only": True})
+        self.tail_flush.daemon = True
+        self.tail_flush.start()
+
+    def flush(self, host_only: bool = False) -> None:
+        """Read the pending counters on the host and advance the interval, totals and metrics.
+        host_only: not if some are device values (a timer's flush: from its thread, a read would sync)."""
+        with self.lock:
+            if host_only and self._holds_device_values():
+                return
+            self.last_flush = time.monotonic()
+            pending, self.pending = self.pending, {}
+            bounds, self.pending_bounds = self.pending_bounds, []
+            if pending:
+                self._advance(pending, bounds)
+
+    def _holds_device_values(self) -> bool:
+        values = [*self.pending.values(), *self.pending_bounds]
+        return any(isinstance(value, torch.Tensor) and value.device.type != "cpu" for value in values)
+
+    def _advance(self, pending: dict, bounds: list[torch.Tensor]) -> None:
         bound = float(torch.cat([b.flatten() for b in bounds]).max()) if bounds else 0.0
         step = {name: int(value) for name, value in pending.items()}
         for name, value in step.items():

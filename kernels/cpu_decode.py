@@ -142,9 +142,7 @@ class NativeDecoder:
         if head_dim != self.args.head_dim:
             raise ValueError(f"q has head_dim {head_dim}, the cache {self.args.head_dim}")
         rows = batch * self.num_kv_heads
-        q32 = q.float().contiguous()
-        table = block_table.long().contiguous()
-        lens = seq_lens.long().contiguous()
+        q32, table, lens = _as(q, torch.float32), _as(block_table, torch.int64), _as(seq_lens, torch.int64)
         if out is None:
             out = torch.empty(batch, num_q_heads, head_dim, dtype=torch.float32)
         if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != q.shape:
@@ -168,10 +166,16 @@ class NativeDecoder:
             args.tokens, args.counts, args.dense, args.skipped = (_ptr(t) for t in found) if found else (None,) * 4
             args.num_threads = num_threads or torch.get_num_threads()
             self.lib.hsr_decode(ctypes.byref(args))
-            totals = dict(zip(COUNTERS, self.totals))
+            totals = dict(zip(COUNTERS, self.totals[:]))
         if found:
             found = (found[0], found[1], found[2].bool(), found[3])
         return out, bound, totals, found
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, contiguous: t itself where it is (no torch call: with caches cold between layers, each one
+    costs several microseconds)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

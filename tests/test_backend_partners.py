@@ -15,6 +15,7 @@ from reference import dense64
 from vllm_hsr import _vllm
 from vllm_hsr import backend as hsr_backend
 from vllm_hsr.backend import HSRMetadata, compose, consecutive, dense_partner_name, request_subset
+from vllm_hsr.ops import native_unavailable
 from vllm_hsr.stats import DecodeStatsLog
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 8, 2, 64, 16
@@ -148,7 +149,7 @@ def test_relu_decode_is_refused_in_the_engine_unless_allowed():
 
 @pytest.mark.parametrize("partner", ("FLASH_ATTN", "TRITON_ATTN"))
 @pytest.mark.parametrize("sparse_rows", ((0, 1), (1, 0)))
-def test_sparse_decode_over_the_partner_page_layout(partner, sparse_rows):
+def test_sparse_decode_over_the_partner_page_layout(partner, sparse_rows, monkeypatch):
     """Two decode rows, ragged lengths, shuffled blocks: out equals dense within the certificate. Consecutive
     sparse rows are read and written in place (a slice), others gathered and scattered back."""
     gen = torch.Generator().manual_seed(0)
@@ -190,7 +191,9 @@ def test_sparse_decode_over_the_partner_page_layout(partner, sparse_rows):
     assert torch.equal(step.sparse_seq_lens, torch.tensor(seq_lens)[list(sparse_rows)])
     step.summary_write = impl.summaries.plan_write(step.slot_mapping, step.positions, step.token_rows)
     output = torch.full((2, NUM_HEADS, HEAD_DIM), math.nan)
+    monkeypatch.setenv("HSR_KERNELS", "torch")        # read when the layer set up its summaries, not per call
     impl.forward(None, q, None, None, kv_cache, step, output)
+    assert impl.decode_path == impl.stats_log.kernel == ("native" if native_unavailable() is None else "torch")
     stats = impl.stats_log
     stats.flush()
     assert stats.sparse_rows == 2 and stats.keys_read < stats.dense_keys       # something was skipped

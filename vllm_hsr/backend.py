@@ -294,6 +294,7 @@ class _HSRImpl:
         self.hsr = HSRConfig.from_vllm(self.additional_config, block_size=configured)
         self.summaries: PagedSummaries | None = None
         self.layout: PagedKVLayout | None = None
+        self.decode_path: str | None = None       # kernel_path of the cache, resolved with the summaries
         self.hsr.check_engine_use()
         self.verify_summaries = envs.get("VERIFY_SUMMARIES") == "1"
         self.stats_log = DecodeStatsLog.shared()
@@ -329,7 +330,9 @@ class _HSRImpl:
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         if self.summaries is None or self.summaries.boxes.shape[0] != num_blocks:
             self.hsr = HSRConfig.from_vllm(self.additional_config, block_size=block_size)
-            self.stats_log.set_kernel(kernel_path(kv_cache.device), kernel_fallback(kv_cache.device))
+            # once per layer, not per call: with caches cold between layers the lookup costs ~50 us
+            self.decode_path = kernel_path(kv_cache.device, kv_cache.dtype)
+            self.stats_log.set_kernel(self.decode_path, kernel_fallback(kv_cache.device))
             head_dim = self.head_size
             if self.learned_layout:
                 self.layout = learn_layout(
@@ -389,9 +392,10 @@ class _HSRImpl:
             rows = m.sparse_rows_index()
             q = query[rows]
             # consecutive rows: written in place (a view of output), else gathered and scattered back
-            target = output[rows].view(q.shape) if m.sparse_slice is not None else None
+            target = output[rows] if m.sparse_slice is not None else None
             out, _, stats = hsr_decode(q, kv_cache, self.layout, self.summaries, m.sparse_block_table,
-                                       m.sparse_seq_lens, self.hsr, self.scale, host_stats=False, out=target)
+                                       m.sparse_seq_lens, self.hsr, self.scale, host_stats=False, out=target,
+                                       path=self.decode_path)
             if target is None:
                 output[rows] = out.view_as(output[rows])
         if num_decode:

@@ -187,29 +187,32 @@ def native_settings(cfg: HSRConfig, head_dim: int) -> dict:
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def native_decoder(flat_cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries, cfg: HSRConfig,
+def native_decoder(cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries, cfg: HSRConfig,
                    scale: float, head_dim: int) -> cpu_decode.NativeDecoder:
-    """The compiled kernel's decoder for this cache, layout, summaries and settings: built on first use, then
-    kept beside the summaries for as long as they live and nothing else changes."""
-    key = (flat_cache.data_ptr(), flat_cache.dtype, flat_cache.numel(), cfg, scale, head_dim)
+    """The compiled kernel's decoder for this cache (the layer's KV cache, or its flat view), layout, summaries
+    and settings: built on first use, then kept beside the summaries for as long as they live and nothing else
+    changes. (The flat view is taken only then: with caches cold between layers, each torch call of a decode
+    step costs several microseconds.)"""
+    key = (cache.data_ptr(), cache.dtype, cache.shape, cache.stride(), cfg, scale, head_dim)
     built = _DECODERS.get(summaries)
     if built is not None and built[0] == key and built[1] is layout:
         return built[2]
     decoder = cpu_decode.NativeDecoder(
-        flat_cache, layout.block_stride, layout.head_stride, layout.key_offsets, layout.value_offsets,
+        flat_view(cache), layout.block_stride, layout.head_stride, layout.key_offsets, layout.value_offsets,
         summaries.boxes, [first for first, _ in summaries.slots], summaries.codes if cfg.code_bits else None,
         summaries.keys, scale=scale, **native_settings(cfg, head_dim))
     _DECODERS[summaries] = (key, layout, decoder)
     return decoder
 
 
-def native_decode(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
+def native_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
                   block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
                   candidates: bool = False, out: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int], Candidates | None]:
-    """Query and attention in the compiled CPU kernel. -> out [B, Hq, D] fp32 (`out` itself where given), error
-    bound [B, Hq], the counters (host ints) and, with candidates=True, the Candidates the query left."""
-    decoder = native_decoder(flat_cache, layout, summaries, cfg, scale, q.shape[-1])
+    """Query and attention in the compiled CPU kernel (cache: the layer's KV cache or its flat view). -> out
+    [B, Hq, D] fp32 (`out` itself where given), error bound [B, Hq], the counters (host ints) and, with
+    candidates=True, the Candidates the query left."""
+    decoder = native_decoder(cache, layout, summaries, cfg, scale, q.shape[-1])
     out, bound, counters, found = decoder(q, block_table, seq_lens, out, candidates)
     if found is not None:
         batch, num_kv_heads = q.shape[0], summaries.boxes.shape[3]
@@ -221,8 +224,8 @@ def native_decode(q: torch.Tensor, flat_cache: torch.Tensor, layout: PagedKVLayo
 
 def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
                block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
-               record_tokens: bool = False, host_stats: bool = True,
-               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
+               record_tokens: bool = False, host_stats: bool = True, out: torch.Tensor | None = None,
+               path: str | None = None) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
     """HSR attention of one decode query per sequence over a paged KV cache.
 
     q: [batch, num_q_heads, head_dim]; cache: the layer's KV cache (indexed through `layout`);
@@ -231,21 +234,22 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
     host_stats: False leaves the stats' counters as 0-dim device tensors (no host sync; the compiled CPU
     kernel's are host ints anyway).
     out: where to write the output (shaped like q, in its dtype), or None.
+    path: the implementation, as kernel_path(q.device, cache.dtype) gives it (a layer resolves it once), or None
+    to resolve it here (HSR_KERNELS is read per call).
     returns out [batch, num_q_heads, head_dim] (q's dtype; `out` where given), error_bound [batch,
     num_q_heads], stats
     """
-    flat_cache = flat_view(cache)
-    path = kernel_path(q.device, cache.dtype)
-    num_kv_heads = summaries.boxes.shape[3]
+    path = path or kernel_path(q.device, cache.dtype)
     if path == "native":
         # the kernel writes fp32 rows: straight into `out` where that is what it holds
         direct = out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.shape == q.shape
-        result, bound, counters, found = native_decode(q, flat_cache, layout, summaries, block_table, seq_lens, cfg,
+        result, bound, counters, found = native_decode(q, cache, layout, summaries, block_table, seq_lens, cfg,
                                                        scale, candidates=record_tokens, out=out if direct else None)
         stats = HSRStats(**counters)
         dense_tokens = counters["dense_keys"]           # each row counts its sequence's tokens
     else:
         direct = False
+        flat_cache, num_kv_heads = flat_view(cache), summaries.boxes.shape[3]
         found = query_candidates(q, flat_cache, layout, summaries, block_table, seq_lens, cfg, scale)
         result, bound = decode_found(q, flat_cache, layout, block_table, seq_lens, found, cfg, scale,
                                      path == "triton")

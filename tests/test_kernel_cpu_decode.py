@@ -244,9 +244,11 @@ def _cpu_flags() -> set[str]:
 
 # Where the CPU lacks the instructions a flag turns off, both builds are the same code and cannot differ.
 @pytest.mark.skipif("avx512f" not in _cpu_flags(), reason="needs AVX-512: without it both builds are portable")
-def test_portable_build_equals_vectorized(monkeypatch, tmp_path):
-    """The library built without AVX-512 (the portable code-bound path) decodes like the default build."""
-    cfg = HSRConfig(mode="topk", budget_tokens=64)
+@pytest.mark.parametrize("settings", [dict(mode="topk", budget_tokens=64), dict(mode="softmax", eps=1e-2)])
+def test_portable_build_equals_vectorized(settings, monkeypatch, tmp_path):
+    """The library built without AVX-512 (the portable code bounds and selection rules) decodes like the
+    default build."""
+    cfg = HSRConfig(**settings)
     batch = _batch(cfg, seed=9)
     q = _query(batch, 2, seed=6)
     default = _decode(batch, q, cfg, "native", monkeypatch)

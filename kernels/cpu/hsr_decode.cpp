@@ -550,7 +550,7 @@ class Row {
   std::vector<float> lanes_;              // cell_pass' per-cell channels: ranges, steps, finite steps, magnitudes
 
   // Box bounds of the cells nodes[0, P) (entries of b, as box_bounds) and their stash entries.
-  void cell_pass(const std::vector<i64>& nodes, Bounds& b) {
+  __attribute__((noinline)) void cell_pass(const std::vector<i64>& nodes, Bounds& b) {
     const i64 P = i64(nodes.size()), word_stride = words_stride(), bits = a_.code_bits;
     const i64 jobs = both_planes_ ? 2 : 1;
     float half_steps[2], unknown_half[2], rounding[2];
@@ -884,7 +884,7 @@ class Row {
   // The certified greedy skip: log_mass [G, P]; log_gain [G, P] or null; log_spent [G] or null.
   template <typename T>
   std::vector<uint8_t> greedy_skip(const Terms<T>& log_mass, const std::vector<double>& log_budget,
-                                   const std::vector<uint8_t>& valid, const Terms<T>* log_gain,
+                                   const std::vector<uint8_t>& valid, const Terms<float>* log_gain,
                                    const std::vector<double>* log_spent, std::vector<double>& spent) {
     const i64 P = i64(valid.size()), bins = a_.hist_bins;
     std::vector<uint8_t> skip(P, 1);
@@ -896,10 +896,10 @@ class Row {
       double ref = log_budget[g];
       if (log_gain) ref = logaddexp(log_budget[g], log_sum_exp(log_gain->row(g, P), valid));
       float* mass = &m.mass[g * P];
-      const Terms<T> gain_row = log_gain ? log_gain->row(g, P) : Terms<T>{};
+      const Terms<float> gain_row = log_gain ? log_gain->row(g, P) : Terms<float>{};
       relative_masses(log_mass.row(g, P), log_gain ? &gain_row : nullptr, valid.data(), P, ref, m, mass);
-      histogram(m.bin.data(), mass, P, hist);
-      if (log_gain) histogram(m.bin.data(), m.gain.data(), P, gain_hist);
+      if (log_gain) histograms<2>(m.bin.data(), mass, m.gain.data(), P, hist.data(), gain_hist.data());
+      else histograms<1>(m.bin.data(), mass, nullptr, P, hist.data(), nullptr);
       double base = 1.0, gains = 0.0;
       if (log_gain) {
         const bool finite = std::isfinite(ref);
@@ -916,7 +916,9 @@ class Row {
           gain_cumulative += gain_hist[k];
           allowance = base + gains - gain_cumulative;
         }
-        allowed += cumulative <= (1.0 - a_.budget_slack) * allowance;
+        // the left side only grows and the right only shrinks (in fp64 too): the bins allowed are a prefix
+        if (!(cumulative <= (1.0 - a_.budget_slack) * allowance)) break;
+        ++allowed;
       }
       // a node is skipped only if every head of the group may skip it
       const int32_t* __restrict bin = m.bin.data();
@@ -935,17 +937,29 @@ class Row {
     return skip;
   }
 
-  // hist[k] = the sum of x[p] over the p < P with bin[p] == k, in fp64. Four partial histograms (node p adds to
-  // p % 4's; the last P % 4 to the first), so that runs of nodes in one bin do not wait on each other's sums.
-  void histogram(const int32_t* bin, const float* x, i64 P, std::vector<double>& hist) {
-    const i64 bins = i64(hist.size());
-    partial_hist_.assign(4 * bins, 0.0);
+  // hist[k] = the sum of x[p] over the p < P with bin[p] == k, in fp64, and with WIDTH 2 y's into y_hist in the
+  // same pass (a bin's two sums side by side). Four partial histograms (node p adds to p % 4's; the last P % 4 to
+  // the first), so that runs of nodes in one bin do not wait on each other's sums.
+  template <i64 WIDTH>
+  void histograms(const int32_t* bin, const float* x, const float* y, i64 P, double* hist, double* y_hist) {
+    const i64 bins = a_.hist_bins, stride = bins * WIDTH;
+    partial_hist_.assign(4 * stride, 0.0);
     double* __restrict part = partial_hist_.data();
+    const auto add = [&](i64 k, i64 p) {
+      double* sums = part + k * stride + bin[p] * WIDTH;
+      sums[0] += double(x[p]);
+      if constexpr (WIDTH == 2) sums[1] += double(y[p]);
+    };
     i64 p = 0;
     for (; p + 4 <= P; p += 4)
-      for (i64 k = 0; k < 4; ++k) part[k * bins + bin[p + k]] += double(x[p + k]);
-    for (; p < P; ++p) part[bin[p]] += double(x[p]);
-    for (i64 b = 0; b < bins; ++b) hist[b] = (part[b] + part[bins + b]) + (part[2 * bins + b] + part[3 * bins + b]);
+      for (i64 k = 0; k < 4; ++k) add(k, p + k);
+    for (; p < P; ++p) add(0, p);
+    for (i64 w = 0; w < WIDTH; ++w) {
+      const double* at = part + w;
+      double* out = w ? y_hist : hist;
+      for (i64 b = 0; b < bins; ++b, at += WIDTH)
+        out[b] = (at[0] + at[stride]) + (at[2 * stride] + at[3 * stride]);
+    }
   }
   std::vector<double> partial_hist_;
 
@@ -966,16 +980,42 @@ class Row {
 
   // For p < P: rel = log_mass - ref (-inf where invalid), its bin floor((rel + range) * bins / range) clamped
   // to [0, bins) (NaN: 0), fits = rel <= 0, mass = exp(rel) where it fits (0 for -inf), and with log_gain the
-  // gain exp(min(log_gain - ref, 0)) of valid nodes when ref is finite. 16 nodes a pass: the doubles' sums and
-  // floors are the scalar ones', the exponentials the same fp32 polynomial (relative error ~1e-6, far inside
-  // budget_slack).
+  // gain exp(min(log_gain - ref, 0)) of valid nodes when ref is finite. 16 nodes a pass: for fp64 terms (the
+  // nodes above the tokens) the sums and floors are the scalar ones', for fp32 terms (the tokens) fp32's; the
+  // exponentials are the same fp32 polynomial (relative error ~1e-6, far inside budget_slack).
   template <typename T>
-  void relative_masses(const Terms<T>& log_mass, const Terms<T>* log_gain, const uint8_t* valid, i64 P, double ref,
+  void relative_masses(const Terms<T>& log_mass, const Terms<float>* log_gain, const uint8_t* valid, i64 P, double ref,
                        HeadMasses& m, float* mass) const {
     const double per_nat = double(a_.hist_bins) / a_.hist_range, top_bin = double(a_.hist_bins - 1);
     const bool gains = log_gain && std::isfinite(ref);
     i64 p = 0;
 #if HSR_AVX512
+    if constexpr (std::is_same_v<T, float>) {
+      // fp32 terms (the tokens' bounds): rel = x - (ref - shift) in fp32 lanes, 16 a pass; its error, an ulp of
+      // the bounds (~1e-6 nats), is far inside budget_slack, and moves a node on a bin's edge as a near-tie would
+      const __m512 mass_ref = _mm512_set1_ps(float(ref - log_mass.shift)),
+                   gain_ref = _mm512_set1_ps(gains ? float(ref - log_gain->shift) : 0.0f),
+                   range = _mm512_set1_ps(float(a_.hist_range)), scale = _mm512_set1_ps(float(per_nat)),
+                   zero = _mm512_setzero_ps(), top = _mm512_set1_ps(float(top_bin)), minus_inf = _mm512_set1_ps(-INF_F);
+      for (; p + 16 <= P; p += 16) {
+        const __mmask16 in = flag_mask(valid + p, 16);
+        const __m512 rel = _mm512_mask_sub_ps(minus_inf, in, _mm512_loadu_ps(log_mass.x + p), mass_ref);
+        __m512 where = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_add_ps(rel, range), scale),
+                                            _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        where = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(where, where, _CMP_UNORD_Q), where, zero);
+        where = _mm512_min_ps(_mm512_max_ps(where, zero), top);
+        _mm512_storeu_si512(&m.bin[p], _mm512_cvtps_epi32(where));
+        const __mmask16 fit = _mm512_cmp_ps_mask(rel, zero, _CMP_LE_OQ);
+        const __mmask16 counted = fit & _mm512_cmp_ps_mask(rel, minus_inf, _CMP_NEQ_UQ);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(&m.fits[p]), _mm_maskz_set1_epi8(fit, 1));
+        _mm512_storeu_ps(mass + p, _mm512_maskz_mov_ps(counted, exp_nonpositive(rel)));
+        if (gains) {    // min(0, x): x where x is NaN, as std::min(x, 0.0)
+          const __m512 x = _mm512_min_ps(zero, _mm512_sub_ps(_mm512_loadu_ps(log_gain->x + p), gain_ref));
+          const __mmask16 real = in & _mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_UQ);
+          _mm512_storeu_ps(&m.gain[p], _mm512_maskz_mov_ps(real, exp_nonpositive(x)));
+        }
+      }
+    }
     const __m512d ref_v = _mm512_set1_pd(ref), range = _mm512_set1_pd(a_.hist_range),
                   scale = _mm512_set1_pd(per_nat), zero = _mm512_setzero_pd(), top = _mm512_set1_pd(top_bin),
                   minus_inf = _mm512_set1_pd(NEG_INF);
@@ -1024,42 +1064,14 @@ class Row {
   // exp(x) for x <= 0 in fp32 (0 for -inf)
   static double relative_mass(double x) { return x == NEG_INF ? 0.0 : double(exp_nonpositive(float(x))); }
 
-  // ln of the sum of exp(x[p]) over the valid p (-inf if none): one exp per term, relative to the largest
-  // (16 terms a pass in fp32, summed in fp64 per pass). A NaN term is passed over for the maximum and makes
-  // the sum NaN; all terms NaN give -inf, a +inf term +inf (as the scalar rule)
-  template <typename T>
-  static double log_sum_exp(const Terms<T>& x, const std::vector<uint8_t>& valid) {
+  // ln of the sum of exp(x[p]) over the valid p (-inf if none): one exp per term, relative to the largest x
+  // (the shift cancels), in fp32 (sum_exp_below). A NaN term is passed over for the maximum and makes the sum
+  // NaN; all terms NaN give -inf, a +inf term +inf (as the scalar rule)
+  static double log_sum_exp(const Terms<float>& x, const std::vector<uint8_t>& valid) {
     const i64 P = i64(valid.size());
-    double top = NEG_INF;
-    i64 p = 0;
-#if HSR_AVX512
-    __m512d tops = _mm512_set1_pd(NEG_INF);
-    for (; p + 8 <= P; p += 8) {      // NaN terms are passed over here, as std::max passes them
-      const __m512d v = x.load8(p);
-      const __mmask8 in = __mmask8(flag_mask(valid.data() + p, 8)) & _mm512_cmp_pd_mask(v, v, _CMP_ORD_Q);
-      tops = _mm512_mask_max_pd(tops, in, tops, v);
-    }
-    top = _mm512_reduce_max_pd(tops);
-#endif
-    for (; p < P; ++p) if (valid[p]) top = std::max(top, x.at(p));
+    const float top = flagged_max(x.x, valid.data(), P);
     if (!std::isfinite(top)) return top;
-    double sum = 0;
-    p = 0;
-#if HSR_AVX512
-    const __m512d top_v = _mm512_set1_pd(top), minus_inf = _mm512_set1_pd(NEG_INF);
-    for (; p + 16 <= P; p += 16) {
-      const __mmask16 in = flag_mask(valid.data() + p, 16);
-      const __m512d d0 = _mm512_sub_pd(x.load8(p), top_v), d1 = _mm512_sub_pd(x.load8(p + 8), top_v);
-      const __mmask16 real = in & __mmask16(_mm512_cmp_pd_mask(d0, minus_inf, _CMP_NEQ_UQ) |
-                                            (_mm512_cmp_pd_mask(d1, minus_inf, _CMP_NEQ_UQ) << 8));
-      const __m512 d = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(d0)), _mm512_cvtpd_ps(d1), 1);
-      const __m512 e = _mm512_maskz_mov_ps(real, exp_nonpositive(d));
-      sum += _mm512_reduce_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)),
-                                                _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1))));
-    }
-#endif
-    for (; p < P; ++p) sum += valid[p] ? relative_mass(x.at(p) - top) : 0.0;
-    return top + std::log(sum);
+    return x.shift + double(top) + std::log(sum_exp_below(x.x, valid.data(), P, top));
   }
 
   // The largest v such that the weights of the values >= v sum to at least `budget` (unit weights: the
@@ -1196,15 +1208,15 @@ class Row {
     return added;
   }
 
-  // max of x[p] over the flagged p < n (no NaN), -inf if none
+  // max of x[p] over the flagged p < n, NaN passed over (as std::max passes it), -inf if none
   static float flagged_max(const float* x, const uint8_t* flags, i64 n) {
     i64 p = 0;
     float top = -INF_F;
 #if HSR_AVX512
     __m512 lanes = _mm512_set1_ps(-INF_F);
     for (; p < n; p += 16) {
-      const __mmask16 in = flag_mask(flags + p, n - p);
-      lanes = _mm512_mask_max_ps(lanes, in, lanes, _mm512_maskz_loadu_ps(in, x + p));
+      const __m512 v = _mm512_maskz_loadu_ps(flag_mask(flags + p, n - p), x + p);
+      lanes = _mm512_mask_max_ps(lanes, flag_mask(flags + p, n - p) & _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), lanes, v);
     }
     top = _mm512_reduce_max_ps(lanes);
 #endif
@@ -1235,7 +1247,7 @@ class Row {
     for (; p < n; p += BLOCK) {
       float block = 0;
       for (i64 i = p; i < std::min(p + BLOCK, n); ++i)
-        block += float(flags[i]) * exp_nonpositive(std::min(x[i] - top, 0.0f));
+        block += flags[i] ? exp_nonpositive(std::min(x[i] - top, 0.0f)) : 0.0f;   // (an unflagged NaN stays out)
       sum += block;
     }
     return sum;
@@ -1265,7 +1277,10 @@ class Row {
     for (i64 level = top_level(); level >= 0; --level) {
       std::vector<i64> nodes = frontier(level, beam);
       b.resize(i64(nodes.size()), G_);
-      for (size_t i = 0; i < nodes.size(); ++i) box_bounds(level, nodes[i], b, i64(i));
+      for (i64 i = 0, block, slot; i < i64(nodes.size()); ++i) {
+        if (i + PREFETCH_CELLS < i64(nodes.size())) prefetch_box(level, nodes[i + PREFETCH_CELLS], block, slot);
+        box_bounds(level, nodes[i], b, i);
+      }
       counters_[SUMMARY_NODES_READ] += i64(nodes.size());
       group_max(b.ub, best_ub);
       std::vector<std::pair<float, i64>> best(nodes.size());
@@ -1299,11 +1314,14 @@ class Row {
     std::vector<double> budget(G_, NEG_INF);
     if (a_.mode != SOFTMAX || a_.eps == 0 || seeds_.empty()) return budget;
     counters_[SEED_KEYS_READ] += i64(seeds_.size());
-    std::vector<float> scores(seeds_.size() * G_);
-    scores_of(seeds_.data(), i64(seeds_.size()), scores.data());
-    for (size_t i = 0; i < seeds_.size(); ++i)
-      for (i64 g = 0; g < G_; ++g) budget[g] = logaddexp(budget[g], double(scores[i * G_ + g]));
-    for (i64 g = 0; g < G_; ++g) budget[g] += std::log(a_.eps);
+    const i64 n = i64(seeds_.size());
+    std::vector<float> scores(n * G_), head(n);
+    scores_of(seeds_.data(), n, scores.data());
+    const std::vector<uint8_t> every(n, 1);
+    for (i64 g = 0; g < G_; ++g) {
+      for (i64 i = 0; i < n; ++i) head[i] = scores[i * G_ + g];
+      budget[g] = log_sum_exp(Terms<float>{head.data()}, every) + std::log(a_.eps);
+    }
     return budget;
   }
 

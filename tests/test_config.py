@@ -1,5 +1,7 @@
 """HSRConfig rejects every bad setting with a ValueError naming it; bad tensors are refused."""
 
+import math
+
 import pytest
 import torch
 
@@ -87,6 +89,9 @@ def test_relu_mode_is_for_the_torch_api_unless_the_engine_is_told():
     with pytest.raises(ValueError, match="refused in vLLM.*allow_relu_decode"):
         HSRConfig(mode="relu").check_engine_use()
     HSRConfig(mode="relu", allow_relu_decode=True).check_engine_use()
+    HSRConfig(mode="relu", allow_relu_decode=True, dense_below_tokens=0).check_engine_use()
+    with pytest.raises(ValueError, match="dense_below_tokens=4096 is refused.*softmax attention, not ReLU"):
+        HSRConfig(mode="relu", allow_relu_decode=True, dense_below_tokens=4096).check_engine_use()
     HSRConfig(mode="topk").check_engine_use()
 
 
@@ -97,8 +102,13 @@ def test_key_copy_follows_the_partner_unless_forced(key_copy, scattered, copies)
 
 
 def test_dense_below_tokens_auto_follows_the_mode_unless_set():
-    assert HSRConfig(mode="softmax").min_sparse_tokens() == 1024
-    assert HSRConfig(mode="relu").min_sparse_tokens() == 1024
+    # certified softmax pays from ~5.5K tokens at eps 1e-2, later for tighter eps, never at eps 0
+    assert HSRConfig(mode="softmax", eps=1e-2).min_sparse_tokens() == 5500
+    assert HSRConfig(mode="softmax").min_sparse_tokens() == round(5500 * 10 ** 0.13) == 7419
+    assert HSRConfig(mode="softmax", eps=0.1).min_sparse_tokens() < 5500
+    assert HSRConfig(mode="softmax", eps=0).min_sparse_tokens() == math.inf
+    # the dense kernel computes softmax, never ReLU^alpha: relu rows all go through HSR
+    assert HSRConfig(mode="relu").min_sparse_tokens() == 0
     # topk keeps sink + window + budget tokens; it pays off well above them, further with two code planes
     assert HSRConfig().min_sparse_tokens() == 2048 + 4 * (16 + 64 + 512) == 4416
     assert HSRConfig(mode="topk", budget_tokens=1024, code_bits=8).min_sparse_tokens() == 2 * (2048 + 4 * 1104)

@@ -14,7 +14,6 @@ MODES = ("relu", "softmax", "topk")
 CODE_BITS = (0, 1, 2, 4, 8)  # widths that pack whole codes into a byte
 SUMMARY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KEY_COPY = ("auto", "on", "off")
-DENSE_BELOW_TOKENS = 1024   # dense_below_tokens="auto" in softmax and relu modes
 # In vLLM, a cell_size left unset is the largest power of two up to ENGINE_CELL_SIZE that divides the KV block size
 # (64 with CPU_ATTN's 128-token blocks, 16 with FLASH_ATTN's 16): codes are relative to their cell's box, so the query
 # weights are set up once per cell, and 64-token cells cut that setup to a quarter of 16-token cells' with the same
@@ -27,6 +26,11 @@ ENGINE_CELL_SIZE = 64
 # CPU) 4-bit topk passed CPU_ATTN, for budgets 256, 512 and 1024, at ~3.3K, ~4.3K and ~6.5K tokens with 16-token
 # cells (about 2K + 4 x kept) and at ~2K, ~2.5-3K and ~4.5K with 64-token cells (about 1K + 3 x kept).
 TOPK_DENSE = {16: (2048, 4), ENGINE_CELL_SIZE: (1024, 3)}    # cell size -> (base, per_kept); smaller cells: 16's
+# dense_below_tokens="auto" in softmax mode: tokens x (1e-2 / eps) ** exponent. Certified softmax bounds every token
+# and reads the ones its certificate needs, which fall as the context grows and as eps loosens: on SmolLM2's real
+# keys (as above, 64-token cells) it passed CPU_ATTN at ~7K tokens with eps 1e-3, ~5-5.5K with 1e-2 and ~4.3K with
+# 1e-1. eps 0 reads every key, so it never pays: every row stays dense.
+SOFTMAX_DENSE = (5500, 0.13)
 
 
 def _is_int(value: Any) -> bool:
@@ -69,11 +73,12 @@ class HSRConfig:
     tree_budget_share: part of the softmax budget spent pruning above the finest
         level (split evenly among those levels); the finest level gets the rest.
     dense_below_tokens: vLLM backend only: decode rows with fewer cached tokens
-        use the dense kernel (HSR cannot pay off on short contexts). "auto": 1024 in
-        softmax and relu modes; in topk mode base + per_kept x the tokens topk keeps (sink + window +
-        budget_tokens), twice that with 8-bit codes, with (base, per_kept) measured per cell size
-        (TOPK_DENSE): 2,800 tokens with 64-token cells (vLLM on CPU_ATTN), 4,416 with 16, see
-        `min_sparse_tokens`.
+        use the dense kernel (HSR cannot pay off on short contexts). "auto": in topk mode base +
+        per_kept x the tokens topk keeps (sink + window + budget_tokens), twice that with 8-bit codes,
+        with (base, per_kept) measured per cell size (TOPK_DENSE): 2,800 tokens with 64-token cells
+        (vLLM on CPU_ATTN), 4,416 with 16; in softmax mode 5,500 x (1e-2 / eps) ** 0.13
+        (SOFTMAX_DENSE: 7,419 at the default eps 1e-3; eps 0: every row dense); in relu mode 0, since
+        the dense kernel computes softmax, and relu refuses any other value. See `min_sparse_tokens`.
     max_candidates: fixed length of each (sequence, KV head) candidate list in
         tokens; a row whose selection would not fit is read densely instead (no
         host sync, as CUDA graphs need). 0: on the CPU the lists are as wide as the batch's
@@ -192,21 +197,30 @@ class HSRConfig:
                 'HSRConfig.mode="relu" is refused in vLLM: decode would compute ReLU^alpha attention while '
                 "prefill (the dense backend) computes softmax, so a model trained with softmax attention would "
                 'change its answers. Use mode "softmax" or "topk", or set allow_relu_decode=true to run it anyway')
+        if self.mode == "relu" and self.dense_below_tokens not in ("auto", 0):
+            raise ValueError(
+                f'HSRConfig.dense_below_tokens={self.dense_below_tokens!r} is refused with mode="relu": the rows it '
+                "sends to the dense backend would get softmax attention, not ReLU^alpha. Leave it \"auto\" (0 in relu "
+                "mode: every decode row goes through HSR)")
 
     def copies_keys(self, partner_scatters_keys: bool) -> bool:
         """Whether the KV pages keep a key copy, given whether the dense partner's layout scatters a key."""
         return self.key_copy == "on" or (self.key_copy == "auto" and partner_scatters_keys)
 
-    def min_sparse_tokens(self) -> int:
-        """Cached tokens a decode row needs to go through HSR (dense_below_tokens, "auto" resolved)."""
+    def min_sparse_tokens(self) -> int | float:
+        """Cached tokens a decode row needs to go through HSR (dense_below_tokens, "auto" resolved; math.inf: none
+        does)."""
         if self.dense_below_tokens != "auto":
             return self.dense_below_tokens
-        if self.mode == "topk":
-            kept = self.sink_tokens + self.window_tokens + self.budget_tokens
-            planes = 2 if self.code_bits > 4 else 1
-            base, per_kept = TOPK_DENSE[ENGINE_CELL_SIZE if self.cell_size >= ENGINE_CELL_SIZE else 16]
-            return planes * (base + per_kept * kept)
-        return DENSE_BELOW_TOKENS
+        if self.mode == "relu":
+            return 0
+        if self.mode == "softmax":
+            tokens, exponent = SOFTMAX_DENSE
+            return round(tokens * (1e-2 / self.eps) ** exponent) if self.eps > 0 else math.inf
+        kept = self.sink_tokens + self.window_tokens + self.budget_tokens       # topk
+        planes = 2 if self.code_bits > 4 else 1
+        base, per_kept = TOPK_DENSE[ENGINE_CELL_SIZE if self.cell_size >= ENGINE_CELL_SIZE else 16]
+        return planes * (base + per_kept * kept)
 
     def resolved_scale(self, head_dim: int) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)

@@ -30,7 +30,7 @@ from vllm_hsr.log import init_logger, warning_once
 logger = init_logger(__name__)
 DIRECTORY = Path(__file__).parent / "cpu"
 SOURCES = (DIRECTORY / "hsr_decode.cpp", DIRECTORY / "summary_update.cpp")
-HEADERS = (DIRECTORY / "common.h",)
+HEADERS = tuple(sorted(DIRECTORY.glob("*.h")))   # every header the sources include
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # DType in common.h
 # -fassociative-math (with the two flags it needs) lets dot products vectorize; it only reorders sums,
 # which the bounds' rounding margins already cover. No -ffast-math: the bounds rely on inf and NaN.

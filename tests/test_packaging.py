@@ -14,7 +14,9 @@ def test_wheel_installs_kernels_and_entry_points(tmp_path):
     wheel = next(tmp_path.glob("vllm_hsr-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "vllm_hsr/kernels/__init__.py" in names
-    for source in ("hsr_decode.cpp", "summary_update.cpp", "common.h"):   # CPU kernels compile where they run
+    sources = sorted(path.name for path in (ROOT / "kernels" / "cpu").iterdir() if path.suffix in (".cpp", ".h"))
+    assert {"hsr_decode.cpp", "summary_update.cpp", "common.h", "walk.h"} <= set(sources)
+    for source in sources:                                                 # CPU kernels compile where they run
         assert f"vllm_hsr/kernels/cpu/{source}" in names
     assert not any(n.startswith("kernels/") for n in names)
     for data in ("python_reference.txt", "PSF-LICENSE.txt", "README.md"):  # vllm_hsr.corpus reads them

@@ -25,7 +25,7 @@ _I, _D, _P = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 
 
 class HsrArgs(ctypes.Structure):
-    """Mirror of HsrArgs in hsr_decode.cpp (every field 8 bytes wide, in the same order)."""
+    """Mirror of HsrArgs in kernels/cpu/decode_args.h (every field 8 bytes wide, in the same order)."""
 
     _fields_ = [(name, kind) for kind, names in (
         (_I, "batch num_q_heads num_kv_heads head_dim"), (_P, "q block_table"), (_I, "table_width"),

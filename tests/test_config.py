@@ -107,6 +107,7 @@ def test_dense_below_tokens_auto_follows_the_mode_unless_set():
     assert HSRConfig(mode="softmax").min_sparse_tokens() == round(5500 * 10 ** 0.13) == 7419
     assert HSRConfig(mode="softmax", eps=0.1).min_sparse_tokens() < 5500
     assert HSRConfig(mode="softmax", eps=0).min_sparse_tokens() == math.inf
+    assert HSRConfig(mode="softmax", eps=1e-320).min_sparse_tokens() == math.inf     # (a subnormal eps overflows)
     # the dense kernel computes softmax, never ReLU^alpha: relu rows all go through HSR
     assert HSRConfig(mode="relu").min_sparse_tokens() == 0
     # topk keeps sink + window + budget tokens; it pays off well above them, further with two code planes

@@ -216,7 +216,8 @@ class HSRConfig:
             return 0
         if self.mode == "softmax":
             tokens, exponent = SOFTMAX_DENSE
-            return round(tokens * (1e-2 / self.eps) ** exponent) if self.eps > 0 else math.inf
+            threshold = tokens * (1e-2 / self.eps) ** exponent if self.eps > 0 else math.inf
+            return round(threshold) if math.isfinite(threshold) else math.inf
         kept = self.sink_tokens + self.window_tokens + self.budget_tokens       # topk
         planes = 2 if self.code_bits > 4 else 1
         base, per_kept = TOPK_DENSE[ENGINE_CELL_SIZE if self.cell_size >= ENGINE_CELL_SIZE else 16]

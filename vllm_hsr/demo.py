@@ -26,7 +26,8 @@ from vllm_hsr.server import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Budget 256 with 4-bit codes kept 29 of the 30 needles dense answered (benchmarks/results/README.md, retrieval),
-# and its dense_below_tokens="auto" (2,048 + 4 x 336 = 3,392 tokens) decodes the demo's 4K rows through HSR.
+# and its dense_below_tokens="auto" (1,024 + 3 x 336 = 2,032 tokens with CPU_ATTN's 64-token cells) decodes the
+# demo's 4K rows through HSR.
 DEMO_HSR = {"mode": "topk", "budget_tokens": 256, "code_bits": 4}
 # Dense and HSR both answer this needle (at depth 0.3 dense itself writes "421").
 DEMO_NEEDLE = Needle("blue", 48213, 0.4)

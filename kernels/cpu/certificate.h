@@ -32,6 +32,10 @@ class Certificate : public RowInputs {
       } else {
         top = flagged_max(x, dropped.data(), P);
       }
+      // no term to pass over NaN for the maximum: a dropped entry with a NaN bound makes the mass NaN, as it would
+      // the twin's log-sum-exp, never -inf (nothing dropped)
+      if (top == -INF_F && std::find(dropped.begin(), dropped.end(), 1) != dropped.end())
+        top = std::numeric_limits<double>::quiet_NaN();
       if (!std::isfinite(top)) { added[g] = top; continue; }
       double sum = 0;
       if (counts) {

@@ -39,6 +39,8 @@ class Row : private QueryTerms, public RowInputs {
         query_(*this, walk_, codes_, rules_, certificate_), attend_(*this, keys_, certificate_) {
     for (i64 c = 0; c < NUM_COUNTERS; ++c) counters_[c] = 0;
   }
+  Row(const Row&) = delete;              // the inputs point into this row's terms, the stages at each other
+  Row& operator=(const Row&) = delete;
 
   void run() {
     std::vector<i64> list;

@@ -132,15 +132,19 @@ class SelectionRules : public RowInputs {
     i64 p = 0;
 #if HSR_AVX512
     if constexpr (std::is_same_v<T, float>) {
-      // fp32 terms (the tokens' bounds): rel = x - (ref - shift) in fp32 lanes, 16 a pass; its error, an ulp of
-      // the bounds (~1e-6 nats), is far inside budget_slack, and moves a node on a bin's edge as a near-tie would
-      const __m512 mass_ref = _mm512_set1_ps(float(ref - log_mass.shift)),
+      // fp32 terms (the tokens' bounds): rel = x - (ref - shift) in fp32 lanes, 16 a pass, the reference in two
+      // parts (so its size adds no error); the error left, an ulp of rel, is far inside budget_slack, and moves a
+      // node on a bin's edge as a near-tie would
+      const float mass_lo = low_part(ref - log_mass.shift), gain_lo = gains ? low_part(ref - log_gain->shift) : 0.0f;
+      const __m512 mass_ref = _mm512_set1_ps(float(ref - log_mass.shift)), mass_ref_lo = _mm512_set1_ps(mass_lo),
                    gain_ref = _mm512_set1_ps(gains ? float(ref - log_gain->shift) : 0.0f),
+                   gain_ref_lo = _mm512_set1_ps(gain_lo),
                    range = _mm512_set1_ps(float(a_.hist_range)), scale = _mm512_set1_ps(float(per_nat)),
                    zero = _mm512_setzero_ps(), top = _mm512_set1_ps(float(top_bin)), minus_inf = _mm512_set1_ps(-INF_F);
       for (; p + 16 <= P; p += 16) {
         const __mmask16 in = flag_mask(valid + p, 16);
-        const __m512 rel = _mm512_mask_sub_ps(minus_inf, in, _mm512_loadu_ps(log_mass.x + p), mass_ref);
+        const __m512 rel =
+            _mm512_sub_ps(_mm512_mask_sub_ps(minus_inf, in, _mm512_loadu_ps(log_mass.x + p), mass_ref), mass_ref_lo);
         __m512 where = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_add_ps(rel, range), scale),
                                             _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
         where = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(where, where, _CMP_UNORD_Q), where, zero);
@@ -151,7 +155,8 @@ class SelectionRules : public RowInputs {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(&m.fits[p]), _mm_maskz_set1_epi8(fit, 1));
         _mm512_storeu_ps(mass + p, _mm512_maskz_mov_ps(counted, exp_nonpositive(rel)));
         if (gains) {    // min(0, x): x where x is NaN, as std::min(x, 0.0)
-          const __m512 x = _mm512_min_ps(zero, _mm512_sub_ps(_mm512_loadu_ps(log_gain->x + p), gain_ref));
+          const __m512 x = _mm512_min_ps(
+              zero, _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(log_gain->x + p), gain_ref), gain_ref_lo));
           const __mmask16 real = in & _mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_UQ);
           _mm512_storeu_ps(&m.gain[p], _mm512_maskz_mov_ps(real, exp_nonpositive(x)));
         }
@@ -201,6 +206,9 @@ class SelectionRules : public RowInputs {
     }
     if (log_gain && !gains) std::fill(m.gain.begin(), m.gain.begin() + P, 0.0f);
   }
+
+  // c - float(c): what fp32 leaves of c (0 where c is not finite)
+  static float low_part(double c) { return std::isfinite(c) ? float(c - double(float(c))) : 0.0f; }
 
   // exp(x) for x <= 0 in fp32 (0 for -inf)
   static double relative_mass(double x) { return x == NEG_INF ? 0.0 : double(exp_nonpositive(float(x))); }

@@ -35,7 +35,6 @@ class CodeBounds : public RowInputs {
  public:
   CodeBounds(const RowInputs& row, BoxBounds& boxes) : RowInputs(row), boxes_(boxes) {}
 
-  bool both_planes() const { return both_planes_; }
   void set_both_planes(bool both) { both_planes_ = both; }
 #if HSR_AVX512
   // the walk's level-0 cells it kept, as entries of the stash cell_pass filled
@@ -43,7 +42,7 @@ class CodeBounds : public RowInputs {
 #endif
 
   // The code pass: bounds [G, T] of every token of the kept cells (T = cells * cell_size) into tb, each capped by
-  // its cell's box bounds cell_bounds [G, cells]; with both_planes() also those of both planes into fine_.
+  // its cell's box bounds cell_bounds [G, cells]; with both planes set also those of both planes into fine_.
   void token_bounds(const std::vector<i64>& cells, const Bounds& cell_bounds, Bounds& tb) {
     const i64 cs = a_.cell_size, C = i64(cells.size()), T = C * cs;
     tb.resize(T, G_);

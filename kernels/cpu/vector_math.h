@@ -73,8 +73,9 @@ inline float flagged_max(const float* x, const uint8_t* flags, i64 n) {
 #if HSR_AVX512
   __m512 lanes = _mm512_set1_ps(-INF_F);
   for (; p < n; p += 16) {
-    const __m512 v = _mm512_maskz_loadu_ps(flag_mask(flags + p, n - p), x + p);
-    lanes = _mm512_mask_max_ps(lanes, flag_mask(flags + p, n - p) & _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), lanes, v);
+    const __mmask16 in = flag_mask(flags + p, n - p);
+    const __m512 v = _mm512_maskz_loadu_ps(in, x + p);
+    lanes = _mm512_mask_max_ps(lanes, in & _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), lanes, v);
   }
   top = _mm512_reduce_max_ps(lanes);
 #endif

@@ -1,7 +1,7 @@
 """vLLM's throughput (and latency) benchmark: HSR against the dense backend, over input lengths.
 
     python benchmarks/compare_backends.py [--model DIR] [--input-lens 512,2048,8192,16384]
-        [--output-len 128] [--num-prompts 4] [--hsr '{"mode": "topk", "budget_tokens": 1024}']
+        [--output-len 128] [--num-prompts 4] [--hsr '{"mode": "softmax", "eps": 1e-2}']
         [--latency] [--warm-prefix] [--repeats N] [--json PATH] [--plot PATH] [--render-only]
 
 Every point runs `vllm bench throughput` (random dataset, exact lengths) once per backend
@@ -185,12 +185,12 @@ def plot(records: list[dict], path: Path) -> None:
                         capsize=3, label=backend)
         ax.set(xscale="log", yscale="log", xlabel="input tokens per request", ylabel=label)
         ax.legend()
-    hsr = next((r["hsr_settings"] for r in records if r.get("hsr_settings")), None)
+    hsr = next((r["hsr_settings"] for r in records if r.get("hsr_settings") is not None), None)
     repeats = max(r.get("repeats", 1) for r in records)
     repeated = f", median and range of {repeats} runs" if repeats > 1 else ""
     method = "decode on a warm prefix cache" if warm else "vllm bench throughput"
     fig.suptitle(f"{method}, {records[0]['output_len']} output tokens, {records[0]['num_prompts']} "
-                 f"prompts{repeated}; HSR {json.dumps(hsr)}\n{records[0]['device']}", fontsize=9)
+                 f"prompts{repeated}; HSR {json.dumps(hsr) if hsr else 'defaults'}\n{records[0]['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--hsr", default='{"mode": "topk", "budget_tokens": 1024}', help="HSR settings (JSON)")
+    parser.add_argument("--hsr", default="{}",
+                        help="HSR settings (JSON; default {}: HSR's defaults, as `vllm serve --attention-backend HSR` "
+                             "runs it)")
     parser.add_argument("--latency", action="store_true", help="also measure the time per output token")
     parser.add_argument("--warm-prefix", action="store_true",
                         help="decode on a warm prefix cache, one engine per backend (see the module docstring)")

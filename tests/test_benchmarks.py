@@ -87,12 +87,14 @@ def test_warm_prefix_runs_one_engine_per_backend_and_records_its_repeats(monkeyp
     monkeypatch.setattr(compare_backends.subprocess, "run", fake_run)
     monkeypatch.setattr(compare_backends, "dense_backend", lambda: "CPU_ATTN")
     records = compare_backends.main(["--model", "m", "--input-lens", "7600", "--repeats", "3", "--warm-prefix",
-                                     "--hsr", "{}", "--json", str(tmp_path / "r.json"),
+                                     "--json", str(tmp_path / "r.json"),
                                      "--plot", str(tmp_path / "r.png"), "--log", str(tmp_path / "r.log")])
     assert len(commands) == 2                              # the repeats run inside each engine
     assert all(c[c.index("--repeats") + 1] == "3" for c in commands)
     assert "--hsr" in commands[0] and "--hsr" not in commands[1]
+    assert commands[0][commands[0].index("--hsr") + 1] == "{}"      # by default HSR's own defaults
     hsr, dense = records
+    assert hsr["hsr_settings"] == {} and dense["hsr_settings"] is None
     assert hsr["method"] == dense["method"] == "warm-prefix"
     assert (hsr["decode_tokens_per_s"], hsr["tpot_ms"]) == (31.0, 80.0)       # medians of the repeats
     assert (dense["decode_tokens_per_s"], dense["tpot_ms"]) == (15.0, 110.0)

@@ -260,7 +260,7 @@ def test_portable_build_equals_vectorized(settings, monkeypatch, tmp_path):
 
 @pytest.mark.skipif("avx512_vnni" not in _cpu_flags(), reason="needs AVX-512 VNNI: without it both builds are the same")
 def test_build_without_vnni_equals_default(monkeypatch, tmp_path):
-    """Without AVX-512 VNNI the code dots take byte pairs (maddubs) instead of dpbusd: the same integers, so
+    """Without AVX-512 VNNI the code dots take vpmaddwd and an add instead of vpdpwssd: the same integers, so
     the same output to the bit."""
     cfg = HSRConfig(mode="topk", budget_tokens=64)
     batch = _batch(cfg, seed=10)

@@ -34,8 +34,7 @@ class Certificate : public RowInputs {
       }
       // no term to pass over NaN for the maximum: a dropped entry with a NaN bound makes the mass NaN, as it would
       // the twin's log-sum-exp, never -inf (nothing dropped)
-      if (top == -INF_F && std::find(dropped.begin(), dropped.end(), 1) != dropped.end())
-        top = std::numeric_limits<double>::quiet_NaN();
+      if (top == NEG_INF && dropped_nan(x, dropped)) top = std::numeric_limits<double>::quiet_NaN();
       if (!std::isfinite(top)) { added[g] = top; continue; }
       double sum = 0;
       if (counts) {
@@ -48,6 +47,13 @@ class Certificate : public RowInputs {
     }
     for (i64 g = 0; g < G_; ++g) skipped_[g] = logaddexp(skipped_[g], added[g]);
     return added;
+  }
+
+  // whether a dropped entry's bound is NaN
+  static bool dropped_nan(const float* x, const std::vector<uint8_t>& dropped) {
+    for (size_t p = 0; p < dropped.size(); ++p)
+      if (dropped[p] && std::isnan(x[p])) return true;
+    return false;
   }
 
   // the row is read whole: nothing was dropped

@@ -10,7 +10,7 @@ from paged_cache import PagedBatch
 from reference import dense64
 from vllm_hsr import HSRConfig
 from vllm_hsr.kernels import cpu_build, cpu_decode
-from vllm_hsr.ops import hsr_decode, kernel_path, native_unavailable
+from vllm_hsr.ops import hsr_decode, kernel_path, native_settings, native_unavailable
 
 SEQ_LENS = (1, 37, 1025, 2011)
 COUNTERS = ("keys_read", "cells_read", "summary_nodes_read", "code_cells_read", "refined_cells", "seed_keys_read",
@@ -179,7 +179,7 @@ def test_native_writes_every_output_element():
     q = _query(batch, 2, seed=5)
     out = torch.full(q.shape, torch.nan)
     from vllm_hsr.core.paged import flat_view
-    from vllm_hsr.ops import native_decode, native_settings
+    from vllm_hsr.ops import native_decode
     want, _, _, _ = native_decode(q, flat_view(batch.cache), batch.layout, batch.summaries, batch.block_table,
                                torch.tensor(SEQ_LENS), cfg, 0.125)
     layout, summaries = batch.layout, batch.summaries
@@ -189,6 +189,39 @@ def test_native_writes_every_output_element():
                               **native_settings(cfg, 64))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ("topk", "softmax"))
+def test_rows_reuse_their_threads_buffers(mode, monkeypatch):
+    """Each thread hands its rows' freed buffers to the next rows it decodes (kernels/cpu/scratch.h): calls
+    with one and two threads, over batches of other shapes in between (other buffer sizes, rows on either
+    thread), give each batch bit for bit what its first call gave, and that agrees with the twin."""
+    from vllm_hsr.core.paged import flat_view
+    cfg = HSRConfig(mode=mode, eps=1e-2, budget_tokens=64, code_bits=8)
+    wide = _batch(cfg, num_kv_heads=2, seed=14)
+    narrow = _batch(cfg, num_kv_heads=1, head_dim=48, block_size=32, seed=15)
+    batches = [(wide, _query(wide, 3, seed=16)), (narrow, _query(narrow, 2, seed=17))]
+    _check_against_twin(*batches[0], cfg, monkeypatch)
+
+    def decode(which: int, rows: list[int], threads: int):
+        batch, q = batches[which]
+        layout, summaries = batch.layout, batch.summaries
+        out, bound, _, found = cpu_decode.hsr_decode_cpu(
+            q[rows], flat_view(batch.cache), layout.block_stride, layout.head_stride, layout.key_offsets,
+            layout.value_offsets, batch.block_table[rows], torch.tensor(SEQ_LENS)[rows], summaries.boxes,
+            [first for first, _ in summaries.slots], summaries.codes, scale=0.125, candidates=True,
+            num_threads=threads, **native_settings(cfg, q.shape[-1]))
+        tokens, counts = found[0], found[1]
+        return out, bound, counts, [tokens[r, :n] for r, n in enumerate(counts.tolist())]
+
+    calls = [(0, [0, 1, 2, 3], 1), (1, [3, 2, 1, 0], 2), (0, [3, 1], 2), (1, [2], 1), (0, [0, 1, 2, 3], 2),
+             (1, [3, 2, 1, 0], 1), (0, [3, 1], 1)]
+    first = {}
+    for which, rows, threads in calls:
+        got = decode(which, rows, threads)
+        expect = first.setdefault((which, tuple(rows)), got)
+        for a, b in zip((*got[:3], *got[3]), (*expect[:3], *expect[3])):
+            assert torch.equal(a, b), (which, rows, threads)
 
 
 @pytest.mark.parametrize("out_dtype", (torch.float32, torch.bfloat16))

@@ -4,11 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "certificate.h"
 #include "key_reads.h"
 #include "row.h"
+#include "scratch.h"
 #include "vector_math.h"
 
 namespace hsr {
@@ -53,15 +53,15 @@ class Attend : public RowInputs {
   }
 
   // Writes the row's heads' outputs and error bounds from the tokens of list (ascending).
-  void attend(const std::vector<i64>& list) {
+  void attend(const Scratch<i64>& list) {
     const i64 L = i64(list.size());
-    std::vector<float> scores(L * G_), m(G_, -INF_F), acc(G_ * D_, 0.0f), norm(G_, 0.0f);
+    Scratch<float> scores(L * G_), m(G_, -INF_F), acc(G_ * D_, 0.0f), norm(G_, 0.0f);
     keys_.scores_of(list.data(), L, scores.data(), true);
     for (i64 i = 0; i < L; ++i)
       for (i64 g = 0; g < G_; ++g) m[g] = std::max(m[g], scores[i * G_ + g]);
     const bool relu = a_.mode == RELU;
-    std::vector<i64> weighted;           // tokens with a nonzero weight: only their values are read
-    std::vector<float> weights;          // [weighted, G]
+    Scratch<i64> weighted;           // tokens with a nonzero weight: only their values are read
+    Scratch<float> weights;          // [weighted, G]
     if (relu) {
       for (i64 i = 0; i < L; ++i) {
         bool any = false;

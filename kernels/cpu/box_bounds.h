@@ -3,9 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "row.h"
+#include "scratch.h"
 #include "vector_math.h"
 
 namespace hsr {
@@ -77,7 +77,7 @@ class BoxBounds : public RowInputs {
   }
 
  private:
-  std::vector<float> lo_, hi_;
+  Scratch<float> lo_, hi_;
 };
 
 }  // namespace

@@ -3,9 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "row.h"
+#include "scratch.h"
 #include "vector_math.h"
 
 namespace hsr {
@@ -19,10 +19,10 @@ class Certificate : public RowInputs {
   // ln added [G]. ub: [G, P]. Each head's sum runs from its largest term, so every exponent is <= 0; the
   // token sums are branch-free (`dropped` is as unpredictable as a coin) in fp32 blocks.
   // (not inlined: inlined into the walk, with the rest that walk inlines, it crashes GCC 12.2's loop vectorizer)
-  __attribute__((noinline)) std::vector<double> record(const std::vector<uint8_t>& dropped,
-                                                       const std::vector<i64>* counts, const std::vector<float>& ub) {
+  __attribute__((noinline)) Scratch<double> record(const Scratch<uint8_t>& dropped,
+                                                       const Scratch<i64>* counts, const Scratch<float>& ub) {
     const i64 P = i64(dropped.size());
-    std::vector<double> added(G_, NEG_INF);
+    Scratch<double> added(G_, NEG_INF);
     for (i64 g = 0; g < G_; ++g) {
       const float* x = &ub[g * P];
       double top = NEG_INF;
@@ -50,7 +50,7 @@ class Certificate : public RowInputs {
   }
 
   // whether a dropped entry's bound is NaN
-  static bool dropped_nan(const float* x, const std::vector<uint8_t>& dropped) {
+  static bool dropped_nan(const float* x, const Scratch<uint8_t>& dropped) {
     for (size_t p = 0; p < dropped.size(); ++p)
       if (dropped[p] && std::isnan(x[p])) return true;
     return false;
@@ -62,7 +62,7 @@ class Certificate : public RowInputs {
   double skipped(i64 g) const { return skipped_[g]; }
 
  private:
-  std::vector<double> skipped_;   // [G]
+  Scratch<double> skipped_;   // [G]
 };
 
 }  // namespace

@@ -4,10 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "box_bounds.h"
 #include "row.h"
+#include "scratch.h"
 #include "vector_math.h"
 
 namespace hsr {
@@ -38,12 +38,12 @@ class CodeBounds : public RowInputs {
   void set_both_planes(bool both) { both_planes_ = both; }
 #if HSR_AVX512
   // the walk's level-0 cells it kept, as entries of the stash cell_pass filled
-  void keep_stash(const std::vector<i64>& entries) { stash_of_ = entries; }
+  void keep_stash(const Scratch<i64>& entries) { stash_of_ = entries; }
 #endif
 
   // The code pass: bounds [G, T] of every token of the kept cells (T = cells * cell_size) into tb, each capped by
   // its cell's box bounds cell_bounds [G, cells]; with both planes set also those of both planes into fine_.
-  void token_bounds(const std::vector<i64>& cells, const Bounds& cell_bounds, Bounds& tb) {
+  void token_bounds(const Scratch<i64>& cells, const Bounds& cell_bounds, Bounds& tb) {
     const i64 cs = a_.cell_size, C = i64(cells.size()), T = C * cs;
     tb.resize(T, G_);
     if (!stashed()) dots_.resize(T * G_);
@@ -72,7 +72,7 @@ class CodeBounds : public RowInputs {
   }
 
   // The refinement's pass: tb [G, T] capped by the bounds of every plane of the picked cells (entries of cells).
-  void refine_bounds(const std::vector<i64>& cells, const std::vector<i64>& picked, Bounds& tb) {
+  void refine_bounds(const Scratch<i64>& cells, const Scratch<i64>& picked, Bounds& tb) {
     const i64 cs = a_.cell_size, T = tb.n;
     Bounds& fine = fine_;                           // the picked cells' bounds from every plane
     if (!both_planes_) fine.resize(T, G_);
@@ -132,14 +132,14 @@ class CodeBounds : public RowInputs {
   // place * 2^e * dot, half width `width` (the weights' rounding included), rounding margin `margin`
   struct PlaneTerms {
     float place = 1;              // 2^u
-    std::vector<float> cell_part, width, margin;
+    Scratch<float> cell_part, width, margin;
   };
   PlaneTerms terms_;              // the portable path's, of one cell
-  std::vector<int32_t> weights_;  // [G, weight_stride()] the cell's integer code weights x (portable path)
-  std::vector<int32_t> exponent_; // [G] their e
-  std::vector<float> step_, half_, magnitude_, scaled_;
-  std::vector<int32_t> value_;
-  std::vector<int32_t> dots_;     // [G, tokens] integer code dot of each token over the planes read so far
+  Scratch<int32_t> weights_;  // [G, weight_stride()] the cell's integer code weights x (portable path)
+  Scratch<int32_t> exponent_; // [G] their e
+  Scratch<float> step_, half_, magnitude_, scaled_;
+  Scratch<int32_t> value_;
+  Scratch<int32_t> dots_;     // [G, tokens] integer code dot of each token over the planes read so far
 
   i64 weight_stride() const { return D_ + D_ % 2; }   // even: a byte of 4-bit codes is channels 2j and 2j + 1
   // stash words per (head, group): a word per 4 code bytes (8 channels), in blocks of 64 channels
@@ -259,15 +259,15 @@ class CodeBounds : public RowInputs {
   static constexpr i64 STASH_TERMS = 8;   // per cell and head: cell_part[2], width[2], margin[2], e, (pad)
   i64 stash_jobs_ = 1;
   float stash_place_[2] = {1, 1};         // per job: 2^u
-  std::vector<float> stash_terms_;        // [P, G, STASH_TERMS] P: the walk's cells
-  std::vector<int32_t> stash_words_;      // [P, G, 4, words_stride()] x as int16 pairs: word k of group r holds
+  Scratch<float> stash_terms_;        // [P, G, STASH_TERMS] P: the walk's cells
+  Scratch<int32_t> stash_words_;      // [P, G, 4, words_stride()] x as int16 pairs: word k of group r holds
                                           // channels 8k + r and 8k + 4 + r (the nibbles r of code bytes 4k, 4k + 1
                                           // and of 4k + 2, 4k + 3)
-  std::vector<i64> stash_of_;             // [kept cells] each kept cell's entry in the stash
-  std::vector<float> lanes_;              // cell_pass' per-cell channels: ranges, steps, finite steps, magnitudes
+  Scratch<i64> stash_of_;             // [kept cells] each kept cell's entry in the stash
+  Scratch<float> lanes_;              // cell_pass' per-cell channels: ranges, steps, finite steps, magnitudes
 
   // Box bounds of the cells nodes[0, P) (entries of b, as box_bounds) and their stash entries.
-  __attribute__((noinline)) void cell_pass(const std::vector<i64>& nodes, Bounds& b) {
+  __attribute__((noinline)) void cell_pass(const Scratch<i64>& nodes, Bounds& b) {
     const i64 P = i64(nodes.size()), word_stride = words_stride(), bits = a_.code_bits;
     const i64 jobs = both_planes_ ? 2 : 1;
     float half_steps[2], unknown_half[2], rounding[2];

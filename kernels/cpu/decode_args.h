@@ -3,9 +3,9 @@
 #pragma once
 
 #include <limits>
-#include <vector>
 
 #include "common.h"
+#include "scratch.h"
 
 #if HSR_AVX512
 #include <immintrin.h>
@@ -96,7 +96,7 @@ struct Terms {
 
 // Upper and lower bounds of n nodes or tokens for every query head of a group, head-major: [G, n].
 struct Bounds {
-  std::vector<float> ub, lb;
+  Scratch<float> ub, lb;
   i64 n = 0;
   void resize(i64 count, i64 group) { n = count; ub.resize(count * group); lb.resize(count * group); }
 };

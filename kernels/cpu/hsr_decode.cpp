@@ -12,7 +12,6 @@
 // Plain C ABI (loaded with ctypes): no torch headers, so it builds in seconds.
 
 #include <algorithm>
-#include <vector>
 
 #include "attend.h"
 #include "box_bounds.h"
@@ -22,6 +21,7 @@
 #include "key_reads.h"
 #include "query.h"
 #include "row.h"
+#include "scratch.h"
 #include "selection_rules.h"
 #include "walk.h"
 
@@ -43,7 +43,7 @@ class Row : private QueryTerms, public RowInputs {
   Row& operator=(const Row&) = delete;
 
   void run() {
-    std::vector<i64> list;
+    Scratch<i64> list;
     const bool dense = !query_.select(list);
     if (dense) certificate_.clear();
     const i64 count = dense ? n_ : i64(list.size());
@@ -73,7 +73,7 @@ class Row : private QueryTerms, public RowInputs {
   Query query_;
   Attend attend_;
 
-  i64 distinct_cells(const std::vector<i64>& list) const {
+  i64 distinct_cells(const Scratch<i64>& list) const {
     i64 cells = 0, last = -1;
     for (i64 t : list) {
       if (t / a_.cell_size != last) ++cells;

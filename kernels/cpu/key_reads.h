@@ -4,11 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
-
 #include <type_traits>
 
 #include "row.h"
+#include "scratch.h"
 
 namespace hsr {
 namespace {   // (hsr_decode.cpp includes the stages; nothing here is seen by another file)
@@ -114,7 +113,7 @@ class KeyReads : public RowInputs {
     for (i64 d = 0; d < D_; ++d) scratch[d] = load_float(row, d, a_.cache_dtype);
     return scratch;
   }
-  std::vector<float> key_;
+  Scratch<float> key_;
 
   // scores_of from the cache. An fp32 cache with an affine K layout is read in place: channel-contiguous keys
   // as rows; keys whose channels are strided (CPU_ATTN's K, stored transposed per block) touch one cache line
@@ -130,7 +129,7 @@ class KeyReads : public RowInputs {
       return;
     }
     if (a_.cache_dtype == F32 && key.affine) {
-      std::vector<i64> runs;                  // where each block's tokens start, then count
+      Scratch<i64> runs;                  // where each block's tokens start, then count
       for (i64 i = 0; i < count; ++i)
         if (i == 0 || tokens[i] / a_.block_size != tokens[i - 1] / a_.block_size) runs.push_back(i);
       runs.push_back(count);
@@ -204,7 +203,7 @@ class KeyReads : public RowInputs {
       }
     });
   }
-  std::vector<float> rows_;
+  Scratch<float> rows_;
 
 #if HSR_AVX512
   static_assert(MAX_GROUP == 8, "with_group dispatches groups of 1 to 8 heads");

@@ -4,11 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "certificate.h"
 #include "code_bounds.h"
 #include "row.h"
+#include "scratch.h"
 #include "selection_rules.h"
 #include "walk.h"
 
@@ -22,31 +22,31 @@ class Query : public RowInputs {
 
   // The query (TreeQuery.run): the tokens to read, ascending, into list; false: the row overflowed its capacity
   // and is read whole.
-  bool select(std::vector<i64>& list) {
-    const std::vector<double> budget = walk_.seed();
+  bool select(Scratch<i64>& list) {
+    const Scratch<double> budget = walk_.seed();
     const bool refined = a_.code_bits && a_.code_bits / a_.plane_bits > 1;
     // 8-bit codes on the vector path: the second plane's bounds come with the first, for the refinement to pick
     // from
     codes_.set_both_planes(refined && a_.code_bits / a_.plane_bits == 2 && codes_.stashed());
-    std::vector<i64> cells;
+    Scratch<i64> cells;
     Bounds cell_bounds;
-    const std::vector<double> token_budget = walk_.descend(budget, cells, cell_bounds);
+    const Scratch<double> token_budget = walk_.descend(budget, cells, cell_bounds);
     if (walk_.overflow()) return false;
 
     const i64 cs = a_.cell_size, C = i64(cells.size()), T = C * cs;
     Bounds tb;
     codes_.token_bounds(cells, cell_bounds, tb);
-    const std::vector<i64>& seeds = walk_.seeds();
-    std::vector<uint8_t> valid(T, 1);                  // the seeds are read already
+    const Scratch<i64>& seeds = walk_.seeds();
+    Scratch<uint8_t> valid(T, 1);                  // the seeds are read already
     for (i64 token : seeds) {
       const i64 c = std::lower_bound(cells.begin(), cells.end(), token / cs) - cells.begin();
       if (c < C && cells[c] == token / cs) valid[c * cs + token % cs] = 0;
     }
 
-    std::vector<double> log_spent;
+    Scratch<double> log_spent;
     if (refined && !refine(cells, valid, tb, token_budget, log_spent)) return false;
-    std::vector<uint8_t> keep = keep_tokens(tb, valid, token_budget, refined ? &log_spent : nullptr);
-    std::vector<uint8_t> dropped(T);
+    Scratch<uint8_t> keep = keep_tokens(tb, valid, token_budget, refined ? &log_spent : nullptr);
+    Scratch<uint8_t> dropped(T);
     const uint8_t* __restrict kept_flag = keep.data();
     {
       const uint8_t* __restrict in = valid.data();
@@ -55,7 +55,7 @@ class Query : public RowInputs {
     }
     certificate_.record(dropped, nullptr, tb.ub);
 
-    std::vector<i64> kept(T + 16);
+    Scratch<i64> kept(T + 16);
     i64 n = 0;
     for (i64 c = 0; c < C; ++c) n = flagged_positions(kept_flag + c * cs, cs, cells[c] * cs, kept.data() + n) - kept.data();
     list.resize(seeds.size() + n);
@@ -73,26 +73,26 @@ class Query : public RowInputs {
   Terms<float> gains(const Bounds& tb, double shift) const { return {tb.lb.data(), std::log(a_.eps) + shift}; }
 
   // First-plane cut, then every plane of the cells that still hold a candidate (TreeQuery.refine).
-  bool refine(const std::vector<i64>& cells, std::vector<uint8_t>& valid, Bounds& tb,
-              const std::vector<double>& budget, std::vector<double>& log_spent) {
+  bool refine(const Scratch<i64>& cells, Scratch<uint8_t>& valid, Bounds& tb,
+              const Scratch<double>& budget, Scratch<double>& log_spent) {
     const i64 cs = a_.cell_size, T = i64(valid.size());
     if (a_.mode == RELU) {
       rules_.keep_above_bias(tb.ub, valid);
     } else if (a_.mode == SOFTMAX) {
       const double share = std::log(a_.refine_share);
-      std::vector<double> shared(budget), spent;
+      Scratch<double> shared(budget), spent;
       for (double& x : shared) x += share;
       const Terms<float> gain = gains(tb, share);
-      std::vector<uint8_t> skip = rules_.greedy_skip(Terms<float>{tb.ub.data()}, shared, valid,
+      Scratch<uint8_t> skip = rules_.greedy_skip(Terms<float>{tb.ub.data()}, shared, valid,
                                                      a_.eps > 0 ? &gain : nullptr, nullptr, spent);
       log_spent = certificate_.record(skip, nullptr, tb.ub);
       for (i64 t = 0; t < T; ++t) valid[t] &= !skip[t];
     } else {
-      std::vector<float> lower, upper;
+      Scratch<float> lower, upper;
       rules_.group_max(tb.lb, lower);
       rules_.group_max(tb.ub, upper);
       const float floor = rules_.kth_of_many(lower, valid, a_.budget_tokens);
-      std::vector<uint8_t> cut(T);
+      Scratch<uint8_t> cut(T);
       const float* __restrict up = upper.data();
       uint8_t* __restrict in = valid.data();
       uint8_t* __restrict out = cut.data();
@@ -103,7 +103,7 @@ class Query : public RowInputs {
       }
       certificate_.record(cut, nullptr, tb.ub);          // unread: the certificate counts them
     }
-    std::vector<i64> picked;
+    Scratch<i64> picked;
     for (i64 c = 0; c < i64(cells.size()); ++c) {
       uint8_t any = 0;
       for (i64 t = c * cs; t < (c + 1) * cs; ++t) any |= valid[t];
@@ -115,21 +115,21 @@ class Query : public RowInputs {
     return true;
   }
 
-  std::vector<uint8_t> keep_tokens(const Bounds& tb, const std::vector<uint8_t>& valid,
-                                   const std::vector<double>& budget, const std::vector<double>* log_spent) {
+  Scratch<uint8_t> keep_tokens(const Bounds& tb, const Scratch<uint8_t>& valid,
+                                   const Scratch<double>& budget, const Scratch<double>* log_spent) {
     const i64 T = i64(valid.size());
-    std::vector<uint8_t> keep(valid);
+    Scratch<uint8_t> keep(valid);
     if (a_.mode == RELU) {
       rules_.keep_above_bias(tb.ub, keep);
     } else if (a_.mode == SOFTMAX) {
-      std::vector<double> spent;
+      Scratch<double> spent;
       const Terms<float> gain = gains(tb, 0.0);
-      std::vector<uint8_t> skip = rules_.greedy_skip(Terms<float>{tb.ub.data()}, budget, valid,
+      Scratch<uint8_t> skip = rules_.greedy_skip(Terms<float>{tb.ub.data()}, budget, valid,
                                                      a_.eps > 0 ? &gain : nullptr, a_.eps > 0 ? log_spent : nullptr,
                                                      spent);
       for (i64 t = 0; t < T; ++t) keep[t] &= !skip[t];
     } else {
-      std::vector<float> upper;
+      Scratch<float> upper;
       rules_.group_max(tb.ub, upper);
       // the budget best: those above the budget-th largest, then its ties in token order
       const float kth = rules_.kth_of_many(upper, valid, a_.budget_tokens);

@@ -4,16 +4,16 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "decode_args.h"
+#include "scratch.h"
 
 namespace hsr {
 namespace {   // (hsr_decode.cpp includes the stages; nothing here is seen by another file)
 
 // The row's G query heads as the bounds use them: [G, D] q, |q|, max(q, 0), min(q, 0); [G] <1, |q|>
 struct QueryTerms {
-  std::vector<float> q, abs, pos, neg, abs_sum;
+  Scratch<float> q, abs, pos, neg, abs_sum;
 
   QueryTerms(const HsrArgs& a, i64 row) {
     const i64 G = a.num_q_heads / a.num_kv_heads, D = a.head_dim;
@@ -69,8 +69,8 @@ struct RowInputs {
   bool too_wide(size_t kept) const { return a_.capacity > 0 && i64(kept) > node_width(); }
 
   // Nodes of `level` to look at: the children of the kept parents, then the level's tail.
-  std::vector<i64> frontier(i64 level, const std::vector<i64>& kept) const {
-    std::vector<i64> nodes;
+  Scratch<i64> frontier(i64 level, const Scratch<i64>& kept) const {
+    Scratch<i64> nodes;
     const i64 first = level == top_level() ? 0 : num_nodes(level + 1) * a_.fanout;
     nodes.reserve(kept.size() * a_.fanout + a_.fanout);
     for (i64 parent : kept)

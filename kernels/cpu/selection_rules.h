@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include <cstring>
 #include <functional>
@@ -12,6 +11,7 @@
 #include <type_traits>
 
 #include "row.h"
+#include "scratch.h"
 #include "vector_math.h"
 
 namespace hsr {
@@ -24,12 +24,12 @@ class SelectionRules : public RowInputs {
   // -- selection rules (core.selection); every [G, P] array is head-major --------------------------
   // The certified greedy skip: log_mass [G, P]; log_gain [G, P] or null; log_spent [G] or null.
   template <typename T>
-  std::vector<uint8_t> greedy_skip(const Terms<T>& log_mass, const std::vector<double>& log_budget,
-                                   const std::vector<uint8_t>& valid, const Terms<float>* log_gain,
-                                   const std::vector<double>* log_spent, std::vector<double>& spent) {
+  Scratch<uint8_t> greedy_skip(const Terms<T>& log_mass, const Scratch<double>& log_budget,
+                                   const Scratch<uint8_t>& valid, const Terms<float>* log_gain,
+                                   const Scratch<double>* log_spent, Scratch<double>& spent) {
     const i64 P = i64(valid.size()), bins = a_.hist_bins;
-    std::vector<uint8_t> skip(P, 1);
-    std::vector<double> hist(bins), gain_hist(log_gain ? bins : 0);
+    Scratch<uint8_t> skip(P, 1);
+    Scratch<double> hist(bins), gain_hist(log_gain ? bins : 0);
     HeadMasses& m = head_masses_;
     m.resize(P, G_, log_gain != nullptr);
     spent.assign(G_, 0.0);
@@ -102,14 +102,14 @@ class SelectionRules : public RowInputs {
         out[b] = (at[0] + at[stride]) + (at[2 * stride] + at[3 * stride]);
     }
   }
-  std::vector<double> partial_hist_;
+  Scratch<double> partial_hist_;
 
   // greedy_skip's per-node quantities for one head, against its reference ref: [P] each (mass: every head's)
   struct HeadMasses {
-    std::vector<int32_t> bin;     // histogram bin of the relative log-mass
-    std::vector<uint8_t> fits;    // relative log-mass <= 0 (masses that may be skipped)
-    std::vector<float> mass;      // [G, P]: relative mass where it fits, else 0
-    std::vector<float> gain;      // relative gain (valid nodes, finite ref), else 0
+    Scratch<int32_t> bin;     // histogram bin of the relative log-mass
+    Scratch<uint8_t> fits;    // relative log-mass <= 0 (masses that may be skipped)
+    Scratch<float> mass;      // [G, P]: relative mass where it fits, else 0
+    Scratch<float> gain;      // relative gain (valid nodes, finite ref), else 0
     void resize(i64 P, i64 G, bool gains) {
       bin.resize(P + 16);
       fits.resize(P + 16);
@@ -216,7 +216,7 @@ class SelectionRules : public RowInputs {
   // ln of the sum of exp(x[p]) over the valid p (-inf if none): one exp per term, relative to the largest x
   // (the shift cancels), in fp32 (sum_exp_below). A NaN term is passed over for the maximum and makes the sum
   // NaN; all terms NaN give -inf, a +inf term +inf (as the scalar rule)
-  static double log_sum_exp(const Terms<float>& x, const std::vector<uint8_t>& valid) {
+  static double log_sum_exp(const Terms<float>& x, const Scratch<uint8_t>& valid) {
     const i64 P = i64(valid.size());
     const float top = flagged_max(x.x, valid.data(), P);
     if (!std::isfinite(top)) return top;
@@ -230,9 +230,9 @@ class SelectionRules : public RowInputs {
   // bins and keeps the bin that holds the answer (no sort: a sort or nth_element was a tenth of the query at 16K
   // tokens).
   template <typename Weight>
-  static float kth_largest(const std::vector<float>& values, const std::vector<Weight>& weights, i64 budget) {
-    static thread_local std::vector<uint32_t> keys;
-    static thread_local std::vector<i64> kept_weights;
+  static float kth_largest(const Scratch<float>& values, const Scratch<Weight>& weights, i64 budget) {
+    static thread_local Scratch<uint32_t> keys;
+    static thread_local Scratch<i64> kept_weights;
     keys.resize(values.size());
     kept_weights.resize(values.size());
     uint32_t* __restrict key = keys.data();
@@ -271,7 +271,7 @@ class SelectionRules : public RowInputs {
   // value, found among the flagged values >= L only, where L comes from a strided sample (its rank there past
   // the answer's expected rank, so L most likely lies below the answer) and is checked: once at least `budget`
   // values reach L, so does the answer. A lower L is tried if it did not, then every value.
-  float kth_of_many(const std::vector<float>& values, const std::vector<uint8_t>& flags, i64 budget) {
+  float kth_of_many(const Scratch<float>& values, const Scratch<uint8_t>& flags, i64 budget) {
     constexpr i64 STRIDE = 16;
     const i64 n = i64(values.size());
     if (budget < 4 * STRIDE || n < 8 * budget) return kth_largest(values, flags, budget);
@@ -286,12 +286,12 @@ class SelectionRules : public RowInputs {
       const i64 count = values_reaching(values.data(), flags.data(), n, floor, candidates_.data());
       if (count >= budget) {
         candidates_.resize(count);
-        return kth_largest(candidates_, std::vector<uint8_t>(count, 1), budget);
+        return kth_largest(candidates_, Scratch<uint8_t>(count, 1), budget);
       }
     }
     return kth_largest(values, flags, budget);
   }
-  std::vector<float> sample_, candidates_;
+  Scratch<float> sample_, candidates_;
 
   // the flagged values[t] >= floor, in order, into out (room for n + 16); returns their count
   static i64 values_reaching(const float* values, const uint8_t* flags, i64 n, float floor, float* out) {
@@ -327,7 +327,7 @@ class SelectionRules : public RowInputs {
   }
 
   // out[p] = max over the group of x [G, P]
-  void group_max(const std::vector<float>& x, std::vector<float>& out) const {
+  void group_max(const Scratch<float>& x, Scratch<float>& out) const {
     const i64 P = i64(x.size()) / G_;
     out.assign(x.begin(), x.begin() + P);
     for (i64 g = 1; g < G_; ++g)
@@ -335,8 +335,8 @@ class SelectionRules : public RowInputs {
   }
 
   // valid[p] &= some head's ub[p] > bias (relu mode: the others weigh exactly nothing)
-  void keep_above_bias(const std::vector<float>& ub, std::vector<uint8_t>& valid) const {
-    std::vector<float> best;
+  void keep_above_bias(const Scratch<float>& ub, Scratch<uint8_t>& valid) const {
+    Scratch<float> best;
     group_max(ub, best);
     // in fp32, as torch compares
     for (size_t p = 0; p < valid.size(); ++p) valid[p] &= uint8_t(best[p] > float(a_.bias));

@@ -4,13 +4,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "box_bounds.h"
 #include "certificate.h"
 #include "code_bounds.h"
 #include "key_reads.h"
 #include "row.h"
+#include "scratch.h"
 #include "selection_rules.h"
 
 namespace hsr {
@@ -23,25 +23,25 @@ class Walk : public RowInputs {
       : RowInputs(row), boxes_(boxes), codes_(codes), rules_(rules), certificate_(certificate), keys_(keys) {}
 
   // The seeds (read exactly, before the walk), and the softmax budget they give: ln(eps * their mass) per head
-  std::vector<double> seed() {
+  Scratch<double> seed() {
     make_seeds();
     return log_budget();
   }
-  const std::vector<i64>& seeds() const { return seeds_; }      // ascending
+  const Scratch<i64>& seeds() const { return seeds_; }      // ascending
   bool overflow() const { return overflow_; }   // a level kept more nodes than the row's capacity: read it whole
 
   // The levels top-down; leaves the kept cells and their bounds, returns the token level's budget.
-  std::vector<double> descend(const std::vector<double>& log_budget, std::vector<i64>& kept, Bounds& kept_bounds) {
-    std::vector<double> spent(G_, 0.0), level_spent;
+  Scratch<double> descend(const Scratch<double>& log_budget, Scratch<i64>& kept, Bounds& kept_bounds) {
+    Scratch<double> spent(G_, 0.0), level_spent;
     const double share = a_.tree_budget_share / double(a_.tree_levels + 1);
-    std::vector<double> level_budget(log_budget);
+    Scratch<double> level_budget(log_budget);
     for (i64 g = 0; g < G_; ++g) level_budget[g] += share > 0 ? std::log(share) : NEG_INF;
     kept.clear();
     Bounds b;
     for (i64 level = top_level(); level >= 0; --level) {
-      const std::vector<i64> frontier_nodes = frontier(level, kept);
+      const Scratch<i64> frontier_nodes = frontier(level, kept);
       const i64 s = span(level);
-      std::vector<i64> nodes, counts;
+      Scratch<i64> nodes, counts;
       nodes.reserve(frontier_nodes.size());
       counts.reserve(frontier_nodes.size());
       // the frontier ascends and its spans are disjoint: one pass over the seeds counts those in each span
@@ -65,28 +65,28 @@ class Walk : public RowInputs {
         boxes_.box_bounds(level, nodes[i], b, i);
       }
       counters_[SUMMARY_NODES_READ] += P;
-      std::vector<uint8_t> keep(P, 1);
+      Scratch<uint8_t> keep(P, 1);
       if (a_.mode == RELU) {
         rules_.keep_above_bias(b.ub, keep);
       } else if (a_.mode == SOFTMAX) {
-        std::vector<double> log_mass(P * G_);
+        Scratch<double> log_mass(P * G_);
         for (i64 g = 0; g < G_; ++g)
           for (i64 i = 0; i < P; ++i) log_mass[g * P + i] = std::log(double(counts[i])) + double(b.ub[g * P + i]);
-        std::vector<uint8_t> skip = rules_.greedy_skip<double>(Terms<double>{log_mass.data(), 0.0}, level_budget,
+        Scratch<uint8_t> skip = rules_.greedy_skip<double>(Terms<double>{log_mass.data(), 0.0}, level_budget,
                                                                keep, nullptr, nullptr, level_spent);
         for (i64 g = 0; g < G_; ++g) spent[g] += level_spent[g] * share;
         for (i64 i = 0; i < P; ++i) keep[i] = !skip[i];
       } else {
-        std::vector<float> lower, upper;
+        Scratch<float> lower, upper;
         rules_.group_max(b.lb, lower);
         rules_.group_max(b.ub, upper);
         const float floor = SelectionRules::kth_largest(lower, counts, a_.budget_tokens);
         for (i64 i = 0; i < P; ++i) keep[i] = upper[i] >= floor;
       }
-      std::vector<uint8_t> dropped(P);
+      Scratch<uint8_t> dropped(P);
       for (i64 i = 0; i < P; ++i) dropped[i] = !keep[i];
       certificate_.record(dropped, &counts, b.ub);
-      std::vector<i64> index;
+      Scratch<i64> index;
       for (i64 i = 0; i < P; ++i) if (keep[i]) index.push_back(i);
       kept.clear();
       for (i64 i : index) kept.push_back(nodes[i]);
@@ -101,7 +101,7 @@ class Walk : public RowInputs {
         }
       if (over_width(kept.size())) break;
     }
-    std::vector<double> remaining(log_budget);
+    Scratch<double> remaining(log_budget);
     for (i64 g = 0; g < G_; ++g) remaining[g] += std::log1p(-std::min(spent[g], 1.0));
     return remaining;
   }
@@ -112,7 +112,7 @@ class Walk : public RowInputs {
   SelectionRules& rules_;
   Certificate& certificate_;
   KeyReads& keys_;
-  std::vector<i64> seeds_;
+  Scratch<i64> seeds_;
   bool overflow_ = false;
 
   bool over_width(size_t kept) {
@@ -120,12 +120,12 @@ class Walk : public RowInputs {
     return overflow_;
   }
 
-  std::vector<i64> seed_cells() {
-    std::vector<i64> beam;
+  Scratch<i64> seed_cells() {
+    Scratch<i64> beam;
     Bounds b;
-    std::vector<float> best_ub;
+    Scratch<float> best_ub;
     for (i64 level = top_level(); level >= 0; --level) {
-      std::vector<i64> nodes = frontier(level, beam);
+      Scratch<i64> nodes = frontier(level, beam);
       b.resize(i64(nodes.size()), G_);
       for (i64 i = 0, block, slot; i < i64(nodes.size()); ++i) {
         if (i + PREFETCH_CELLS < i64(nodes.size())) prefetch_box(level, nodes[i + PREFETCH_CELLS], block, slot);
@@ -133,7 +133,7 @@ class Walk : public RowInputs {
       }
       counters_[SUMMARY_NODES_READ] += i64(nodes.size());
       rules_.group_max(b.ub, best_ub);
-      std::vector<std::pair<float, i64>> best(nodes.size());
+      Scratch<std::pair<float, i64>> best(nodes.size());
       for (size_t i = 0; i < nodes.size(); ++i) best[i] = {best_ub[i], nodes[i]};
       const size_t k = std::min<size_t>(a_.seed_cells, nodes.size());
       std::partial_sort(best.begin(), best.begin() + k, best.end(),
@@ -160,14 +160,14 @@ class Walk : public RowInputs {
   }
 
   // ln(eps * sum over seeded keys of exp(score)) per head (-inf: skip nothing)
-  std::vector<double> log_budget() {
-    std::vector<double> budget(G_, NEG_INF);
+  Scratch<double> log_budget() {
+    Scratch<double> budget(G_, NEG_INF);
     if (a_.mode != SOFTMAX || a_.eps == 0 || seeds_.empty()) return budget;
     counters_[SEED_KEYS_READ] += i64(seeds_.size());
     const i64 n = i64(seeds_.size());
-    std::vector<float> scores(n * G_), head(n);
+    Scratch<float> scores(n * G_), head(n);
     keys_.scores_of(seeds_.data(), n, scores.data());
-    const std::vector<uint8_t> every(n, 1);
+    const Scratch<uint8_t> every(n, 1);
     for (i64 g = 0; g < G_; ++g) {
       for (i64 i = 0; i < n; ++i) head[i] = scores[i * G_ + g];
       budget[g] = SelectionRules::log_sum_exp(Terms<float>{head.data()}, every) + std::log(a_.eps);

@@ -280,7 +280,7 @@ class CodeBounds : public RowInputs {
     }
     stash_jobs_ = jobs;
     stash_terms_.resize(P * G_ * STASH_TERMS);
-    stash_words_.resize(P * G_ * 4 * word_stride);   // words past the plane are never written: they stay 0
+    stash_words_.resize(P * G_ * 4 * word_stride);   // every word is written (0 past the head size)
     for (i64 i = 0, block, slot; i < P; ++i) {
       // the cell's codes too: the code pass reads nearly every cell the walk bounds (no box prunes on real keys),
       // and their wait overlaps the boxes' here (~15% of a top-k call at 7.5K)

@@ -29,7 +29,7 @@ class SelectionRules : public RowInputs {
                                    const Scratch<double>* log_spent, Scratch<double>& spent) {
     const i64 P = i64(valid.size()), bins = a_.hist_bins;
     Scratch<uint8_t> skip(P, 1);
-    Scratch<double> hist(bins), gain_hist(log_gain ? bins : 0);
+    Scratch<double> hist(bins, 0.0), gain_hist(log_gain ? bins : 0, 0.0);
     HeadMasses& m = head_masses_;
     m.resize(P, G_, log_gain != nullptr);
     spent.assign(G_, 0.0);

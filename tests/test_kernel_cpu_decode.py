@@ -157,6 +157,18 @@ def test_native_softmax_budgets(eps, monkeypatch):
             torch.testing.assert_close(out[seq].double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("budget", (32, 100, 1000))
+def test_native_topk_long_rows(budget, monkeypatch):
+    """Top-k over rows longer than the radix select's 4,096-value switch: every bound selected from (budget 32,
+    11-bit digits), candidates from a sampled floor (100: 8-bit digits), and a budget that keeps most of a row."""
+    cfg = HSRConfig(mode="topk", budget_tokens=budget, code_bits=4)
+    batch = PagedBatch((6000, 4500, 700), 1, 64, 64, cfg, seed=budget)
+    batch.fill(chunks=(0.9,))
+    gen = torch.Generator().manual_seed(budget)
+    q = 3 * torch.randn(3, 2, 64, generator=gen)
+    _check_against_twin(batch, q, cfg, monkeypatch)
+
+
 @pytest.mark.parametrize("mode", ("topk", "softmax", "relu"))
 def test_native_overflowing_rows_read_densely(mode, monkeypatch):
     """A capacity the long rows cannot meet: those rows are read whole, exactly as the twin decides."""

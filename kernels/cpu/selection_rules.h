@@ -226,9 +226,9 @@ class SelectionRules : public RowInputs {
   // The largest v such that the weights of the values >= v sum to at least `budget` (unit weights: the
   // budget-th largest value; weight 0 leaves a value out), -inf if they never do. With token counts as
   // weights it is core.selection.topk_floor: a score that at least `budget` tokens are known to reach. A radix
-  // select on order-preserving integer keys, 11 bits at a time: each pass sums the survivors' weights into 2048
-  // bins and keeps the bin that holds the answer (no sort: a sort or nth_element was a tenth of the query at 16K
-  // tokens).
+  // select on order-preserving integer keys, a digit at a time: each pass sums the survivors' weights into a bin
+  // per digit value and keeps the bin that holds the answer (no sort: a sort or nth_element was a tenth of the
+  // query at 16K tokens).
   template <typename Weight>
   static float kth_largest(const Scratch<float>& values, const Scratch<Weight>& weights, i64 budget) {
     static thread_local Scratch<uint32_t> keys;
@@ -250,9 +250,14 @@ class SelectionRules : public RowInputs {
     if (total < budget || budget < 1) return -INF_F;
     i64 rank = budget;                        // weight still to cover, from the top of the survivors
     uint32_t prefix = 0;
-    for (const int shift : {21, 10, 0}) {      // digits of 11, 11 and 10 bits
-      const uint32_t bins = shift ? 2048u : 1024u;
-      i64 sum[2048] = {};
+    // digits of 11, 11 and 10 bits; for a few thousand values or fewer (the walk's cells, top-k's candidates)
+    // four of 8 bits: 2048 bins cost more to clear and scan than so few values do to count
+    static constexpr int WIDE[] = {21, 10, 0}, NARROW[] = {24, 16, 8, 0};
+    const bool narrow = n <= 4096;
+    for (const int shift : narrow ? Digits(NARROW) : Digits(WIDE)) {
+      const uint32_t bins = narrow ? 256u : shift ? 2048u : 1024u;
+      i64 sum[2048];
+      std::fill(sum, sum + bins, i64(0));
       for (size_t i = 0; i < n; ++i) sum[(key[i] >> shift) & (bins - 1)] += weight[i];
       uint32_t bin = bins - 1;
       for (; sum[bin] < rank; --bin) rank -= sum[bin];
@@ -312,6 +317,15 @@ class SelectionRules : public RowInputs {
     }
     return count;
   }
+
+  // a radix select's digit shifts, most significant first
+  struct Digits {
+    const int *first, *last;
+    template <size_t N>
+    explicit Digits(const int (&shifts)[N]) : first(shifts), last(shifts + N) {}
+    const int* begin() const { return first; }
+    const int* end() const { return last; }
+  };
 
   // float <-> uint32 whose unsigned order is the floats' order (-inf lowest, +inf highest)
   static uint32_t ordered_key(float x) {

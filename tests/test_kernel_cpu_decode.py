@@ -184,6 +184,17 @@ def test_native_overflowing_rows_read_densely(mode, monkeypatch):
             assert torch.equal(tokens, torch.arange(SEQ_LENS[seq]))
 
 
+def _decode_alone(batch: PagedBatch, q: torch.Tensor, cfg: HSRConfig, rows: list[int], **call):
+    """hsr_decode_cpu (a NativeDecoder built for this call alone) over batch's sequences `rows`, scale 0.125."""
+    from vllm_hsr.core.paged import flat_view
+    layout, summaries = batch.layout, batch.summaries
+    return cpu_decode.hsr_decode_cpu(
+        q[rows], flat_view(batch.cache), layout.block_stride, layout.head_stride, layout.key_offsets,
+        layout.value_offsets, batch.block_table[rows], torch.tensor(batch.seq_lens)[rows], summaries.boxes,
+        [first for first, _ in summaries.slots], summaries.codes, scale=0.125, **call,
+        **native_settings(cfg, q.shape[-1]))
+
+
 def test_native_writes_every_output_element():
     """A NaN-poisoned output buffer comes back finite: every (sequence, head, channel) is written."""
     cfg = HSRConfig(mode="topk", budget_tokens=64)
@@ -194,11 +205,7 @@ def test_native_writes_every_output_element():
     from vllm_hsr.ops import native_decode
     want, _, _, _ = native_decode(q, flat_view(batch.cache), batch.layout, batch.summaries, batch.block_table,
                                torch.tensor(SEQ_LENS), cfg, 0.125)
-    layout, summaries = batch.layout, batch.summaries
-    cpu_decode.hsr_decode_cpu(q, flat_view(batch.cache), layout.block_stride, layout.head_stride, layout.key_offsets,
-                              layout.value_offsets, batch.block_table, torch.tensor(SEQ_LENS), summaries.boxes,
-                              [first for first, _ in summaries.slots], summaries.codes, scale=0.125, out=out,
-                              **native_settings(cfg, 64))
+    _decode_alone(batch, q, cfg, list(range(len(SEQ_LENS))), out=out)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, want, atol=0, rtol=0)
 
@@ -208,7 +215,6 @@ def test_rows_reuse_their_threads_buffers(mode, monkeypatch):
     """Each thread hands its rows' freed buffers to the next rows it decodes (kernels/cpu/scratch.h): calls
     with one and two threads, over batches of other shapes in between (other buffer sizes, rows on either
     thread), give each batch bit for bit what its first call gave, and that agrees with the twin."""
-    from vllm_hsr.core.paged import flat_view
     cfg = HSRConfig(mode=mode, eps=1e-2, budget_tokens=64, code_bits=8)
     wide = _batch(cfg, num_kv_heads=2, seed=14)
     narrow = _batch(cfg, num_kv_heads=1, head_dim=48, block_size=32, seed=15)
@@ -216,13 +222,7 @@ def test_rows_reuse_their_threads_buffers(mode, monkeypatch):
     _check_against_twin(*batches[0], cfg, monkeypatch)
 
     def decode(which: int, rows: list[int], threads: int):
-        batch, q = batches[which]
-        layout, summaries = batch.layout, batch.summaries
-        out, bound, _, found = cpu_decode.hsr_decode_cpu(
-            q[rows], flat_view(batch.cache), layout.block_stride, layout.head_stride, layout.key_offsets,
-            layout.value_offsets, batch.block_table[rows], torch.tensor(SEQ_LENS)[rows], summaries.boxes,
-            [first for first, _ in summaries.slots], summaries.codes, scale=0.125, candidates=True,
-            num_threads=threads, **native_settings(cfg, q.shape[-1]))
+        out, bound, _, found = _decode_alone(*batches[which], cfg, rows, candidates=True, num_threads=threads)
         tokens, counts = found[0], found[1]
         return out, bound, counts, [tokens[r, :n] for r, n in enumerate(counts.tolist())]
 
@@ -243,7 +243,6 @@ def test_a_kept_decoder_serves_every_batch_and_writes_in_place(out_dtype, monkey
     a decoder built for the call alone returns, and writes every element of `out`."""
     monkeypatch.setenv("HSR_KERNELS", "native")
     from vllm_hsr import ops
-    from vllm_hsr.core.paged import flat_view
     cfg = HSRConfig(mode="topk", budget_tokens=64)
     batch = _batch(cfg, seed=4)
     q = _query(batch, 2, seed=6)
@@ -251,10 +250,7 @@ def test_a_kept_decoder_serves_every_batch_and_writes_in_place(out_dtype, monkey
     layout, summaries = batch.layout, batch.summaries
     for rows in ([3, 1], [0, 1, 2, 3], [2]):               # a permuted subset, all, one: the decoder is kept
         table = batch.block_table[rows]
-        alone, alone_bound, _, _ = cpu_decode.hsr_decode_cpu(
-            q[rows], flat_view(batch.cache), layout.block_stride, layout.head_stride, layout.key_offsets,
-            layout.value_offsets, table, lens[rows], summaries.boxes, [first for first, _ in summaries.slots],
-            summaries.codes, scale=0.125, **ops.native_settings(cfg, 64))
+        alone, alone_bound, _, _ = _decode_alone(batch, q, cfg, rows)
         out = torch.full(q[rows].shape, torch.nan, dtype=out_dtype)
         got, bound, stats = hsr_decode(q[rows], batch.cache, layout, summaries, table, lens[rows], cfg, 0.125,
                                        out=out)

@@ -157,6 +157,30 @@ def test_native_softmax_budgets(eps, monkeypatch):
             torch.testing.assert_close(out[seq].double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("eps", (1e-3, 1e-2))
+@pytest.mark.parametrize("fanout,tree_levels", ((4, 2), (16, 3)))
+def test_native_softmax_levels_spend_their_share(eps, fanout, tree_levels, monkeypatch):
+    """Keys in tight clusters, one per node of the first level above the cells, far apart: the boxes prune
+    whole nodes, and what the levels skip leaves the token level less budget. The kernel reads the twin's
+    tokens and certifies the same bound (a walk that forgot what its levels spent would skip more)."""
+    cfg = HSRConfig(mode="softmax", eps=eps, cell_size=16, fanout=fanout, tree_levels=tree_levels)
+    lens, span = (3000, 1700), 16 * fanout
+    batch = PagedBatch(lens, 2, 64, 64, cfg, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    for seq, n in enumerate(lens):
+        centres = 4 * torch.randn(-(-n // span), 2, 64, generator=gen)
+        batch.keys[seq] = 0.1 * torch.randn(n, 2, 64, generator=gen) + centres.repeat_interleave(span, 0)[:n]
+    batch.fill(chunks=(0.9,))
+    q = 3 * torch.randn(2, 4, 64, generator=gen)
+    _check_against_twin(batch, q, cfg, monkeypatch)
+    _, bound, stats = _decode(batch, q, cfg, "native", monkeypatch)
+    _, want_bound, want = _decode(batch, q, cfg, "torch", monkeypatch)
+    cells = sum(-(-n // 16) for n in lens) * 2
+    assert stats.code_cells_read < 0.9 * cells           # the levels pruned
+    assert [t.tolist() for t in stats.tokens_read] == [t.tolist() for t in want.tokens_read]
+    torch.testing.assert_close(bound, want_bound, rtol=1e-4, atol=1e-30)
+
+
 @pytest.mark.parametrize("budget", (32, 100, 1000))
 def test_native_topk_long_rows(budget, monkeypatch):
     """Top-k over rows longer than the radix select's 4,096-value switch: every bound selected from (budget 32,

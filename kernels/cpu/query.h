@@ -80,11 +80,11 @@ class Query : public RowInputs {
       rules_.keep_above_bias(tb.ub, valid);
     } else if (a_.mode == SOFTMAX) {
       const double share = std::log(a_.refine_share);
-      Scratch<double> shared(budget), spent;
+      Scratch<double> shared(budget);
       for (double& x : shared) x += share;
       const Terms<float> gain = gains(tb, share);
       Scratch<uint8_t> skip = rules_.greedy_skip(Terms<float>{tb.ub.data()}, shared, valid,
-                                                     a_.eps > 0 ? &gain : nullptr, nullptr, spent);
+                                                     a_.eps > 0 ? &gain : nullptr, nullptr);
       log_spent = certificate_.record(skip, nullptr, tb.ub);
       for (i64 t = 0; t < T; ++t) valid[t] &= !skip[t];
     } else {
@@ -122,11 +122,9 @@ class Query : public RowInputs {
     if (a_.mode == RELU) {
       rules_.keep_above_bias(tb.ub, keep);
     } else if (a_.mode == SOFTMAX) {
-      Scratch<double> spent;
       const Terms<float> gain = gains(tb, 0.0);
       Scratch<uint8_t> skip = rules_.greedy_skip(Terms<float>{tb.ub.data()}, budget, valid,
-                                                     a_.eps > 0 ? &gain : nullptr, a_.eps > 0 ? log_spent : nullptr,
-                                                     spent);
+                                                     a_.eps > 0 ? &gain : nullptr, a_.eps > 0 ? log_spent : nullptr);
       for (i64 t = 0; t < T; ++t) keep[t] &= !skip[t];
     } else {
       Scratch<float> upper;

@@ -22,17 +22,18 @@ class SelectionRules : public RowInputs {
   explicit SelectionRules(const RowInputs& row) : RowInputs(row) {}
 
   // -- selection rules (core.selection); every [G, P] array is head-major --------------------------
-  // The certified greedy skip: log_mass [G, P]; log_gain [G, P] or null; log_spent [G] or null.
+  // The certified greedy skip: log_mass [G, P]; log_gain [G, P] or null; log_spent [G] or null. With spent
+  // given, also the mass it skipped per head [G], relative to the head's budget plus gains (the walk's levels
+  // spend by it; the token levels' spending is the certificate's).
   template <typename T>
   Scratch<uint8_t> greedy_skip(const Terms<T>& log_mass, const Scratch<double>& log_budget,
                                    const Scratch<uint8_t>& valid, const Terms<float>* log_gain,
-                                   const Scratch<double>* log_spent, Scratch<double>& spent) {
+                                   const Scratch<double>* log_spent, Scratch<double>* spent = nullptr) {
     const i64 P = i64(valid.size()), bins = a_.hist_bins;
     Scratch<uint8_t> skip(P, 1);
     Scratch<double> hist(bins, 0.0), gain_hist(log_gain ? bins : 0, 0.0);
     HeadMasses& m = head_masses_;
     m.resize(P, G_, log_gain != nullptr);
-    spent.assign(G_, 0.0);
     for (i64 g = 0; g < G_; ++g) {
       double ref = log_budget[g];
       if (log_gain) ref = logaddexp(log_budget[g], log_sum_exp(log_gain->row(g, P), valid));
@@ -68,12 +69,10 @@ class SelectionRules : public RowInputs {
       for (i64 p = 0; p < P; ++p) out[p] &= fits[p] & uint8_t(bin[p] < allowed);
     }
     for (i64 p = 0; p < P; ++p) skip[p] &= valid[p];
-    for (i64 g = 0; g < G_; ++g) {      // once the group's decision is known (a skipped node fits: its mass)
-      const uint8_t* __restrict skipped = skip.data();
-      const float* __restrict mass = &m.mass[g * P];
-      double total = 0.0;               // in a register, branch-free: the sum vectorizes
-      for (i64 p = 0; p < P; ++p) total += skipped[p] ? double(mass[p]) : 0.0;
-      spent[g] = total;
+    // once the group's decision is known (a skipped node fits: its mass)
+    if (spent) {
+      spent->resize(G_);
+      for (i64 g = 0; g < G_; ++g) (*spent)[g] = flagged_sum(&m.mass[g * P], skip.data(), P);
     }
     return skip;
   }

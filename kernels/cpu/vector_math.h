@@ -83,6 +83,24 @@ inline float flagged_max(const float* x, const uint8_t* flags, i64 n) {
   return top;
 }
 
+// sum of x[p] over the flagged p < n, in fp64 (16 lanes: two sums of 8)
+inline double flagged_sum(const float* x, const uint8_t* flags, i64 n) {
+  double sum = 0;
+  i64 p = 0;
+#if HSR_AVX512
+  __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();
+  for (; p < n; p += 16) {
+    const __mmask16 in = flag_mask(flags + p, n - p);
+    const __m512 v = _mm512_maskz_loadu_ps(in, x + p);
+    low = _mm512_add_pd(low, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    high = _mm512_add_pd(high, _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)));
+  }
+  sum = _mm512_reduce_add_pd(_mm512_add_pd(low, high));
+#endif
+  for (; p < n; ++p) sum += flags[p] ? double(x[p]) : 0.0;
+  return sum;
+}
+
 // sum of exp(x[p] - top) over the flagged p < n, every x[p] <= top: fp32 terms summed in fp32 blocks of 256
 // (16 per lane) and the blocks in fp64
 inline double sum_exp_below(const float* x, const uint8_t* flags, i64 n, float top) {

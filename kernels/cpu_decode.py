@@ -36,7 +36,7 @@ class HsrArgs(ctypes.Structure):
         (_I, "code_block_stride code_head_stride code_token_stride code_bits plane_bits plane_bytes"),
         (_P, "key_rows"), (_I, "key_rows_block_stride key_rows_head_stride"),
         (_I, "mode alpha budget_tokens cell_size fanout tree_levels sink_tokens window_tokens seed_cells capacity"),
-        (_D, "eps bias tree_budget_share refine_share scale margin_rel margin_abs step_slack magnitude_slack "
+        (_D, "eps bias tree_budget_share scale margin_rel margin_abs step_slack magnitude_slack "
              "abs_slack"),
         (_I, "hist_bins"), (_D, "hist_range budget_slack"), (_I, "code_weight_range"),
         (_P, "out error_bound counters tokens"),
@@ -86,7 +86,7 @@ class NativeDecoder:
                  codes: torch.Tensor | None, key_rows: torch.Tensor | None = None, *, mode: str, eps: float,
                  alpha: int, bias: float, budget_tokens: int, cell_size: int, fanout: int, tree_levels: int,
                  code_bits: int, plane_bits: int, plane_bytes: int, sink_tokens: int, window_tokens: int,
-                 seed_cells: int, capacity: int, tree_budget_share: float, refine_share: float, scale: float,
+                 seed_cells: int, capacity: int, tree_budget_share: float, scale: float,
                  margins: tuple[float, float], code_slacks: tuple[float, float, float],
                  histogram: tuple[int, float, float], code_weight_range: int):
         self.lib = library()
@@ -117,7 +117,7 @@ class NativeDecoder:
             plane_bits=plane_bits, plane_bytes=plane_bytes, mode=MODES[mode], alpha=alpha, budget_tokens=budget_tokens,
             cell_size=cell_size, fanout=fanout, tree_levels=tree_levels, sink_tokens=sink_tokens,
             window_tokens=window_tokens, seed_cells=seed_cells, capacity=capacity, eps=eps, bias=bias,
-            tree_budget_share=tree_budget_share, refine_share=refine_share, scale=scale, margin_rel=margins[0],
+            tree_budget_share=tree_budget_share, scale=scale, margin_rel=margins[0],
             margin_abs=margins[1], step_slack=code_slacks[0], magnitude_slack=code_slacks[1],
             abs_slack=code_slacks[2], hist_bins=histogram[0], hist_range=histogram[1], budget_slack=histogram[2],
             code_weight_range=code_weight_range)

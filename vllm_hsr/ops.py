@@ -24,7 +24,7 @@ from vllm_hsr.config import HSRConfig
 from vllm_hsr.core.attention import HSRStats
 from vllm_hsr.core.decode import decode_candidates
 from vllm_hsr.core.paged import PagedKVLayout, PagedSummaries, SummaryWrite, flat_view
-from vllm_hsr.core.query import REFINE_SHARE, Candidates, RowBounds, TreeQuery, TreeRows, cell_tokens
+from vllm_hsr.core.query import Candidates, RowBounds, TreeQuery, TreeRows, cell_tokens
 from vllm_hsr.core.selection import BUDGET_SLACK, HIST_BINS, HIST_RANGE
 from vllm_hsr.core.summaries import code_planes, code_slacks, code_weight_range, margin_terms, plane_bytes
 from vllm_hsr.kernels import cpu_decode, cpu_summary
@@ -177,7 +177,7 @@ def native_settings(cfg: HSRConfig, head_dim: int) -> dict:
                 cell_size=cfg.cell_size, fanout=cfg.fanout, tree_levels=cfg.tree_levels, code_bits=bits,
                 **code_plane_shape(bits, head_dim),
                 sink_tokens=cfg.sink_tokens, window_tokens=cfg.window_tokens, seed_cells=cfg.seed_cells,
-                capacity=cfg.max_candidates, tree_budget_share=cfg.tree_budget_share, refine_share=REFINE_SHARE,
+                capacity=cfg.max_candidates, tree_budget_share=cfg.tree_budget_share,
                 margins=margin_terms(head_dim), code_slacks=code_slacks(),
                 histogram=(HIST_BINS, HIST_RANGE, BUDGET_SLACK),
                 code_weight_range=code_weight_range(head_dim, bits) if bits else 0)

@@ -15,12 +15,11 @@ class Certificate : public RowInputs {
  public:
   explicit Certificate(const RowInputs& row) : RowInputs(row), skipped_(G_, NEG_INF) {}
 
-  // Add n * exp(ub) of the dropped entries (counts null: n = 1) to each head's skipped mass; returns the
-  // ln added [G]. ub: [G, P]. Each head's sum runs from its largest term, so every exponent is <= 0; the
+  // Add n * exp(ub) of the dropped entries (counts null: n = 1) to each head's skipped mass. ub: [G, P]. Each head's sum runs from its largest term, so every exponent is <= 0; the
   // token sums are branch-free (`dropped` is as unpredictable as a coin) in fp32 blocks.
   // (not inlined: inlined into the walk, with the rest that walk inlines, it crashes GCC 12.2's loop vectorizer)
-  __attribute__((noinline)) Scratch<double> record(const Scratch<uint8_t>& dropped,
-                                                       const Scratch<i64>* counts, const Scratch<float>& ub) {
+  __attribute__((noinline)) void record(const Scratch<uint8_t>& dropped, const Scratch<i64>* counts,
+                                        const Scratch<float>& ub) {
     const i64 P = i64(dropped.size());
     Scratch<double> added(G_, NEG_INF);
     for (i64 g = 0; g < G_; ++g) {
@@ -46,7 +45,6 @@ class Certificate : public RowInputs {
       added[g] = top + std::log(sum);
     }
     for (i64 g = 0; g < G_; ++g) skipped_[g] = logaddexp(skipped_[g], added[g]);
-    return added;
   }
 
   // whether a dropped entry's bound is NaN

@@ -44,7 +44,7 @@ struct HsrArgs {
   i64 key_rows_block_stride, key_rows_head_stride;
   i64 mode, alpha, budget_tokens, cell_size, fanout, tree_levels, sink_tokens, window_tokens, seed_cells,
       capacity;
-  double eps, bias, tree_budget_share, refine_share, scale;
+  double eps, bias, tree_budget_share, scale;
   double margin_rel, margin_abs, step_slack, magnitude_slack, abs_slack;
   i64 hist_bins;
   double hist_range, budget_slack;

@@ -43,9 +43,8 @@ class Query : public RowInputs {
       if (c < C && cells[c] == token / cs) valid[c * cs + token % cs] = 0;
     }
 
-    Scratch<double> log_spent;
-    if (refined && !refine(cells, valid, tb, token_budget, log_spent)) return false;
-    Scratch<uint8_t> keep = keep_tokens(tb, valid, token_budget, refined ? &log_spent : nullptr);
+    if (refined && !refine(cells, valid, tb)) return false;
+    Scratch<uint8_t> keep = keep_tokens(tb, valid, token_budget);
     Scratch<uint8_t> dropped(T);
     const uint8_t* __restrict kept_flag = keep.data();
     {
@@ -69,25 +68,16 @@ class Query : public RowInputs {
   SelectionRules& rules_;
   Certificate& certificate_;
 
-  // ln of what reading a token adds to the softmax budget: eps * exp(its lower bound), plus `shift`
-  Terms<float> gains(const Bounds& tb, double shift) const { return {tb.lb.data(), std::log(a_.eps) + shift}; }
+  // ln of what reading a token adds to the softmax budget: eps * exp(its lower bound)
+  Terms<float> gains(const Bounds& tb) const { return {tb.lb.data(), std::log(a_.eps)}; }
 
-  // First-plane cut, then every plane of the cells that still hold a candidate (TreeQuery.refine).
-  bool refine(const Scratch<i64>& cells, Scratch<uint8_t>& valid, Bounds& tb,
-              const Scratch<double>& budget, Scratch<double>& log_spent) {
+  // Relu and topk: a first-plane cut; then every plane of the cells that still hold a candidate (softmax: every
+  // cell; TreeQuery.refine says why).
+  bool refine(const Scratch<i64>& cells, Scratch<uint8_t>& valid, Bounds& tb) {
     const i64 cs = a_.cell_size, T = i64(valid.size());
     if (a_.mode == RELU) {
       rules_.keep_above_bias(tb.ub, valid);
-    } else if (a_.mode == SOFTMAX) {
-      const double share = std::log(a_.refine_share);
-      Scratch<double> shared(budget);
-      for (double& x : shared) x += share;
-      const Terms<float> gain = gains(tb, share);
-      Scratch<uint8_t> skip = rules_.greedy_skip(Terms<float>{tb.ub.data()}, shared, valid,
-                                                     a_.eps > 0 ? &gain : nullptr, nullptr);
-      log_spent = certificate_.record(skip, nullptr, tb.ub);
-      for (i64 t = 0; t < T; ++t) valid[t] &= !skip[t];
-    } else {
+    } else if (a_.mode == TOPK) {
       Scratch<float> lower, upper;
       rules_.group_max(tb.lb, lower);
       rules_.group_max(tb.ub, upper);
@@ -115,16 +105,15 @@ class Query : public RowInputs {
     return true;
   }
 
-  Scratch<uint8_t> keep_tokens(const Bounds& tb, const Scratch<uint8_t>& valid,
-                                   const Scratch<double>& budget, const Scratch<double>* log_spent) {
+  Scratch<uint8_t> keep_tokens(const Bounds& tb, const Scratch<uint8_t>& valid, const Scratch<double>& budget) {
     const i64 T = i64(valid.size());
     Scratch<uint8_t> keep(valid);
     if (a_.mode == RELU) {
       rules_.keep_above_bias(tb.ub, keep);
     } else if (a_.mode == SOFTMAX) {
-      const Terms<float> gain = gains(tb, 0.0);
+      const Terms<float> gain = gains(tb);
       Scratch<uint8_t> skip = rules_.greedy_skip(Terms<float>{tb.ub.data()}, budget, valid,
-                                                     a_.eps > 0 ? &gain : nullptr, a_.eps > 0 ? log_spent : nullptr);
+                                                     a_.eps > 0 ? &gain : nullptr);
       for (i64 t = 0; t < T; ++t) keep[t] &= !skip[t];
     } else {
       Scratch<float> upper;

@@ -22,13 +22,13 @@ class SelectionRules : public RowInputs {
   explicit SelectionRules(const RowInputs& row) : RowInputs(row) {}
 
   // -- selection rules (core.selection); every [G, P] array is head-major --------------------------
-  // The certified greedy skip: log_mass [G, P]; log_gain [G, P] or null; log_spent [G] or null. With spent
+  // The certified greedy skip: log_mass [G, P]; log_gain [G, P] or null. With spent
   // given, also the mass it skipped per head [G], relative to the head's budget plus gains (the walk's levels
   // spend by it; the token levels' spending is the certificate's).
   template <typename T>
   Scratch<uint8_t> greedy_skip(const Terms<T>& log_mass, const Scratch<double>& log_budget,
                                    const Scratch<uint8_t>& valid, const Terms<float>* log_gain,
-                                   const Scratch<double>* log_spent, Scratch<double>* spent = nullptr) {
+                                   Scratch<double>* spent = nullptr) {
     const i64 P = i64(valid.size()), bins = a_.hist_bins;
     Scratch<uint8_t> skip(P, 1);
     Scratch<double> hist(bins, 0.0), gain_hist(log_gain ? bins : 0, 0.0);
@@ -46,7 +46,6 @@ class SelectionRules : public RowInputs {
       if (log_gain) {
         const bool finite = std::isfinite(ref);
         base = finite ? std::exp(log_budget[g] - ref) : 0.0;
-        if (log_spent) base -= finite ? std::exp((*log_spent)[g] - ref) : 0.0;
         for (double x : gain_hist) gains += x;
       }
       i64 allowed = 0;

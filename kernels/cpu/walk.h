@@ -73,7 +73,7 @@ class Walk : public RowInputs {
         for (i64 g = 0; g < G_; ++g)
           for (i64 i = 0; i < P; ++i) log_mass[g * P + i] = std::log(double(counts[i])) + double(b.ub[g * P + i]);
         Scratch<uint8_t> skip = rules_.greedy_skip<double>(Terms<double>{log_mass.data(), 0.0}, level_budget,
-                                                               keep, nullptr, nullptr, &level_spent);
+                                                               keep, nullptr, &level_spent);
         for (i64 g = 0; g < G_; ++g) spent[g] += level_spent[g] * share;
         for (i64 i = 0; i < P; ++i) keep[i] = !skip[i];
       } else {

@@ -12,8 +12,7 @@ BUDGET_SLACK = 1e-4      # fill at most (1 - slack) of a budget, so rounding nev
 
 
 def greedy_skip(log_mass: torch.Tensor, log_budget: torch.Tensor, valid: torch.Tensor | None = None,
-                log_gain: torch.Tensor | None = None,
-                log_spent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                log_gain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Skip the largest set of lowest-mass nodes whose summed mass fits every head's budget.
 
     Nodes are ordered by a histogram of their log-mass (no sort), so a skipped set
@@ -26,8 +25,7 @@ def greedy_skip(log_mass: torch.Tensor, log_budget: torch.Tensor, valid: torch.T
     every gain it counts is really kept.
     log_mass: [..., P, G] fp64, ln(tokens) + upper bound; log_budget: [..., G] fp64;
     valid: [..., P] bool (padding: never skipped, never counted) or None;
-    log_gain: [..., P, G] fp64 or None; log_spent: [..., G] fp64, mass skipped earlier that counts
-    against the same budget and gains (with log_gain only), or None
+    log_gain: [..., P, G] fp64 or None
     returns skip: [..., P] bool, spent: [..., G] fp64 (skipped mass / budget; with gains: / (budget + all gains))
     """
     ref = log_budget                                                     # [..., G]: masses are relative to it
@@ -50,8 +48,6 @@ def greedy_skip(log_mass: torch.Tensor, log_budget: torch.Tensor, valid: torch.T
         base = torch.where(finite, torch.exp(log_budget - ref), torch.zeros_like(ref))
         gain = torch.where(finite.unsqueeze(-2), torch.exp(log_gain - ref.unsqueeze(-2)), torch.zeros_like(rel))
         gain_hist = torch.zeros_like(hist).scatter_add_(-1, bins.mT, gain.mT)
-        if log_spent is not None:
-            base = base - torch.where(finite, torch.exp(log_spent - ref), torch.zeros_like(ref))
         allowance = (base + gain_hist.sum(-1)).unsqueeze(-1) - gain_hist.cumsum(-1)
     allowed_bins = (hist.cumsum(-1) <= (1.0 - BUDGET_SLACK) * allowance).sum(-1)      # [..., G]
     skip = (fits & (bins < allowed_bins.unsqueeze(-2))).all(-1)

@@ -35,19 +35,24 @@ class CodeBounds : public RowInputs {
  public:
   CodeBounds(const RowInputs& row, BoxBounds& boxes) : RowInputs(row), boxes_(boxes) {}
 
-  void set_both_planes(bool both) { both_planes_ = both; }
+  // both: both planes' bounds in the code pass; fine_only: those alone, into tb (softmax cuts once, on them)
+  void set_both_planes(bool both, bool fine_only) {
+    both_planes_ = both;
+    fine_only_ = both && fine_only;
+  }
 #if HSR_AVX512
   // the walk's level-0 cells it kept, as entries of the stash cell_pass filled
   void keep_stash(const Scratch<i64>& entries) { stash_of_ = entries; }
 #endif
 
   // The code pass: bounds [G, T] of every token of the kept cells (T = cells * cell_size) into tb, each capped by
-  // its cell's box bounds cell_bounds [G, cells]; with both planes set also those of both planes into fine_.
+  // its cell's box bounds cell_bounds [G, cells]; with both planes set also those of both planes into fine_ (fine
+  // only: into tb, in place of the first plane's).
   void token_bounds(const Scratch<i64>& cells, const Bounds& cell_bounds, Bounds& tb) {
     const i64 cs = a_.cell_size, C = i64(cells.size()), T = C * cs;
     tb.resize(T, G_);
     if (!stashed()) dots_.resize(T * G_);
-    if (both_planes_) fine_.resize(T, G_);
+    if (both_planes_ && !fine_only_) fine_.resize(T, G_);
     for (i64 c = 0; c < C; ++c) {
       if (a_.code_bits && c + PREFETCH_CELLS < C)
         prefetch_cell(cells[c + PREFETCH_CELLS], 0, both_planes_ ? 2 : 1, !stashed());
@@ -73,6 +78,7 @@ class CodeBounds : public RowInputs {
 
   // The refinement's pass: tb [G, T] capped by the bounds of every plane of the picked cells (entries of cells).
   void refine_bounds(const Scratch<i64>& cells, const Scratch<i64>& picked, Bounds& tb) {
+    if (fine_only_) return;                         // tb holds every plane's bounds already
     const i64 cs = a_.cell_size, T = tb.n;
     Bounds& fine = fine_;                           // the picked cells' bounds from every plane
     if (!both_planes_) fine.resize(T, G_);
@@ -126,6 +132,7 @@ class CodeBounds : public RowInputs {
   }
 
   bool both_planes_ = false;     // 8-bit codes on the vector path: both planes' bounds in one pass
+  bool fine_only_ = false;       // and only those (softmax), into tb
   Bounds fine_;                   // [G, tokens] with both_planes_: the bounds from both planes
 
   // The per-cell, per-head terms of the bounds from the first `planes` planes of a job: centre = cell_part +
@@ -469,9 +476,9 @@ class CodeBounds : public RowInputs {
       const i64 at = (g + h) * tb.n + first;
       const float* t = terms + h * STASH_TERMS;
       const float up = cell_ub[(g + h) * cell_stride], down = cell_lb[(g + h) * cell_stride];
-      store_bounds(coarse[h], t, 0, up, down, tb, at);
+      if (!fine_only_) store_bounds(coarse[h], t, 0, up, down, tb, at);
       if (both_planes_) store_bounds(_mm512_add_epi32(_mm512_slli_epi32(coarse[h], 4), extra[h]), t, 1, up, down,
-                                     fine_, at);
+                                     fine_only_ ? tb : fine_, at);
     }
   }
 

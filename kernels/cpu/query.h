@@ -26,8 +26,8 @@ class Query : public RowInputs {
     const Scratch<double> budget = walk_.seed();
     const bool refined = a_.code_bits && a_.code_bits / a_.plane_bits > 1;
     // 8-bit codes on the vector path: the second plane's bounds come with the first, for the refinement to pick
-    // from
-    codes_.set_both_planes(refined && a_.code_bits / a_.plane_bits == 2 && codes_.stashed());
+    // from (softmax, which cuts once on them: in place of the first's)
+    codes_.set_both_planes(refined && a_.code_bits / a_.plane_bits == 2 && codes_.stashed(), a_.mode == SOFTMAX);
     Scratch<i64> cells;
     Bounds cell_bounds;
     const Scratch<double> token_budget = walk_.descend(budget, cells, cell_bounds);

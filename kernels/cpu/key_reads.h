@@ -222,51 +222,45 @@ class KeyReads : public RowInputs {
   }
   // accumulate_values for G heads over contiguous fp32 value rows (row_of(token)), D a multiple of 16, every
   // head's sums in registers across the tokens (not reloaded and stored per token). Where all of a row's sums fit
-  // (G x D / 16 of them, up to MAX_ROW_SUMS), each value row is read once, whole (sum_whole_rows); otherwise 16
-  // channels at a time, one pass over the tokens per 16 channels.
+  // (G x D / 16 of them, up to MAX_ROW_SUMS), each value row is read once, whole; otherwise 16 channels at a time,
+  // one pass over the tokens per 16 channels.
   template <int G, typename RowOf>
   void sum_rows_in_registers(const i64* tokens, i64 count, const float* weights, float* acc, RowOf row_of) const {
     const i64 chunks = D_ / 16;
     if (G * chunks <= MAX_ROW_SUMS) {
       switch (chunks) {
-        case 1: return sum_whole_rows<G, 1>(tokens, count, weights, acc, row_of);
-        case 2: return sum_whole_rows<G, 2>(tokens, count, weights, acc, row_of);
-        case 3: return sum_whole_rows<G, 3>(tokens, count, weights, acc, row_of);
-        case 4: return sum_whole_rows<G, 4>(tokens, count, weights, acc, row_of);
-        case 5: return sum_whole_rows<G, 5>(tokens, count, weights, acc, row_of);
-        case 6: return sum_whole_rows<G, 6>(tokens, count, weights, acc, row_of);
-        case 8: return sum_whole_rows<G, 8>(tokens, count, weights, acc, row_of);
+        case 1: return sum_channels<G, 1>(tokens, count, weights, acc, row_of, 0, true);
+        case 2: return sum_channels<G, 2>(tokens, count, weights, acc, row_of, 0, true);
+        case 3: return sum_channels<G, 3>(tokens, count, weights, acc, row_of, 0, true);
+        case 4: return sum_channels<G, 4>(tokens, count, weights, acc, row_of, 0, true);
+        case 5: return sum_channels<G, 5>(tokens, count, weights, acc, row_of, 0, true);
+        case 6: return sum_channels<G, 6>(tokens, count, weights, acc, row_of, 0, true);
+        case 8: return sum_channels<G, 8>(tokens, count, weights, acc, row_of, 0, true);
         default: break;
       }
     }
-    for (i64 i = 0; i < std::min(PREFETCH_ROWS, count); ++i) prefetch_row(row_of(tokens[i]), D_ * 4);
-    for (i64 c = 0; c < D_; c += 16) {
-      __m512 sum[G];
-      for (int g = 0; g < G; ++g) sum[g] = _mm512_loadu_ps(&acc[g * D_ + c]);
-      for (i64 i = 0; i < count; ++i) {
-        if (c == 0 && i + PREFETCH_ROWS < count) prefetch_row(row_of(tokens[i + PREFETCH_ROWS]), D_ * 4);
-        const __m512 v = _mm512_loadu_ps(row_of(tokens[i]) + c);
-        for (int g = 0; g < G; ++g) sum[g] = _mm512_fmadd_ps(_mm512_set1_ps(weights[i * G + g]), v, sum[g]);
-      }
-      for (int g = 0; g < G; ++g) _mm512_storeu_ps(&acc[g * D_ + c], sum[g]);
-    }
+    for (i64 c = 0; c < D_; c += 16) sum_channels<G, 1>(tokens, count, weights, acc, row_of, c, c == 0);
   }
 
   // Sums of zmm registers a pass over whole value rows may hold (of 32: the rest take the row and a weight)
   static constexpr i64 MAX_ROW_SUMS = 24;
-  // sum_rows_in_registers reading each value row once, its CHUNKS x 16 channels at once: a row's lines arrive
-  // together, where a pass per 16 channels waits on one line of every row in each pass (~10% of a certified
-  // softmax call at 7.5K tokens and 8 rows, ~2% of a top-k one). Same sums in the same order as the passes.
+  // One pass over the tokens summing channels [first, first + 16 x CHUNKS) of their value rows into acc, the
+  // sums in registers; with `prefetch` the rows are requested ahead (a later pass over the same rows finds them
+  // in cache). A whole row at once (CHUNKS = D / 16) has its lines arrive together, where a pass per 16 channels
+  // waits on one line of every row in each pass (~10% of a certified softmax call at 7.5K tokens and 8 rows, ~2%
+  // of a top-k one). Either way, the same sums in the same order.
   template <int G, int CHUNKS, typename RowOf>
-  void sum_whole_rows(const i64* tokens, i64 count, const float* weights, float* acc, RowOf row_of) const {
+  void sum_channels(const i64* tokens, i64 count, const float* weights, float* acc, RowOf row_of, i64 first,
+                    bool prefetch) const {
     if constexpr (G * CHUNKS <= MAX_ROW_SUMS) {
       __m512 sum[G][CHUNKS];
       for (int g = 0; g < G; ++g)
-        for (int c = 0; c < CHUNKS; ++c) sum[g][c] = _mm512_loadu_ps(&acc[g * D_ + 16 * c]);
-      for (i64 i = 0; i < std::min(PREFETCH_ROWS, count); ++i) prefetch_row(row_of(tokens[i]), D_ * 4);
+        for (int c = 0; c < CHUNKS; ++c) sum[g][c] = _mm512_loadu_ps(&acc[g * D_ + first + 16 * c]);
+      if (prefetch)
+        for (i64 i = 0; i < std::min(PREFETCH_ROWS, count); ++i) prefetch_row(row_of(tokens[i]), D_ * 4);
       for (i64 i = 0; i < count; ++i) {
-        if (i + PREFETCH_ROWS < count) prefetch_row(row_of(tokens[i + PREFETCH_ROWS]), D_ * 4);
-        const float* row = row_of(tokens[i]);
+        if (prefetch && i + PREFETCH_ROWS < count) prefetch_row(row_of(tokens[i + PREFETCH_ROWS]), D_ * 4);
+        const float* row = row_of(tokens[i]) + first;
         __m512 v[CHUNKS];
         for (int c = 0; c < CHUNKS; ++c) v[c] = _mm512_loadu_ps(row + 16 * c);
         for (int g = 0; g < G; ++g) {
@@ -275,7 +269,7 @@ class KeyReads : public RowInputs {
         }
       }
       for (int g = 0; g < G; ++g)
-        for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(&acc[g * D_ + 16 * c], sum[g][c]);
+        for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(&acc[g * D_ + first + 16 * c], sum[g][c]);
     }
   }
 #endif

@@ -2,6 +2,7 @@
 // whose new elements are left unset.
 #pragma once
 
+#include <algorithm>
 #include <cstdlib>
 #include <new>
 #include <utility>
@@ -44,7 +45,7 @@ class ScratchPool {
   void give(void* p, size_t bytes) {
     const int c = size_class(bytes);
     if (c >= CLASSES) return ::operator delete(p);
-    if (!closed_ && count_[c] < KEPT_PER_CLASS && kept_bytes_ + class_bytes(c) <= KEPT_BYTES) {
+    if (count_[c] < KEPT_PER_CLASS && kept_bytes_ + class_bytes(c) <= KEPT_BYTES) {
       kept_[c][count_[c]++] = p;
       kept_bytes_ += class_bytes(c);
     } else {
@@ -55,19 +56,17 @@ class ScratchPool {
   ~ScratchPool() {
     for (int c = 0; c < CLASSES; ++c)
       for (int i = 0; i < count_[c]; ++i) std::free(kept_[c][i]);
-    closed_ = true;     // a thread_local buffer destroyed after the pool (at thread exit) is freed, not kept
   }
 
  private:
   void* kept_[CLASSES][KEPT_PER_CLASS];
   int count_[CLASSES] = {};
   size_t kept_bytes_ = 0;
-  bool closed_ = false;
 
+  // the smallest class that holds `bytes` (CLASSES: none)
   static int size_class(size_t bytes) {
-    int c = 0;
-    while (c < CLASSES && class_bytes(c) < bytes) ++c;
-    return c;
+    if (bytes <= class_bytes(0)) return 0;
+    return std::min(CLASSES, 64 - __builtin_clzll(bytes - 1) - MIN_SHIFT);
   }
   static size_t class_bytes(int c) { return size_t(1) << (MIN_SHIFT + c); }
 };

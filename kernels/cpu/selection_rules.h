@@ -229,10 +229,8 @@ class SelectionRules : public RowInputs {
   // query at 16K tokens).
   template <typename Weight>
   static float kth_largest(const Scratch<float>& values, const Scratch<Weight>& weights, i64 budget) {
-    static thread_local Scratch<uint32_t> keys;
-    static thread_local Scratch<i64> kept_weights;
-    keys.resize(values.size());
-    kept_weights.resize(values.size());
+    Scratch<uint32_t> keys(values.size());
+    Scratch<i64> kept_weights(values.size());
     uint32_t* __restrict key = keys.data();
     i64* __restrict weight = kept_weights.data();
     const float* __restrict value = values.data();
@@ -252,7 +250,9 @@ class SelectionRules : public RowInputs {
     // four of 8 bits: 2048 bins cost more to clear and scan than so few values do to count
     static constexpr int WIDE[] = {21, 10, 0}, NARROW[] = {24, 16, 8, 0};
     const bool narrow = n <= 4096;
-    for (const int shift : narrow ? Digits(NARROW) : Digits(WIDE)) {
+    const int* shifts = narrow ? NARROW : WIDE;
+    for (int d = 0, digits = narrow ? 4 : 3; d < digits; ++d) {
+      const int shift = shifts[d];
       const uint32_t bins = narrow ? 256u : shift ? 2048u : 1024u;
       i64 sum[2048];
       std::fill(sum, sum + bins, i64(0));
@@ -315,15 +315,6 @@ class SelectionRules : public RowInputs {
     }
     return count;
   }
-
-  // a radix select's digit shifts, most significant first
-  struct Digits {
-    const int *first, *last;
-    template <size_t N>
-    explicit Digits(const int (&shifts)[N]) : first(shifts), last(shifts + N) {}
-    const int* begin() const { return first; }
-    const int* end() const { return last; }
-  };
 
   // float <-> uint32 whose unsigned order is the floats' order (-inf lowest, +inf highest)
   static uint32_t ordered_key(float x) {

@@ -1,7 +1,7 @@
 """Fidelity on real attention: HSR's selection and decode over the reference model's own keys.
 
     python benchmarks/fidelity.py [--contexts 2048,4096,8000] [--queries 16]
-        [--modes softmax:1e-3,softmax:1e-2,topk:256:4,topk:1024:4] [--kernels native,torch]
+        [--modes softmax:1e-3:8,softmax:1e-2:8,softmax:1e-2:4,topk:256:4,topk:1024:4] [--kernels native,torch]
         [--layers all] [--json PATH] [--plot PATH] [--render-only]
 
 Per context: a haystack of the shipped text with a needle and its question at the end
@@ -44,7 +44,7 @@ from vllm_hsr import HSRConfig  # noqa: E402
 from vllm_hsr.corpus import Needle, needle_prompt  # noqa: E402
 from vllm_hsr.ops import hsr_decode  # noqa: E402
 
-DEFAULT_MODES = "softmax:1e-3,softmax:1e-2,topk:256:4,topk:1024:4"
+DEFAULT_MODES = "softmax:1e-3:8,softmax:1e-2:8,softmax:1e-2:4,topk:256:4,topk:1024:4"
 # fp32 bounds against fp64 truth: a certificate is violated only past this relative slack
 CERTIFICATE_SLACK = 1e-5
 

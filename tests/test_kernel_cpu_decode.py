@@ -124,6 +124,7 @@ def test_native_reads_the_key_copy(mode, layout, dtype, monkeypatch):
     (2, 2, 64, 16, 1),
     (1, 2, 128, 16, 8),     # a 64-byte code plane: one token row per vector
     (1, 2, 160, 16, 4),     # an 80-byte plane: gathered code words
+    (1, 2, 160, 16, 8),     # and two of them: each plane gathered on its own (both planes at once: up to 64 bytes)
     (1, 20, 64, 16, 4),     # 20 query heads per KV head: past the 16 phases of the vector softmax weights
 ))
 @pytest.mark.parametrize("mode", ("topk", "softmax"))

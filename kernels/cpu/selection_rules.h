@@ -22,9 +22,9 @@ class SelectionRules : public RowInputs {
   explicit SelectionRules(const RowInputs& row) : RowInputs(row) {}
 
   // -- selection rules (core.selection); every [G, P] array is head-major --------------------------
-  // The certified greedy skip: log_mass [G, P]; log_gain [G, P] or null. With spent
-  // given, also the mass it skipped per head [G], relative to the head's budget plus gains (the walk's levels
-  // spend by it; the token levels' spending is the certificate's).
+  // The certified greedy skip: log_mass [G, P]; log_gain [G, P] or null. With spent given, also the mass it
+  // skipped per head [G], relative to the head's budget plus gains (the walk's levels spend by it; the token
+  // levels' spending is the certificate's).
   template <typename T>
   Scratch<uint8_t> greedy_skip(const Terms<T>& log_mass, const Scratch<double>& log_budget,
                                    const Scratch<uint8_t>& valid, const Terms<float>* log_gain,

@@ -15,8 +15,9 @@ class Certificate : public RowInputs {
  public:
   explicit Certificate(const RowInputs& row) : RowInputs(row), skipped_(G_, NEG_INF) {}
 
-  // Add n * exp(ub) of the dropped entries (counts null: n = 1) to each head's skipped mass. ub: [G, P]. Each head's sum runs from its largest term, so every exponent is <= 0; the
-  // token sums are branch-free (`dropped` is as unpredictable as a coin) in fp32 blocks.
+  // Add n * exp(ub) of the dropped entries (counts null: n = 1) to each head's skipped mass. ub: [G, P]. Each
+  // head's sum runs from its largest term, so every exponent is <= 0; the token sums are branch-free (`dropped`
+  // is as unpredictable as a coin) in fp32 blocks.
   // (not inlined: inlined into the walk, with the rest that walk inlines, it crashes GCC 12.2's loop vectorizer)
   __attribute__((noinline)) void record(const Scratch<uint8_t>& dropped, const Scratch<i64>* counts,
                                         const Scratch<float>& ub) {

@@ -40,7 +40,7 @@ class HsrArgs(ctypes.Structure):
              "abs_slack"),
         (_I, "hist_bins"), (_D, "hist_range budget_slack"), (_I, "code_weight_range"),
         (_P, "out error_bound counters tokens"),
-        (_I, "token_capacity"), (_P, "counts dense skipped"), (_I, "num_threads"), (_P, "totals"),
+        (_I, "token_capacity"), (_P, "counts dense skipped"), (_I, "num_threads"), (_P, "totals max_error_bound"),
     ) for name in names.split()]
 
 
@@ -123,18 +123,26 @@ class NativeDecoder:
             code_weight_range=code_weight_range)
         self.totals = (ctypes.c_int64 * len(COUNTERS))()
         self.args.totals = ctypes.addressof(self.totals)
-        self.counters = torch.empty(0, dtype=torch.int64)      # per-row scratch, grown to the largest batch
+        self.largest_bound = ctypes.c_double()
+        self.args.max_error_bound = ctypes.addressof(self.largest_bound)
+        # per-row scratch, grown to the largest batch: the rows' counters, and their bounds where no call asks
+        self.counters = torch.empty(0, dtype=torch.int64)
+        self.bounds = torch.empty(0, dtype=torch.float32)
         self.lock = threading.Lock()
 
     def __call__(self, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                 out: torch.Tensor | None = None, candidates: bool = False, num_threads: int | None = None):
+                 out: torch.Tensor | None = None, candidates: bool = False, num_threads: int | None = None,
+                 bounds: bool = True):
         """Query and attention of one decode token per sequence, every (sequence, KV head) row at once.
 
         q: [batch, num_q_heads, head_dim]; block_table: [batch, max_blocks]; seq_lens: [batch]; out: where
         to write the output (contiguous fp32 shaped like q) or None.
-        returns out [batch, num_q_heads, head_dim] fp32, error_bound [batch, num_q_heads] fp32, counters
-        {name: int} summed over rows, and with candidates=True (tokens [rows, max_tokens] int64, counts [rows],
-        dense [rows] bool, skipped [batch, num_q_heads] fp32) as the query left them (rows = batch * kv_heads)
+        bounds=False: return only the largest error bound, a float (a layer's step statistics keep no more; with
+        caches cold between layers, the tensor's allocation costs more than the rest of this call).
+        returns out [batch, num_q_heads, head_dim] fp32, error_bound [batch, num_q_heads] fp32 (or its maximum),
+        counters {name: int} summed over rows, and with candidates=True (tokens [rows, max_tokens] int64, counts
+        [rows], dense [rows] bool, skipped [batch, num_q_heads] fp32) as the query left them
+        (rows = batch * kv_heads)
         """
         batch, num_q_heads, head_dim = q.shape
         if num_q_heads % self.num_kv_heads:
@@ -147,7 +155,6 @@ class NativeDecoder:
             out = torch.empty(batch, num_q_heads, head_dim, dtype=torch.float32)
         if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != q.shape:
             raise ValueError("out must be a contiguous float32 tensor shaped like q")
-        bound = torch.empty(batch, num_q_heads, dtype=torch.float32)
         token_capacity = table.shape[1] * self.block_size
         found = None
         if candidates:
@@ -158,15 +165,22 @@ class NativeDecoder:
         with self.lock:
             if self.counters.numel() < rows * len(COUNTERS):
                 self.counters = torch.empty(rows * len(COUNTERS), dtype=torch.int64)
+            if bounds:
+                bound = torch.empty(batch, num_q_heads, dtype=torch.float32)
+            elif self.bounds.numel() < batch * num_q_heads:
+                self.bounds = torch.empty(batch * num_q_heads, dtype=torch.float32)
             args = self.args
             args.batch, args.num_q_heads, args.q = batch, num_q_heads, q32.data_ptr()
             args.block_table, args.table_width, args.seq_lens = table.data_ptr(), table.shape[1], lens.data_ptr()
-            args.out, args.error_bound, args.counters = out.data_ptr(), bound.data_ptr(), self.counters.data_ptr()
+            args.out, args.counters = out.data_ptr(), self.counters.data_ptr()
+            args.error_bound = bound.data_ptr() if bounds else self.bounds.data_ptr()
             args.token_capacity = token_capacity
             args.tokens, args.counts, args.dense, args.skipped = (_ptr(t) for t in found) if found else (None,) * 4
             args.num_threads = num_threads or torch.get_num_threads()
             self.lib.hsr_decode(ctypes.byref(args))
             totals = dict(zip(COUNTERS, self.totals[:]))
+            if not bounds:
+                bound = self.largest_bound.value
         if found:
             found = (found[0], found[1], found[2].bool(), found[3])
         return out, bound, totals, found

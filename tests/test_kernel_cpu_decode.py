@@ -371,6 +371,22 @@ def test_native_rejects_what_it_cannot_read():
 
 
 @pytest.mark.parametrize("kernels", ("native", "torch"))
+def test_a_layers_statistics_keep_the_largest_bound(kernels, monkeypatch):
+    """bounds=False (as a layer's step statistics ask): the largest of the bounds a full call returns, from the
+    kernel's own reduction on the native path (a host float: no tensor of them)."""
+    cfg = HSRConfig(mode="softmax", eps=1e-2, code_bits=4)
+    batch = _batch(cfg, seed=3)
+    q = _query(batch, 2, seed=4)
+    monkeypatch.setenv("HSR_KERNELS", kernels)
+    args = (q, batch.cache, batch.layout, batch.summaries, batch.block_table, torch.tensor(batch.seq_lens), cfg,
+            cfg.resolved_scale(64))
+    _, bounds, _ = hsr_decode(*args)
+    _, largest, stats = hsr_decode(*args, bounds=False)
+    assert stats.error_bound is largest and isinstance(largest, float) == (kernels == "native")
+    assert float(largest) == float(bounds.max()) > 0
+
+
+@pytest.mark.parametrize("kernels", ("native", "torch"))
 @pytest.mark.parametrize("poison", (math.nan, math.inf))
 @pytest.mark.parametrize("mode", ("softmax", "topk"))
 def test_a_non_finite_key_is_never_certified_away(mode, poison, kernels, monkeypatch):

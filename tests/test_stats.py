@@ -63,6 +63,20 @@ def test_host_counters_add_up_at_the_flush_interval(monkeypatch):
     assert math.isclose(totals["max_error_bound"], 3e-4, rel_tol=1e-6) and not lines
 
 
+def test_bounds_kept_as_their_maximum_join_the_tensors():
+    """A layer call's bounds come as a tensor or as their maximum (a host float, the compiled kernel's); the
+    largest of all is the interval's, and a NaN among them is not hidden by a larger number."""
+    log = DecodeStatsLog(interval_s=math.inf, flush_interval_s=math.inf)
+    for bound in (torch.tensor([[1e-4, 5e-5]]), 2e-4, torch.tensor(3e-5)):
+        log.record(HSRStats(keys_read=1, error_bound=bound), num_sparse_rows=1, num_dense_rows=0)
+    log.flush()
+    assert math.isclose(log.max_error_bound, 2e-4, rel_tol=1e-6)
+    for bound in (math.nan, torch.tensor([[1e-4]])):
+        log.record(HSRStats(keys_read=1, error_bound=bound), num_sparse_rows=1, num_dense_rows=0)
+    log.flush()
+    assert math.isnan(log.max_error_bound)
+
+
 def _wait_for(condition, seconds=5.0):
     deadline = time.monotonic() + seconds
     while not condition() and time.monotonic() < deadline:

@@ -390,12 +390,15 @@ class _HSRImpl:
         stats = None
         if m.sparse_rows.numel():
             rows = m.sparse_rows_index()
-            q = query[rows]
-            # consecutive rows: written in place (a view of output), else gathered and scattered back
-            target = output[rows] if m.sparse_slice is not None else None
+            # consecutive rows: written in place (a view of output), else gathered and scattered back; every row
+            # of query and output (a decode-only step): no view to take (with caches cold between layers, each
+            # torch call costs tens of microseconds)
+            whole = m.sparse_slice == slice(0, query.shape[0]) and output.shape[0] == query.shape[0]
+            q = query if whole else query[rows]
+            target = output if whole else output[rows] if m.sparse_slice is not None else None
             out, _, stats = hsr_decode(q, kv_cache, self.layout, self.summaries, m.sparse_block_table,
                                        m.sparse_seq_lens, self.hsr, self.scale, host_stats=False, out=target,
-                                       path=self.decode_path)
+                                       path=self.decode_path, bounds=False)
             if target is None:
                 output[rows] = out.view_as(output[rows])
         if num_decode:

@@ -193,27 +193,31 @@ def native_decoder(cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedS
     and settings: built on first use, then kept beside the summaries for as long as they live and nothing else
     changes. (The flat view is taken only then: with caches cold between layers, each torch call of a decode
     step costs several microseconds.)"""
-    key = (cache.data_ptr(), cache.dtype, cache.shape, cache.stride(), cfg, scale, head_dim)
     built = _DECODERS.get(summaries)
+    # a layer's steps pass the same cache, layout and settings: compared as objects first (with caches cold
+    # between layers, reading the cache tensor's attributes costs microseconds each)
+    if built is not None and built[3] is cache and built[1] is layout and built[4] == (cfg, scale, head_dim):
+        return built[2]
+    key = (cache.data_ptr(), cache.dtype, cache.shape, cache.stride(), cfg, scale, head_dim)
     if built is not None and built[0] == key and built[1] is layout:
         return built[2]
     decoder = cpu_decode.NativeDecoder(
         flat_view(cache), layout.block_stride, layout.head_stride, layout.key_offsets, layout.value_offsets,
         summaries.boxes, [first for first, _ in summaries.slots], summaries.codes if cfg.code_bits else None,
         summaries.keys, scale=scale, **native_settings(cfg, head_dim))
-    _DECODERS[summaries] = (key, layout, decoder)
+    _DECODERS[summaries] = (key, layout, decoder, cache, (cfg, scale, head_dim))
     return decoder
 
 
 def native_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
                   block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
-                  candidates: bool = False, out: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int], Candidates | None]:
+                  candidates: bool = False, out: torch.Tensor | None = None, bounds: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor | float, dict[str, int], Candidates | None]:
     """Query and attention in the compiled CPU kernel (cache: the layer's KV cache or its flat view). -> out
-    [B, Hq, D] fp32 (`out` itself where given), error bound [B, Hq], the counters (host ints) and, with
-    candidates=True, the Candidates the query left."""
+    [B, Hq, D] fp32 (`out` itself where given), error bound [B, Hq] (bounds=False: its maximum, a float), the
+    counters (host ints) and, with candidates=True, the Candidates the query left."""
     decoder = native_decoder(cache, layout, summaries, cfg, scale, q.shape[-1])
-    out, bound, counters, found = decoder(q, block_table, seq_lens, out, candidates)
+    out, bound, counters, found = decoder(q, block_table, seq_lens, out, candidates, bounds=bounds)
     if found is not None:
         batch, num_kv_heads = q.shape[0], summaries.boxes.shape[3]
         tokens, counts, dense, skipped = found
@@ -225,7 +229,8 @@ def native_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, s
 def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries,
                block_table: torch.Tensor, seq_lens: torch.Tensor, cfg: HSRConfig, scale: float,
                record_tokens: bool = False, host_stats: bool = True, out: torch.Tensor | None = None,
-               path: str | None = None) -> tuple[torch.Tensor, torch.Tensor, HSRStats]:
+               path: str | None = None, bounds: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | float, HSRStats]:
     """HSR attention of one decode query per sequence over a paged KV cache.
 
     q: [batch, num_q_heads, head_dim]; cache: the layer's KV cache (indexed through `layout`);
@@ -236,15 +241,18 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
     out: where to write the output (shaped like q, in its dtype), or None.
     path: the implementation, as kernel_path(q.device, cache.dtype) gives it (a layer resolves it once), or None
     to resolve it here (HSR_KERNELS is read per call).
+    bounds: False keeps only the largest error bound (stats.error_bound: a host float from the compiled kernel, a
+    0-dim tensor from the others), which is all a layer's step statistics keep.
     returns out [batch, num_q_heads, head_dim] (q's dtype; `out` where given), error_bound [batch,
-    num_q_heads], stats
+    num_q_heads] (its maximum with bounds=False), stats
     """
     path = path or kernel_path(q.device, cache.dtype)
     if path == "native":
         # the kernel writes fp32 rows: straight into `out` where that is what it holds
         direct = out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.shape == q.shape
         result, bound, counters, found = native_decode(q, cache, layout, summaries, block_table, seq_lens, cfg,
-                                                       scale, candidates=record_tokens, out=out if direct else None)
+                                                       scale, candidates=record_tokens, out=out if direct else None,
+                                                       bounds=bounds)
         stats = HSRStats(**counters)
         dense_tokens = counters["dense_keys"]           # each row counts its sequence's tokens
     else:
@@ -254,6 +262,7 @@ def hsr_decode(q: torch.Tensor, cache: torch.Tensor, layout: PagedKVLayout, summ
         result, bound = decode_found(q, flat_cache, layout, block_table, seq_lens, found, cfg, scale,
                                      path == "triton")
         stats = found.stats(host_stats)
+        bound = bound if bounds else bound.max()
         dense_tokens = seq_lens.long().sum() * num_kv_heads
         dense_tokens = int(dense_tokens) if host_stats else dense_tokens
     head_dim = q.shape[-1]

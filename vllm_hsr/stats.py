@@ -7,6 +7,7 @@ launch (vLLM then collects every process's metrics); `vllm-hsr serve` sets it.
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import os
 import threading
@@ -157,13 +158,17 @@ class DecodeStatsLog:
         return any(isinstance(value, torch.Tensor) and value.device.type != "cpu" for value in values)
 
     def _advance(self, pending: dict, bounds: list[torch.Tensor]) -> None:
-        bound = float(torch.cat([b.flatten() for b in bounds]).max()) if bounds else 0.0
+        # each a layer call's bounds, or their maximum (a host float); the tensors read in one host sync
+        tensors = [b.flatten() for b in bounds if isinstance(b, torch.Tensor)]
+        largest = [b for b in bounds if not isinstance(b, torch.Tensor)]
+        largest += [float(torch.cat(tensors).max())] if tensors else []
+        bound = functools.reduce(_larger, largest, 0.0)
         step = {name: int(value) for name, value in pending.items()}
         for name, value in step.items():
             setattr(self, name, getattr(self, name) + value)
             self._totals[name] += value
-        self.max_error_bound = max(self.max_error_bound, bound)
-        self._totals["max_error_bound"] = max(self._totals["max_error_bound"], bound)
+        self.max_error_bound = _larger(self.max_error_bound, bound)
+        self._totals["max_error_bound"] = _larger(self._totals["max_error_bound"], bound)
         if self.metrics.enabled:
             self.metrics.bytes_read.inc(step.get("bytes_read", 0))
             self.metrics.dense_bytes.inc(step.get("dense_bytes", 0))
@@ -181,3 +186,8 @@ class DecodeStatsLog:
                 f"{self.dense_rows} dense rows ({self.feature_rows} for a feature HSR does not handle), "
                 f"{self.overflow_rows} overflowed lists read densely, "
                 f"largest certificate {self.max_error_bound:.2e}")
+
+
+def _larger(a: float, b: float) -> float:
+    """max(a, b), NaN if either is (Python's max keeps whichever comes first)."""
+    return a + b if math.isnan(a) or math.isnan(b) else max(a, b)

@@ -59,6 +59,7 @@ struct HsrArgs {
   float* skipped;                 // [batch, num_q_heads] or null
   i64 num_threads;
   i64* totals;                    // [NUM_COUNTERS] the counters summed over rows
+  double* max_error_bound;        // the largest error bound of the call (NaN if one is)
 };
 
 // An offset table [block_size, head_dim] that is base + token * token_stride + channel * channel_stride.

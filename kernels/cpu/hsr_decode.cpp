@@ -12,6 +12,7 @@
 // Plain C ABI (loaded with ctypes): no torch headers, so it builds in seconds.
 
 #include <algorithm>
+#include <cmath>
 
 #include "attend.h"
 #include "box_bounds.h"
@@ -100,6 +101,13 @@ void hsr_decode(const HsrArgs* args) {
     args->totals[c] = 0;
     for (i64 row = 0; row < rows; ++row) args->totals[c] += args->counters[row * NUM_COUNTERS + c];
   }
+  // what a step's statistics keep of the bounds: a layer call then needs no tensor of them on the host
+  double largest = 0;
+  for (i64 head = 0; head < args->batch * args->num_q_heads; ++head) {
+    const double bound = args->error_bound[head];
+    largest = std::isnan(bound) || std::isnan(largest) ? bound + largest : std::max(largest, bound);
+  }
+  *args->max_error_bound = largest;
 }
 
 }  // extern "C"

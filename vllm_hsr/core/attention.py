@@ -30,8 +30,8 @@ class HSRStats:
     dense_keys: int = 0           # keys a dense read loads
     seed_keys_read: int = 0       # keys read (without values) to seed the softmax budget
     overflow_rows: int = 0        # (sequence, KV head) rows read densely: their candidate list overflowed
-    error_bound: torch.Tensor | None = None  # [num_q_heads] ([batch, num_q_heads] from hsr_decode): relative
-                                             # dropped mass, 0 in relu mode
+    error_bound: torch.Tensor | float | None = None  # [num_q_heads] ([batch, num_q_heads] from hsr_decode, or
+                                                     # their maximum): relative dropped mass, 0 in relu mode
     tokens_read: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per KV head, sorted
 
 

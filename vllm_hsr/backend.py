@@ -295,6 +295,7 @@ class _HSRImpl:
         self.summaries: PagedSummaries | None = None
         self.layout: PagedKVLayout | None = None
         self.decode_path: str | None = None       # kernel_path of the cache, resolved with the summaries
+        self.indexed_cache: torch.Tensor | None = None   # the cache they were last checked against
         self.hsr.check_engine_use()
         self.verify_summaries = envs.get("VERIFY_SUMMARIES") == "1"
         self.stats_log = DecodeStatsLog.shared()
@@ -327,6 +328,8 @@ class _HSRImpl:
     def _index(self, layer, kv_cache: torch.Tensor) -> PagedSummaries:
         """This layer's summaries, set up on first use: in the padding customize_spec added to every
         KV page (memory vLLM counts), or beside the cache where the pages have no room for them."""
+        if kv_cache is self.indexed_cache:      # every step after the first (the same tensor object)
+            return self.summaries
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         if self.summaries is None or self.summaries.boxes.shape[0] != num_blocks:
             self.hsr = HSRConfig.from_vllm(self.additional_config, block_size=block_size)
@@ -350,6 +353,7 @@ class _HSRImpl:
                 self.summaries = PagedSummaries.allocate(num_blocks, num_kv_heads, head_dim, block_size, self.hsr,
                                                          dtype, kv_cache.device,
                                                          key_dtype=kv_cache.dtype if copy_keys else None)
+        self.indexed_cache = kv_cache
         return self.summaries
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,

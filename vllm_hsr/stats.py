@@ -73,6 +73,7 @@ class DecodeStatsLog:
         self.kernel, self.kernel_fallback = "", None
         self.lock = threading.Lock()            # record (the forward's thread) against a timer's flush
         self.tail_flush: threading.Timer | None = None
+        self.tail_flush_due = -math.inf         # when it runs: until then a record schedules nothing
 
     def set_kernel(self, path: str, fallback: str | None) -> None:
         """The decode implementation in use ("native", "triton" or "torch") and, where `auto` fell back to the
@@ -123,7 +124,7 @@ class DecodeStatsLog:
         now = time.monotonic()
         if now - self.last_flush >= self.flush_interval_s:
             self.flush()
-        else:
+        elif now >= self.tail_flush_due:
             self.flush_later()
         if now - self.last_log >= self.interval_s:
             self.flush()
@@ -140,6 +141,7 @@ class DecodeStatsLog:
         self.tail_flush = threading.Timer(self.flush_interval_s, self.flush, kwargs={"host_only": True})
         self.tail_flush.daemon = True
         self.tail_flush.start()
+        self.tail_flush_due = time.monotonic() + self.flush_interval_s
 
     def flush(self, host_only: bool = False) -> None:
         """Read the pending counters on the host and advance the interval, totals and metrics.

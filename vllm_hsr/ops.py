@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -183,8 +184,21 @@ def native_settings(cfg: HSRConfig, head_dim: int) -> dict:
                 code_weight_range=code_weight_range(head_dim, bits) if bits else 0)
 
 
-# Each summaries' NativeDecoder (with what it was built for): a layer's decode steps share one
+class _KeptDecoder(NamedTuple):
+    """A summaries' NativeDecoder and what it was built for."""
+    cache: torch.Tensor         # the tensor passed (a layer passes the same one every step)
+    layout: PagedKVLayout
+    decoder: cpu_decode.NativeDecoder
+    settings: tuple             # (cfg, scale, head_dim)
+    cache_key: tuple            # the cache's data_ptr, dtype, shape and strides
+
+
+# Each summaries' kept decoder: a layer's decode steps share one
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cache_key(cache: torch.Tensor) -> tuple:
+    return cache.data_ptr(), cache.dtype, cache.shape, cache.stride()
 
 
 def native_decoder(cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedSummaries, cfg: HSRConfig,
@@ -193,19 +207,17 @@ def native_decoder(cache: torch.Tensor, layout: PagedKVLayout, summaries: PagedS
     and settings: built on first use, then kept beside the summaries for as long as they live and nothing else
     changes. (The flat view is taken only then: with caches cold between layers, each torch call of a decode
     step costs several microseconds.)"""
-    built = _DECODERS.get(summaries)
-    # a layer's steps pass the same cache, layout and settings: compared as objects first (with caches cold
-    # between layers, reading the cache tensor's attributes costs microseconds each)
-    if built is not None and built[3] is cache and built[1] is layout and built[4] == (cfg, scale, head_dim):
-        return built[2]
-    key = (cache.data_ptr(), cache.dtype, cache.shape, cache.stride(), cfg, scale, head_dim)
-    if built is not None and built[0] == key and built[1] is layout:
-        return built[2]
+    built, settings = _DECODERS.get(summaries), (cfg, scale, head_dim)
+    # the same cache tensor as before is the same memory: its attributes (microseconds each with caches cold
+    # between layers) are read only for another tensor
+    if (built is not None and built.layout is layout and built.settings == settings
+            and (built.cache is cache or built.cache_key == _cache_key(cache))):
+        return built.decoder
     decoder = cpu_decode.NativeDecoder(
         flat_view(cache), layout.block_stride, layout.head_stride, layout.key_offsets, layout.value_offsets,
         summaries.boxes, [first for first, _ in summaries.slots], summaries.codes if cfg.code_bits else None,
         summaries.keys, scale=scale, **native_settings(cfg, head_dim))
-    _DECODERS[summaries] = (key, layout, decoder, cache, (cfg, scale, head_dim))
+    _DECODERS[summaries] = _KeptDecoder(cache, layout, decoder, settings, _cache_key(cache))
     return decoder
 
 
